@@ -1,0 +1,232 @@
+"""What ``check()`` was given, validated once, with messages that name the fix.
+
+Every rule about acceptable input lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_gradckpt.errors import GradckptUsageError
+
+Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
+
+
+def check_fraction(name: str, value: float | None) -> float | None:
+    """Validate a threshold in [0, 1).
+
+    Example:
+        >>> check_fraction("min_memory_reduction", 0.5)
+        0.5
+        >>> check_fraction("min_memory_reduction", 1.5)
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: min_memory_reduction=1.5 is out of range; pass a fraction in [0, 1), e.g. 0.3 for a 30% cut
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1):
+        raise GradckptUsageError(
+            f"{name}={value!r} is out of range; pass a fraction in [0, 1), e.g. 0.3 for a 30% cut")
+    return float(value)
+
+
+def check_tolerance(name: str, value: float | None) -> float | None:
+    """Validate rtol/atol: a finite number >= 0, or None for the per-dtype default."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise GradckptUsageError(f"{name}={value!r} is not a usable tolerance; pass a finite number >= 0 "
+                                 "or None for the per-dtype default")
+    return float(value)
+
+
+def check_timeout(value: float | None) -> float | None:
+    """Validate the per-run time limit: a positive number of seconds, or None for no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise GradckptUsageError(f"timeout={value!r}: pass a positive number of seconds, or None for no limit")
+    return float(value)
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return type(value)(**{k: _map_tensors(v, fn) for k, v in value.items()}) if not isinstance(value, dict) \
+            else {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Floating-point tensors inside nested mappings/sequences, keyed by their path.
+
+    Example:
+        >>> sorted(tensor_leaves({"logits": torch.zeros(1), "ids": torch.zeros(1, dtype=torch.long)}))
+        ['logits']
+    """
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            found[prefix or "output"] = value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            found.update(tensor_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found.update(tensor_leaves(item, f"{prefix}[{index}]"))
+    return found
+
+
+def default_loss(output: Any, inputs: Any) -> torch.Tensor:
+    """``output.loss`` when the model computed one (transformers with labels); otherwise
+    the sum over every floating-point tensor in the output of ``t.float().square().mean()``.
+
+    Squares make the gradient flowing into the model depend on the output values,
+    so an output that is wrong in backward cannot hide behind a constant gradient.
+
+    Example:
+        >>> float(default_loss(torch.ones(2, 3), None))
+        1.0
+    """
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    leaves = tensor_leaves(output)
+    if not leaves:
+        raise GradckptUsageError(
+            f"default loss: the model returned {type(output).__name__} with no floating-point tensor and no "
+            "'.loss'; pass loss=callable(output, inputs) returning a scalar tensor")
+    return sum(t.float().square().mean() for t in leaves.values())  # type: ignore[return-value]
+
+
+def describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{type(value).__name__} object"
+
+
+class Subject:
+    """The model, inputs and loss under test, able to make fresh private copies for each run."""
+
+    def __init__(self, model: Any, inputs: Inputs, loss: Callable[[Any, Any], torch.Tensor] | None,
+                 device: str | torch.device | None):
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise GradckptUsageError(
+                f"model={describe(model)}: expected an nn.Module or a zero-argument factory returning one")
+        if loss is not None and not callable(loss):
+            raise GradckptUsageError(
+                f"loss={describe(loss)}: expected a callable(output, inputs) returning a scalar tensor, or None "
+                "for the default (output.loss, else a reduction of the output tensors)")
+        self.model_source = model
+        self.inputs_source = inputs
+        self.loss_fn = loss or default_loss
+        self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.reference = model if isinstance(model, nn.Module) else None
+        first = self.fresh_model(device=None)
+        self.device = self._resolve_device(device, first)
+        self.name = type(first).__name__
+        if not any(p.requires_grad for p in first.parameters()):
+            raise GradckptUsageError(
+                f"{self.name} has no trainable parameters (every requires_grad is False), so there are no "
+                "gradients to compare; unfreeze at least one parameter, e.g. attach a LoRA adapter")
+        self.compute_dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
+        self.check_inputs()
+
+    @staticmethod
+    def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+        if device in (None, "auto"):
+            if device == "auto" and torch.cuda.is_available():
+                return torch.device("cuda")
+            param = next(model.parameters(), None)
+            return param.device if param is not None else torch.device("cpu")
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise GradckptUsageError(f"device={device!r}: not a device; pass 'cpu', 'cuda', 'auto' or None") from None
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise GradckptUsageError(f"device={device!r}: CUDA is not available here; pass 'cpu' or 'auto'")
+        return resolved
+
+    def fresh_model(self, device: torch.device | None = ...) -> nn.Module:  # type: ignore[assignment]
+        """A private copy of the model (a deep copy, or a new factory product) on the check's device."""
+        if isinstance(self.model_source, nn.Module):
+            try:
+                model = copy.deepcopy(self.model_source)
+            except Exception as exc:  # noqa: BLE001 - any failure gets the same advice
+                raise GradckptUsageError(
+                    f"could not copy {type(self.model_source).__name__} ({type(exc).__name__}: {exc}); the check "
+                    "never runs the caller's module itself, so pass a zero-argument factory that builds it") from exc
+        else:
+            model = self.model_source()
+            if not isinstance(model, nn.Module):
+                raise GradckptUsageError(
+                    f"model factory {getattr(self.model_source, '__name__', self.model_source)!r} returned "
+                    f"{describe(model)}; it must return a new nn.Module each call")
+            if model in self._seen:  # a factory that hands out one shared instance: never touch it
+                model = copy.deepcopy(model)
+            self._seen.add(model)
+        target = self.device if device is ... else device
+        if target is not None:
+            model.to(target)
+        for param in model.parameters():
+            param.grad = None
+        return model
+
+    def fresh_inputs(self) -> Any:
+        """The inputs, built anew (factory) or cloned, on the check's device."""
+        inputs = self.inputs_source() if callable(self.inputs_source) and not isinstance(
+            self.inputs_source, torch.Tensor) else self.inputs_source
+
+        def clone(t: torch.Tensor) -> torch.Tensor:
+            copy_ = t.detach().to(self.device, copy=True)
+            return copy_.requires_grad_(t.requires_grad) if t.is_floating_point() else copy_
+
+        return _map_tensors(inputs, clone)
+
+    def check_inputs(self) -> None:
+        inputs = self.fresh_inputs()
+        if isinstance(inputs, Mapping):
+            bad = {k: v for k, v in inputs.items() if not isinstance(k, str)}
+            if bad:
+                raise GradckptUsageError(f"inputs: mapping keys must be argument names (str), got {list(bad)!r}")
+            values = list(inputs.values())
+        elif isinstance(inputs, (list, tuple)):
+            values = list(inputs)
+        elif isinstance(inputs, torch.Tensor):
+            values = [inputs]
+        else:
+            raise GradckptUsageError(
+                f"inputs={describe(inputs)}: expected a mapping of keyword arguments, a tuple/list of positional "
+                "arguments, a single tensor, or a zero-argument callable returning one of those")
+        if not any(isinstance(v, torch.Tensor) for v in values):
+            raise GradckptUsageError(
+                f"inputs contain no tensor ({', '.join(type(v).__name__ for v in values) or 'empty'}); "
+                "checkpointing needs tensor inputs, e.g. {'input_ids': torch.randint(0, vocab, (2, 16))}")
+
+    def call(self, model: nn.Module, inputs: Any) -> Any:
+        """Run ``model`` on ``inputs`` the way their type says."""
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (list, tuple)):
+            return model(*inputs)
+        return model(inputs)
+
+    def loss(self, output: Any, inputs: Any) -> torch.Tensor:
+        """The scalar loss, validated."""
+        value = self.loss_fn(output, inputs)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            raise GradckptUsageError(
+                f"loss must return a scalar floating-point tensor, got {describe(value) if shape is None else shape}"
+                "; reduce it, e.g. with .mean()")
+        return value.reshape(())

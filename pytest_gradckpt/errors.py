@@ -1,0 +1,39 @@
+"""The one exception type the engine raises for bad input.
+
+Every message names the argument, the value that was given, and the fix, so a
+user can act on it without reading our source.
+"""
+
+from __future__ import annotations
+
+
+class GradckptUsageError(ValueError):
+    """Raised when ``check()`` or the plugin is given input it cannot use.
+
+    It subclasses :class:`ValueError` so callers that already catch bad values
+    keep working.
+
+    Example:
+        >>> from pytest_gradckpt.errors import GradckptUsageError
+        >>> try:
+        ...     raise GradckptUsageError("rtol=-1 is negative; pass a tolerance >= 0")
+        ... except ValueError as error:
+        ...     print(error)
+        rtol=-1 is negative; pass a tolerance >= 0
+    """
+
+
+class StrategyNotApplicable(Exception):
+    """Raised by a strategy, while applying or running, when it cannot serve this model.
+
+    The engine reports the strategy as ``skipped`` with this message instead of
+    blaming it with ``error``.
+
+    Example:
+        >>> str(StrategyNotApplicable("hf_reentrant needs a transformers model"))
+        'hf_reentrant needs a transformers model'
+    """
+
+
+class StrategyTimeout(Exception):
+    """Raised inside a run that outlived its time limit; reported as ``error``."""

@@ -1,0 +1,224 @@
+"""Checkpoint units: finding them, instrumenting them, and finding one from a checkpoint call."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.probes.recompute import LayerCounter
+
+
+def transformers_model_in(model: nn.Module) -> nn.Module | None:
+    """The outermost transformers ``PreTrainedModel`` inside ``model`` (PEFT wrappers included), or None.
+
+    transformers is not imported here: a model cannot be a transformers model
+    unless the caller already imported it.
+
+    Example:
+        >>> transformers_model_in(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return None
+    pretrained = transformers.PreTrainedModel
+    return next((m for m in model.modules() if isinstance(m, pretrained)), None)
+
+
+def _outermost(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    kept: list[tuple[str, nn.Module]] = []
+    for name, module in modules:
+        if not any(name.startswith(outer + ".") for outer, _ in kept):
+            kept.append((name, module))
+    return kept
+
+
+def _transformers_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    modeling_layers = sys.modules.get("transformers.modeling_layers")
+    found: list[tuple[str, nn.Module]] = []
+    if modeling_layers is not None:
+        base = modeling_layers.GradientCheckpointingLayer
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, base)]
+    if not found:
+        # Older per-stack style: a module with a `gradient_checkpointing` flag loops over a ModuleList.
+        for name, module in model.named_modules():
+            if hasattr(module, "gradient_checkpointing"):
+                for child_name, child in module.named_children():
+                    if isinstance(child, nn.ModuleList):
+                        prefix = f"{name}.{child_name}" if name else child_name
+                        found += [(f"{prefix}.{i}", block) for i, block in enumerate(child)]
+    return _outermost(found)
+
+
+def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    best: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+            continue
+        blocks = list(module.named_children())
+        if len({type(b) for _, b in blocks}) != 1 or not any(True for _ in blocks[0][1].parameters()):
+            continue
+        if len(blocks) > len(best):
+            best = [(f"{name}.{child}" if name else child, block) for child, block in blocks]
+    return best
+
+
+def find_layers(model: nn.Module, spec: Any = None, *, reference: nn.Module | None = None
+                ) -> tuple[list[str], str]:
+    """Resolve ``spec`` to checkpoint-unit names inside ``model``, and say how they were found.
+
+    ``spec``: None (automatic), a dotted path (``"layers"``, ``"model.layers"``),
+    a module class, or a list of modules of ``reference`` (the caller's model).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> find_layers(net)
+        (['0', '1'], 'repeated blocks')
+    """
+    if spec is None:
+        if transformers_model_in(model) is not None:
+            found = _transformers_layers(model)
+            if found:
+                return [n for n, _ in found], "transformers"
+        found = _repeated_blocks(model)
+        if not found:
+            raise GradckptUsageError(
+                f"layers=None: found no repeated layers in {type(model).__name__} (no nn.ModuleList or "
+                "nn.Sequential holds two or more blocks of one type with parameters); pass layers= as a "
+                "dotted path such as 'blocks', a block class, or a list of modules")
+        return [n for n, _ in found], "repeated blocks"
+    if isinstance(spec, str):
+        try:
+            target = model.get_submodule(spec)
+        except AttributeError:
+            children = ", ".join(n for n, _ in model.named_children()) or "none"
+            raise GradckptUsageError(
+                f"layers={spec!r}: {type(model).__name__} has no submodule at that path; top-level "
+                f"children are: {children}") from None
+        if isinstance(target, (nn.ModuleList, nn.Sequential)):
+            return [f"{spec}.{child}" for child, _ in target.named_children()], "path"
+        return [spec], "path"
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        found = _outermost([(n, m) for n, m in model.named_modules() if isinstance(m, spec) and n])
+        if not found:
+            raise GradckptUsageError(
+                f"layers={spec.__name__}: no submodule of {type(model).__name__} is an instance of it")
+        return [n for n, _ in found], "class"
+    if isinstance(spec, (list, tuple)) and all(isinstance(m, nn.Module) for m in spec) and spec:
+        owner = reference if reference is not None else model
+        names = {id(m): n for n, m in owner.named_modules()}
+        missing = [type(m).__name__ for m in spec if id(m) not in names]
+        if missing:
+            raise GradckptUsageError(
+                f"layers=[...]: {len(missing)} module(s) ({', '.join(missing)}) are not part of the model "
+                "passed to check(); with a model factory, pass a dotted path or a class instead")
+        return [names[id(m)] for m in spec], "modules"
+    raise GradckptUsageError(
+        f"layers={spec!r}: expected None, a dotted path like 'model.layers', an nn.Module subclass, "
+        "or a non-empty list of modules")
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+@functools.lru_cache(maxsize=None)
+def _instrumented_class(base: type) -> type:
+    """A subclass of ``base`` whose forward counts executions and can be routed through a strategy.
+
+    Counting lives in ``forward`` itself, not in module hooks, because
+    checkpointing recomputes ``forward`` without ``__call__`` (transformers 5.23
+    checkpoints ``partial(forward, layer)`` precisely so hooks do not run twice).
+    Swapping the class of the engine's private copy, never the caller's module,
+    makes ``type(layer).forward`` the counted one, whichever way it is reached.
+    """
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        probe = self._gradckpt_counter.memory
+        if probe is not None:
+            probe.hold(args, kwargs)
+        call = self.__dict__.get("_gradckpt_call")
+        if call is not None:
+            return call(self._gradckpt_forward, args, kwargs)
+        return self._gradckpt_forward(*args, **kwargs)
+
+    def _gradckpt_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self._gradckpt_counter.hit(self._gradckpt_name)
+        inner = self.__dict__.get("_gradckpt_inner_forward")
+        if inner is not None:
+            return inner(*args, **kwargs)
+        return base.forward(self, *args, **kwargs)
+
+    namespace = {"forward": forward, "_gradckpt_forward": _gradckpt_forward,
+                 "__module__": base.__module__, "__qualname__": base.__qualname__}
+    return type(base.__name__, (base,), namespace)
+
+
+def instrument(layer: nn.Module, name: str, counter: LayerCounter) -> None:
+    """Make ``layer`` (an engine-owned copy) count its forward executions into ``counter``."""
+    inner = layer.__dict__.pop("forward", None)  # e.g. an accelerate hook set on the instance
+    layer.__dict__["_gradckpt_inner_forward"] = inner
+    layer.__dict__["_gradckpt_name"] = name
+    layer.__dict__["_gradckpt_counter"] = counter
+    layer.__class__ = _instrumented_class(type(layer))
+
+
+def layer_of(function: Callable[..., Any]) -> nn.Module | None:
+    """The layer a checkpoint function was handed, whichever calling convention was used.
+
+    - transformers >= 5.23: ``partial(forward, layer, **kwargs)``
+    - transformers <= 5.22 and this engine on plain modules: ``partial(layer.<bound method>, **kwargs)``
+    - older per-stack transformers code: ``layer.__call__``
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> layer_of(functools.partial(lin.forward)) is lin
+        True
+        >>> layer_of(functools.partial(torch.nn.Linear.forward, lin)) is lin
+        True
+    """
+    func = function
+    if isinstance(func, functools.partial):
+        owner = getattr(func.func, "__self__", None)
+        if isinstance(owner, nn.Module):
+            return owner
+        if func.args and isinstance(func.args[0], nn.Module):
+            return func.args[0]
+        func = func.func
+    owner = getattr(func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What a strategy may know about the engine's copy of the model.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> info = ModelInfo(net, ["0", "1"], "repeated blocks")
+        >>> len(info.layers), info.hf_model is None
+        (2, True)
+    """
+
+    model: nn.Module
+    layer_names: list[str]
+    found_by: str = "path"
+
+    def __post_init__(self) -> None:
+        self.layers = [self.model.get_submodule(n) for n in self.layer_names]
+        self.hf_model = transformers_model_in(self.model)
+
+    @property
+    def uses_transformers_mechanism(self) -> bool:
+        """True when checkpoint functions go through transformers' own per-layer switch."""
+        return self.hf_model is not None and self.found_by == "transformers"
+
+    @staticmethod
+    def has_trainable(layer: nn.Module) -> bool:
+        """Whether any parameter of ``layer`` requires grad."""
+        return any(p.requires_grad for p in layer.parameters())

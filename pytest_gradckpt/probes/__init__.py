@@ -1,0 +1,1 @@
+"""Probes measure one fact each; the engine judges. One probe, one module."""

@@ -1,0 +1,139 @@
+"""Saved-activation memory: the high-water mark of bytes kept alive for backward.
+
+Counted: every tensor autograd saves for backward (``saved_tensors_hooks``),
+every tensor handed into a checkpoint unit (a checkpoint keeps those alive
+until backward), and the matmul outputs selective activation checkpointing
+keeps. Each is counted once per storage, while that storage is alive: liveness
+is read from a weak reference to the storage, not from who holds it, so the
+peak is a true high-water mark. Parameters and tensors a strategy moved to
+host memory (:func:`mark_offloaded`) are not activation memory and are left out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_OFFLOADED: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+_ACTIVE: list[SavedActivationProbe] = []
+
+
+def mark_offloaded(tensor: torch.Tensor) -> None:
+    """Declare ``tensor`` host-resident offload storage, not device activation memory.
+
+    On a CUDA device this is implied by the tensor living on the CPU; on a CPU
+    device it is how the probe predicts what offloading would save on a GPU.
+
+    Example:
+        >>> mark_offloaded(torch.zeros(2))
+    """
+    for probe in _ACTIVE:
+        probe.exclude_storage(tensor)
+    _OFFLOADED.add(tensor)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested or meta tensors
+        return None
+    return (tensor.device, storage.data_ptr(), storage.nbytes())
+
+
+class SavedActivationProbe:
+    """Context manager that measures the saved-activation peak of the code it wraps.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(4, 4))
+        >>> with SavedActivationProbe(torch.device("cpu"), [w]) as probe:
+        ...     (torch.ones(8, 4) @ w).tanh().sum().backward()
+        >>> probe.peak_bytes > 0
+        True
+    """
+
+    def __init__(self, device: torch.device, parameters: Any = ()):
+        self.device = torch.device(device)
+        self.excluded: set[int] = {p.untyped_storage().data_ptr() for p in parameters}
+        self.live: dict[tuple[Any, int, int], StorageWeakRef] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._hooks: Any = None
+
+    def exclude_storage(self, tensor: torch.Tensor) -> None:
+        key = _storage_key(tensor)
+        if key is not None:
+            self.excluded.add(key[1])
+
+    def _prune(self) -> None:
+        dead = [k for k, ref in self.live.items() if ref.expired()]
+        for key in dead:
+            del self.live[key]
+            self.live_bytes -= key[2]
+
+    def add(self, tensor: Any) -> None:
+        """Count ``tensor``'s storage as alive for backward until it is freed."""
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device.type:
+            return
+        if isinstance(tensor, torch.nn.Parameter):
+            return
+        key = _storage_key(tensor)
+        if key is None or key[1] in self.excluded or key[2] == 0:
+            return
+        self._prune()
+        if key not in self.live:
+            self.live[key] = StorageWeakRef(tensor.untyped_storage())
+            self.live_bytes += key[2]
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def hold(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Count the tensors handed to a checkpoint unit (a checkpoint keeps them alive)."""
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.add(value)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.add(tensor)
+        return tensor
+
+    def __enter__(self) -> SavedActivationProbe:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.remove(self)
+        self._hooks.__exit__(*exc)
+
+
+class _NoteSavedOutputs(TorchDispatchMode):
+    """Reports outputs of the ops selective checkpointing saves to the active probes."""
+
+    def __init__(self, ops: frozenset[Any]):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in self.ops and _ACTIVE:
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                for probe in _ACTIVE:
+                    probe.add(tensor)
+        return out
+
+
+@contextlib.contextmanager
+def note_sac_saved_outputs(forward_context: Any, ops: frozenset[Any]) -> Iterator[None]:
+    """Wrap SAC's forward context so the probe sees the matmul outputs SAC keeps."""
+    with forward_context:
+        if not _ACTIVE:
+            yield
+            return
+        with _NoteSavedOutputs(ops):
+            yield

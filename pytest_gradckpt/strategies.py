@@ -1,0 +1,432 @@
+"""Checkpoint strategies: one registry, one small function or class each.
+
+A *checkpoint function* has :func:`torch.utils.checkpoint.checkpoint`'s
+signature, ``fn(function, *args, **kwargs)``. The engine installs it on every
+checkpoint unit (layer) the way transformers installs
+``_gradient_checkpointing_func``: through the installed transformers' own
+mechanism on transformers models, and for plain modules as
+``fn(functools.partial(bound_layer_forward, **kwargs), *args)``. Either way
+:func:`pytest_gradckpt.layers.layer_of` recovers the layer from ``function``.
+
+Whole-model strategies subclass :class:`Strategy` and implement ``apply``
+(and ``undo``). This module imports torch only inside strategy bodies, so the
+pytest plugin can validate names without paying for torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pytest_gradckpt.layers import ModelInfo
+
+
+class Strategy:
+    """A way of checkpointing a model, judged against the no-checkpoint baseline.
+
+    Attributes:
+        name: the registry name, used in marker arguments, options and reports.
+        skips_frozen: the strategy promises to recompute only layers that have
+            trainable parameters; the engine verifies that promise by counting.
+        description: one line for ``--gradckpt-strategies=help`` and the README.
+
+    Example:
+        >>> import torch.utils.checkpoint as cp, functools
+        >>> s = Strategy.from_checkpoint_fn("mine", functools.partial(cp.checkpoint, use_reentrant=False))
+        >>> s.name, s.skips_frozen
+        ('mine', False)
+    """
+
+    name: str = ""
+    skips_frozen: bool = False
+    description: str = ""
+
+    def applies_to(self, info: ModelInfo) -> str | None:
+        """Return why this strategy cannot run on ``info.model``, or None if it can."""
+        return None
+
+    def apply(self, info: ModelInfo) -> None:
+        """Switch checkpointing on for the model copy in ``info`` (the engine owns the copy)."""
+        raise NotImplementedError
+
+    def undo(self, info: ModelInfo) -> None:
+        """Switch it off again. The engine discards its copies, so this is for reuse by callers."""
+
+    def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
+        """Whether ``layer`` must run a second time in backward under this strategy."""
+        return info.has_trainable(layer) if self.skips_frozen else True
+
+    @staticmethod
+    def from_checkpoint_fn(name: str, fn: Callable[..., Any], *, skips_frozen: bool = False,
+                           description: str = "") -> Strategy:
+        """Wrap any function with ``torch.utils.checkpoint.checkpoint``'s signature.
+
+        Example:
+            >>> import functools, torch.utils.checkpoint as cp
+            >>> s = Strategy.from_checkpoint_fn("reent", functools.partial(cp.checkpoint, use_reentrant=True))
+            >>> s.description
+            'checkpoint function reent'
+        """
+        if not callable(fn):
+            raise GradckptUsageError(
+                f"Strategy.from_checkpoint_fn({name!r}, fn={fn!r}): fn is not callable; pass a function "
+                "with torch.utils.checkpoint.checkpoint's signature, fn(function, *args, **kwargs)"
+            )
+        return CheckpointFunctionStrategy(name, fn, skips_frozen=skips_frozen,
+                                          description=description or f"checkpoint function {name}")
+
+    def __repr__(self) -> str:
+        return f"<Strategy {self.name}>"
+
+
+class CheckpointFunctionStrategy(Strategy):
+    """Install one checkpoint function on every checkpoint unit."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], *, skips_frozen: bool = False, description: str = ""):
+        self.name, self.fn, self.skips_frozen, self.description = name, fn, skips_frozen, description
+
+    def apply(self, info: ModelInfo) -> None:
+        if info.uses_transformers_mechanism:
+            info.hf_model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=self.fn)
+        else:
+            for layer in info.layers:
+                install_layer_call(layer, lambda forward, args, kwargs: self.fn(
+                    functools.partial(forward, **kwargs), *args))
+
+    def undo(self, info: ModelInfo) -> None:
+        if info.uses_transformers_mechanism:
+            info.hf_model._set_gradient_checkpointing(enable=False)
+        else:
+            for layer in info.layers:
+                install_layer_call(layer, None)
+
+
+def install_layer_call(layer: Any, call: Callable[..., Any] | None) -> None:
+    """Route an instrumented layer's calls through ``call(forward, args, kwargs)``; None restores it."""
+    if call is None:
+        layer.__dict__.pop("_gradckpt_call", None)
+    else:
+        layer.__dict__["_gradckpt_call"] = call
+
+
+# --------------------------------------------------------------------------- checkpoint functions
+
+
+def reentrant_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=True, **kwargs)
+
+
+def non_reentrant_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def _requires_grad(value: Any) -> bool:
+    return getattr(value, "requires_grad", False) is True
+
+
+def selective_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """Checkpoint only layers with trainable parameters, reentrant where that is safe.
+
+    Frozen layers run plainly: recomputing them buys no memory worth the time in
+    adapter training, because their inputs are saved for the trainable layers
+    anyway. Reentrant checkpointing is faster but loses parameter gradients when
+    no positional input requires grad (frozen embeddings, as in LoRA), and loses
+    gradients of tensors passed by keyword. So: a grad-free hidden state gets a
+    grad-requiring alias, and a call carrying grad-requiring keyword tensors
+    falls back to non-reentrant checkpointing.
+    """
+    from torch import Tensor
+    from torch.utils.checkpoint import checkpoint
+
+    from pytest_gradckpt.layers import layer_of
+
+    layer = layer_of(function)
+    if layer is not None and not any(p.requires_grad for p in layer.parameters()):
+        return function(*args)
+    keywords = getattr(function, "keywords", None) or {}
+    if any(_requires_grad(v) for v in keywords.values()):
+        return checkpoint(function, *args, use_reentrant=False)
+    if not any(_requires_grad(a) for a in args):
+        args = list(args)
+        for i, arg in enumerate(args):
+            if isinstance(arg, Tensor) and arg.is_floating_point():
+                args[i] = arg.detach().requires_grad_()
+                break
+    return checkpoint(function, *args, use_reentrant=True)
+
+
+def offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """Keep each layer's hidden-state input in host memory; recompute the layer in backward.
+
+    The input is copied to the CPU with a differentiable ``.to("cpu")`` and the
+    layer is checkpointed (non-reentrant) on that copy, so the device holds no
+    per-layer activations between forward and backward. Unlike hand-written
+    offloading, this keeps the RNG state (an empty tensor on the device makes
+    checkpoint stash that device's generator too), keyword arguments and the
+    input's gradient.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from pytest_gradckpt.probes.memory import mark_offloaded
+
+    index = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+    if index is None:
+        return checkpoint(function, *args, use_reentrant=False)
+    hidden = args[index]
+    device = hidden.device
+    host = hidden.to("cpu", copy=True)
+    mark_offloaded(host)
+    anchor = torch.empty(0, device=device)
+
+    def run_from_host(host_hidden: Any, _anchor: Any, *rest: Any) -> Any:
+        inputs = list(rest)
+        inputs.insert(index, host_hidden.to(device))
+        return function(*inputs)
+
+    rest = args[:index] + args[index + 1:]
+    return checkpoint(run_from_host, host, anchor, *rest, use_reentrant=False)
+
+
+#: Ops whose outputs ``sac`` keeps: matrix products, the expensive part to redo.
+def _sac_saved_ops() -> frozenset[Any]:
+    import torch
+
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu"]
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def sac_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """Selective activation checkpointing: save matmul outputs, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from pytest_gradckpt.probes.memory import note_sac_saved_outputs
+
+    saved_ops = _sac_saved_ops()
+
+    def policy(ctx: Any, op: Any, *op_args: Any, **op_kwargs: Any) -> Any:
+        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def contexts() -> Any:
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+        return note_sac_saved_outputs(forward_ctx, saved_ops), recompute_ctx
+
+    return checkpoint(function, *args, use_reentrant=False, context_fn=contexts)
+
+
+# --------------------------------------------------------------------------- whole-model strategies
+
+
+class TransformersAPI(Strategy):
+    """The transformers model's own switch: ``activation_checkpointing_enable`` (5.23+)
+    or ``gradient_checkpointing_enable`` (older), with ``use_reentrant`` set."""
+
+    def __init__(self, name: str, use_reentrant: bool):
+        self.name, self.use_reentrant = name, use_reentrant
+        self.description = (f"the model's own activation/gradient_checkpointing_enable(use_reentrant={use_reentrant})")
+
+    def applies_to(self, info: ModelInfo) -> str | None:
+        if info.hf_model is None:
+            return "not a transformers model (no PreTrainedModel inside)"
+        if not getattr(info.hf_model, "supports_gradient_checkpointing", False):
+            return f"{type(info.hf_model).__name__}.supports_gradient_checkpointing is False"
+        return None
+
+    def apply(self, info: ModelInfo) -> None:
+        kwargs = {"use_reentrant": self.use_reentrant}
+        enable = getattr(info.model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            info.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def undo(self, info: ModelInfo) -> None:
+        disable = getattr(info.model, "activation_checkpointing_disable", None)
+        (disable or info.model.gradient_checkpointing_disable)()
+
+
+class SequentialSegments(Strategy):
+    """``checkpoint_sequential``-style: about sqrt(n) segments of consecutive layers,
+    each recomputed as one unit, so only segment inputs stay alive.
+
+    Layers stay where the model calls them: the first layer of a segment runs
+    the whole segment under a non-reentrant checkpoint and the others hand its
+    output on. That is only valid when the model passes each layer's output
+    straight to the next with the same extra arguments; each later layer checks
+    it was called that way and otherwise the strategy reports ``skipped``.
+    """
+
+    name = "sequential"
+    description = "about sqrt(n) segments of consecutive layers, each checkpointed as one unit"
+
+    def applies_to(self, info: ModelInfo) -> str | None:
+        if len(info.layers) < 2:
+            return "needs two or more layers to make segments"
+        return None
+
+    def apply(self, info: ModelInfo) -> None:
+        layers = list(info.layers)
+        segment_count = max(1, round(math.sqrt(len(layers))))
+        size = math.ceil(len(layers) / segment_count)
+        for start in range(0, len(layers), size):
+            _Segment(layers[start:start + size]).install()
+
+    def undo(self, info: ModelInfo) -> None:
+        for layer in info.layers:
+            install_layer_call(layer, None)
+
+
+class _Segment:
+    def __init__(self, layers: list[Any]):
+        self.layers = layers
+        self.output: Any = None
+        self.extra: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+
+    def install(self) -> None:
+        install_layer_call(self.layers[0], self.run_head)
+        for position, layer in enumerate(self.layers[1:], start=1):
+            install_layer_call(layer, functools.partial(self.hand_on, position))
+
+    @staticmethod
+    def _hidden(output: Any) -> Any:
+        return output if not isinstance(output, (tuple, list)) else output[0]
+
+    def run_head(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        followers = self.layers[1:]
+
+        def run_segment(*segment_args: Any) -> Any:
+            output = forward(*segment_args, **kwargs)
+            for layer in followers:
+                output = layer._gradckpt_forward(self._hidden(output), *segment_args[1:], **kwargs)
+            return output
+
+        self.output = checkpoint(run_segment, *args, use_reentrant=False)
+        self.extra, self.kwargs = args[1:], kwargs
+        return self.output
+
+    def hand_on(self, position: int, forward: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+        same_input = bool(args) and args[0] is self._hidden(self.output)
+        same_extra = len(args[1:]) == len(self.extra) and all(a is b for a, b in zip(args[1:], self.extra))
+        same_kwargs = kwargs.keys() == self.kwargs.keys() and all(kwargs[k] is self.kwargs[k] for k in kwargs)
+        if not (same_input and same_extra and same_kwargs):
+            raise StrategyNotApplicable(
+                f"sequential: layer {self.layers[position]._gradckpt_name} was called with something other than "
+                "the previous layer's output and the same extra arguments, so consecutive layers cannot be "
+                "fused into one checkpointed segment for this model; use a per-layer strategy")
+        return self.output
+
+
+# --------------------------------------------------------------------------- the registry
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
+    """Make ``strategy`` available by name to ``check()``, markers and options.
+
+    Example:
+        >>> import functools, torch.utils.checkpoint as cp
+        >>> s = Strategy.from_checkpoint_fn("doc_example", functools.partial(cp.checkpoint, use_reentrant=False))
+        >>> register_strategy(s, replace=True).name in available_strategies()
+        True
+    """
+    if not isinstance(strategy, Strategy):
+        raise GradckptUsageError(
+            f"register_strategy({strategy!r}): expected a Strategy; wrap a checkpoint function with "
+            "Strategy.from_checkpoint_fn(name, fn)")
+    if not strategy.name or not strategy.name.replace("_", "").replace("-", "").isalnum():
+        raise GradckptUsageError(
+            f"register_strategy: name {strategy.name!r} is not usable; use letters, digits, '_' or '-'")
+    if strategy.name in _REGISTRY and not replace and _REGISTRY[strategy.name] is not strategy:
+        raise GradckptUsageError(
+            f"register_strategy: a strategy named {strategy.name!r} is already registered; "
+            "pick another name or pass replace=True")
+    _REGISTRY[strategy.name] = strategy
+    return strategy
+
+
+def available_strategies() -> list[str]:
+    """Names of every registered strategy, built-ins first.
+
+    Example:
+        >>> available_strategies()[:4]
+        ['reentrant', 'non_reentrant', 'hf_reentrant', 'hf_non_reentrant']
+    """
+    return list(_REGISTRY)
+
+
+BUILTIN: tuple[str, ...] = ()
+
+
+def get_strategy(name: str) -> Strategy:
+    """Look a strategy up by name; unknown names list what is available."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise GradckptUsageError(
+            f"unknown strategy {name!r}; available: {', '.join(_REGISTRY)} "
+            "(register your own with pytest_gradckpt.register_strategy)") from None
+
+
+def resolve_strategies(spec: Iterable[str | Strategy] | str | Strategy | None) -> list[Strategy]:
+    """Turn names, Strategy objects or None (= all registered) into Strategy objects."""
+    if spec is None:
+        return list(_REGISTRY.values())
+    if isinstance(spec, (str, Strategy)):
+        spec = [spec]
+    resolved = []
+    for item in spec:
+        if isinstance(item, Strategy):
+            resolved.append(item)
+        elif isinstance(item, str):
+            resolved.append(get_strategy(item))
+        else:
+            raise GradckptUsageError(
+                f"strategies: {item!r} is neither a strategy name nor a Strategy; "
+                f"pass names from {', '.join(_REGISTRY)}")
+    if not resolved:
+        raise GradckptUsageError(f"strategies is empty; pass at least one of {', '.join(_REGISTRY)}")
+    return resolved
+
+
+def _register_builtins() -> tuple[str, ...]:
+    from_fn = Strategy.from_checkpoint_fn
+    builtins = [
+        from_fn("reentrant", reentrant_checkpoint,
+                description="torch.utils.checkpoint per layer, use_reentrant=True"),
+        from_fn("non_reentrant", non_reentrant_checkpoint,
+                description="torch.utils.checkpoint per layer, use_reentrant=False"),
+        TransformersAPI("hf_reentrant", use_reentrant=True),
+        TransformersAPI("hf_non_reentrant", use_reentrant=False),
+        from_fn("selective", selective_checkpoint, skips_frozen=True,
+                description="only layers with trainable parameters; reentrant made safe for frozen inputs"),
+        from_fn("offload", offload_checkpoint,
+                description="layer inputs kept in host memory, layer recomputed in backward"),
+        from_fn("sac", sac_checkpoint,
+                description="torch selective activation checkpointing: save matmul outputs, recompute the rest"),
+        SequentialSegments(),
+    ]
+    for strategy in builtins:
+        register_strategy(strategy)
+    return tuple(s.name for s in builtins)
+
+
+BUILTIN = _register_builtins()
