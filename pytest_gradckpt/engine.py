@@ -45,6 +45,7 @@ class Run:
     grads: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
     buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    in_backward: set[str] = dataclasses.field(default_factory=set)
     expected_recompute: dict[str, bool] = dataclasses.field(default_factory=dict)
     activation_bytes: int = 0
     cuda_peak_bytes: int | None = None
@@ -75,7 +76,10 @@ class _Session:
         probe = subject.fresh_model()
         self.layer_names, self.found_by = find_layers(probe, layers, reference=subject.reference)
 
-    def step(self, scenario: Scenario, strategy: Strategy | None) -> Run:
+    def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None) -> Run:
+        """One training step on a fresh copy. ``grad_targets``: for ``autograd_grad``, the parameters
+        that had a gradient in the baseline; they are requested with ``allow_unused=False`` so that a
+        strategy hiding them from autograd fails loudly, as torch intends, instead of yielding None."""
         run = Run()
         subject = self.subject
         try:
@@ -95,6 +99,7 @@ class _Session:
                 run.expected_recompute = {n: strategy.expects_recompute(info, layer)
                                           for n, layer in zip(info.layer_names, info.layers)}
             trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            targets = [(n, p) for n, p in trainable if grad_targets is None or n in grad_targets]
             inputs = subject.fresh_inputs()
             device = subject.device
             memory = SavedActivationProbe(device, [p for _, p in model.named_parameters()])
@@ -111,8 +116,9 @@ class _Session:
                             output = subject.call(model, inputs)
                             loss = subject.loss(output, inputs)
                         if scenario.autograd_grad:
-                            found = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-                            for (name, _), grad in zip(trainable, found):
+                            found = torch.autograd.grad(loss, [p for _, p in targets],
+                                                        allow_unused=grad_targets is None)
+                            for (name, _), grad in zip(targets, found):
                                 if grad is not None:
                                     grads[name] = grad if grads[name] is None else grads[name] + grad
                         else:
@@ -127,6 +133,7 @@ class _Session:
             run.grads = {n: _cpu(g) for n, g in run.grads.items()}
             run.buffers = {n: _cpu(b) for n, b in model.named_buffers()}
             run.calls = dict(counter.counts)
+            run.in_backward = set(counter.in_backward)
             run.activation_bytes = memory.peak_bytes
             if cuda.peak_bytes is not None:
                 grad_bytes = sum(p.numel() * p.element_size() for _, p in trainable)
@@ -214,9 +221,10 @@ def _judge(strategy: Strategy, scenario: Scenario, base: Run, run: Run, limits: 
     if run.cuda_peak_bytes is not None and base.cuda_peak_bytes:
         metrics.update(cuda_peak_bytes=run.cuda_peak_bytes, baseline_cuda_peak_bytes=base.cuda_peak_bytes,
                        cuda_reduction=1 - run.cuda_peak_bytes / base.cuda_peak_bytes)
-    recomputed, recompute_problems = recompute_verdict(base.calls, run.calls, run.expected_recompute)
-    checkpointable = sum(1 for n, c in base.calls.items() if c and run.expected_recompute.get(n, True))
-    metrics.update(recomputed_layers=recomputed, checkpointable_layers=checkpointable, layer_calls=run.calls)
+    recomputed, checkpointable, recompute_problems = recompute_verdict(
+        base.calls, run.calls, run.expected_recompute, base.in_backward)
+    metrics.update(recomputed_layers=recomputed, checkpointable_layers=checkpointable,
+                   layers=sum(1 for c in base.calls.values() if c), layer_calls=run.calls)
 
     if grads.vanished:
         names = ", ".join(grads.vanished[:3]) + (f" and {len(grads.vanished) - 3} more" if len(grads.vanished) > 3 else "")
@@ -328,7 +336,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     report.results.append(Result(strategy.name, scenario.name, outcomes.SKIPPED, reason or "",
                                                  model=report.model))
                     continue
-                run = session.step(scenario, strategy)
+                targets = {n for n, g in base.grads.items() if g is not None}
+                run = session.step(scenario, strategy, targets if scenario.autograd_grad else None)
                 outcome, message, metrics = _judge(strategy, scenario, base, run, scenario_limits)
                 report.results.append(Result(strategy.name, scenario.name, outcome, message, metrics,
                                              model=report.model))

@@ -144,8 +144,11 @@ def _instrumented_class(base: type) -> type:
             probe.hold(args, kwargs)
         call = self.__dict__.get("_gradckpt_call")
         if call is not None:
-            return call(self._gradckpt_forward, args, kwargs)
-        return self._gradckpt_forward(*args, **kwargs)
+            output = call(self._gradckpt_forward, args, kwargs)
+        else:
+            output = self._gradckpt_forward(*args, **kwargs)
+        self._gradckpt_counter.saw_output(self._gradckpt_name, output)
+        return output
 
     def _gradckpt_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         self._gradckpt_counter.hit(self._gradckpt_name)

@@ -148,7 +148,7 @@ def _row(result: Result) -> list[str]:
     diff = m.get("max_grad_diff")
     reduction = m.get("activation_reduction")
     cuda = m.get("cuda_reduction")
-    recomputed, total = m.get("recomputed_layers"), m.get("checkpointable_layers")
+    recomputed, total = m.get("recomputed_layers"), m.get("layers")
     ratio = m.get("time_ratio")
     return [
         result.model,

@@ -21,36 +21,59 @@ class LayerCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.in_backward: set[str] = set()
         self.memory: Any = None
 
     def hit(self, name: str) -> None:
         """Record one execution of ``name``'s forward."""
         self.counts[name] += 1
 
+    def saw_output(self, name: str, output: Any) -> None:
+        """Note whether ``name``'s output joins the autograd graph, i.e. backward will reach it."""
+        if name not in self.in_backward and _any_requires_grad(output):
+            self.in_backward.add(name)
 
-def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected: dict[str, bool]
-                      ) -> tuple[int, list[str]]:
-    """Compare counts with the rule: a checkpointed layer runs exactly twice as often as in
-    the baseline (forward + one recompute), any other layer exactly as often.
 
-    Returns the number of layers that were recomputed and one line per layer that broke the rule.
+def _any_requires_grad(value: Any) -> bool:
+    if getattr(value, "requires_grad", False) is True:
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_any_requires_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(_any_requires_grad(v) for v in value.values())
+    return False
+
+
+def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected: dict[str, bool],
+                      in_backward: set[str]) -> tuple[int, int, list[str]]:
+    """Compare counts with the rules, where ``b`` is a layer's run count without checkpointing:
+
+    - a layer the strategy checkpoints, and that backward reaches, runs ``2b`` times
+      (forward + one recompute);
+    - one that backward never reaches (frozen, with no grad-requiring input) may run
+      ``b`` or ``2b`` times: not recomputing it is correct, recomputing it is waste but
+      no broken promise;
+    - a layer a ``skips_frozen`` strategy must skip runs exactly ``b`` times.
+
+    Returns (layers recomputed, layers that had to be, one line per broken rule).
 
     Example:
-        >>> recompute_verdict({"a": 1, "b": 1}, {"a": 2, "b": 1}, {"a": True, "b": True})
-        (1, ['b ran 1 time(s), expected 2 (forward + one recompute)'])
+        >>> recompute_verdict({"a": 1, "b": 1}, {"a": 2, "b": 1}, {"a": True, "b": True}, {"a", "b"})
+        (1, 2, ['b ran 1 time(s), expected 2 (forward + one recompute)'])
     """
-    recomputed, problems = 0, []
+    recomputed, required, problems = 0, 0, []
     for name, runs in baseline.items():
         if runs == 0:
             continue
         got = actual.get(name, 0)
-        if got > runs:
-            recomputed += 1
-        want = 2 * runs if expected.get(name, True) else runs
-        if got != want:
-            if expected.get(name, True):
-                problems.append(f"{name} ran {got} time(s), expected {want} (forward + one recompute)")
-            else:
-                problems.append(f"{name} ran {got} time(s), expected {want}: it has no trainable parameters "
+        recomputed += got > runs
+        if not expected.get(name, True):
+            if got != runs:
+                problems.append(f"{name} ran {got} time(s), expected {runs}: it has no trainable parameters "
                                 "and the strategy promises to skip such layers")
-    return recomputed, problems
+            continue
+        allowed = (2 * runs,) if name in in_backward else (runs, 2 * runs)
+        required += name in in_backward
+        if got not in allowed:
+            problems.append(f"{name} ran {got} time(s), expected {allowed[0]} (forward + one recompute)")
+    return recomputed, required, problems
