@@ -6,7 +6,6 @@ Every rule about acceptable input lives here.
 from __future__ import annotations
 
 import copy
-import math
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,46 +14,9 @@ import torch
 from torch import nn
 
 from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
-
-
-def check_fraction(name: str, value: float | None) -> float | None:
-    """Validate a threshold in [0, 1).
-
-    Example:
-        >>> check_fraction("min_memory_reduction", 0.5)
-        0.5
-        >>> check_fraction("min_memory_reduction", 1.5)
-        Traceback (most recent call last):
-        ...
-        pytest_gradckpt.errors.GradckptUsageError: min_memory_reduction=1.5 is out of range; pass a fraction in [0, 1), e.g. 0.3 for a 30% cut
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1):
-        raise GradckptUsageError(
-            f"{name}={value!r} is out of range; pass a fraction in [0, 1), e.g. 0.3 for a 30% cut")
-    return float(value)
-
-
-def check_tolerance(name: str, value: float | None) -> float | None:
-    """Validate rtol/atol: a finite number >= 0, or None for the per-dtype default."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise GradckptUsageError(f"{name}={value!r} is not a usable tolerance; pass a finite number >= 0 "
-                                 "or None for the per-dtype default")
-    return float(value)
-
-
-def check_timeout(value: float | None) -> float | None:
-    """Validate the per-run time limit: a positive number of seconds, or None for no limit."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise GradckptUsageError(f"timeout={value!r}: pass a positive number of seconds, or None for no limit")
-    return float(value)
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

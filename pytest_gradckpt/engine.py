@@ -11,14 +11,16 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 import torch
+import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
 from pytest_gradckpt import outcomes
-from pytest_gradckpt.arguments import (Subject, check_fraction, check_timeout, check_tolerance, tensor_leaves)
+from pytest_gradckpt.arguments import Subject, tensor_leaves
+from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, preserved_global_state, seed_everything
@@ -34,6 +36,26 @@ from pytest_gradckpt.strategies import Strategy, resolve_strategies
 
 #: Default per-run time limit in seconds: far above any tiny model's step.
 DEFAULT_TIMEOUT = 300.0
+
+
+_warmed_up = False
+
+
+def _warm_up() -> None:
+    """Run each checkpoint mechanism once on a toy layer.
+
+    torch's first non-reentrant checkpoint in a process takes about a second
+    (lazy imports); without this the first strategy checked would be billed for it.
+    """
+    global _warmed_up
+    if _warmed_up:
+        return
+    from pytest_gradckpt.strategies import non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint
+
+    layer = nn.Linear(2, 2)
+    for checkpoint_fn in (non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint):
+        checkpoint_fn(layer, torch.ones(1, 2, requires_grad=True)).sum().backward()
+    _warmed_up = True
 
 
 @dataclasses.dataclass
@@ -268,7 +290,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           min_cuda_memory_reduction: float | None = None,
           device: str | torch.device | None = None,
           timeout: float | None = DEFAULT_TIMEOUT,
-          name: str | None = None) -> Report:
+          name: str | None = None,
+          cache: MutableMapping[Any, Any] | None = None) -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
     Args:
@@ -293,6 +316,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         device: None (where the model is), ``"cpu"``, ``"cuda"`` or ``"auto"``.
         timeout: seconds one run may take before it ends as ``error``; None = no limit.
         name: the model's name in reports (default: its class name).
+        cache: a dict shared by calls that check the same model and inputs under the
+            same ``name``; baselines found in it are reused instead of recomputed.
 
     Returns:
         A :class:`~pytest_gradckpt.report.Report`.
@@ -317,6 +342,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
     chosen = resolve_strategies(strategies)
     chosen_scenarios = resolve_scenarios(scenarios)
     with preserved_global_state():
+        _warm_up()
         subject = Subject(model, inputs, loss, device)
         session = _Session(subject, layers, seed, timeout)
         report = Report(model=name or subject.name, versions=versions())
@@ -327,7 +353,13 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             scenario_limits = dataclasses.replace(
                 limits, rtol=default_rtol if limits.rtol < 0 else limits.rtol,
                 atol=default_atol if limits.atol < 0 else limits.atol)
-            base, reason = _baseline(session, scenario)
+            key = (report.model, scenario.name, seed, str(subject.device), tuple(session.layer_names))
+            if cache is not None and key in cache:
+                base, reason = cache[key]
+            else:
+                base, reason = _baseline(session, scenario)
+                if cache is not None:
+                    cache[key] = (base, reason)
             report.baseline[scenario.name] = None if base is None else {
                 "loss": float(base.loss), "activation_bytes": base.activation_bytes,
                 "cuda_peak_bytes": base.cuda_peak_bytes, "seconds": base.seconds}

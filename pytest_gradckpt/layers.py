@@ -58,15 +58,18 @@ def _transformers_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The largest group of same-type blocks with parameters inside one ModuleList/Sequential."""
     best: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
-        blocks = list(module.named_children())
-        if len({type(b) for _, b in blocks}) != 1 or not any(True for _ in blocks[0][1].parameters()):
-            continue
-        if len(blocks) > len(best):
-            best = [(f"{name}.{child}" if name else child, block) for child, block in blocks]
+        groups: dict[type, list[tuple[str, nn.Module]]] = {}
+        for child, block in module.named_children():
+            if any(True for _ in block.parameters()):
+                groups.setdefault(type(block), []).append((f"{name}.{child}" if name else child, block))
+        largest = max(groups.values(), key=len, default=[])
+        if len(largest) >= 2 and len(largest) > len(best):
+            best = largest
     return best
 
 

@@ -1,0 +1,37 @@
+# Two commands that work on a fresh clone with nothing installed:
+#   make check   set up .venv, then run the packaged regression suite (pytest --gradckpt) and print the table
+#   make test    set up .venv, then run the project's own tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# xdist on 2 cores only gains with one BLAS thread per worker.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+export PYTHONDONTWRITEBYTECODE ?= 1
+
+.PHONY: check check-full test setup clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	# constraints.txt pins torch==2.13.0 first: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+check: $(STAMP)
+	$(BIN)/pytest -o addopts= --gradckpt --pyargs pytest_gradckpt.suite -n 2 \
+		--gradckpt-report=gradckpt-report.json $(ARGS)
+
+check-full: $(STAMP)
+	$(BIN)/pytest -o addopts= --gradckpt --pyargs pytest_gradckpt.suite -n 2 \
+		--gradckpt-models=all --gradckpt-report=gradckpt-report.json $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/pytest -n 2 $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json

@@ -1,0 +1,381 @@
+"""The pytest plugin: options, the ``gradckpt`` marker, fixtures, generated items and reports.
+
+This module speaks pytest only. Checking lives in :mod:`pytest_gradckpt.engine`,
+imported when a check actually runs, so loading the plugin never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_gradckpt import environment, settings
+from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.report import Result, format_table, judge_against_expectation
+
+OPT_IN_REASON = "gradient-checkpointing checks are opt-in: run pytest with --gradckpt (or set 'gradckpt = true' in the ini file)"
+PROPERTY = "gradckpt"
+FIXTURES = ("gradckpt", "gradckpt_strategy")
+
+factories_key = pytest.StashKey[dict[str, Any]]()
+baselines_key = pytest.StashKey[dict[Any, Any]]()
+
+# (option, ini name, ini type, addoption keywords, help)
+_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
+    ("--gradckpt", "gradckpt", "bool", {"action": "store_true", "default": None},
+     "run gradient-checkpointing checks (marked tests, fixtures, generated items)"),
+    ("--gradckpt-strategies", "gradckpt_strategies", "string", {"metavar": "NAMES"},
+     "comma-separated strategies to run (default: all registered)"),
+    ("--gradckpt-scenarios", "gradckpt_scenarios", "string", {"metavar": "NAMES"},
+     "comma-separated scenarios (default: train)"),
+    ("--gradckpt-model", "gradckpt_model", "linelist", {"action": "append", "metavar": "MODULE:FACTORY"},
+     "generate checks for a factory returning (model, inputs[, loss]); repeatable"),
+    ("--gradckpt-models", "gradckpt_models", "string", {"metavar": "NAMES"},
+     "comma-separated built-in zoo entries for the packaged suite (default: the representative subset; 'all')"),
+    ("--gradckpt-report", "gradckpt_report", "string", {"metavar": "PATH"},
+     "write every result as JSON to PATH"),
+    ("--gradckpt-min-memory-reduction", "gradckpt_min_memory_reduction", "string", {"metavar": "FRACTION"},
+     "require every checkpointing strategy to cut activation memory by FRACTION (CUDA: the allocator peak)"),
+    ("--gradckpt-device", "gradckpt_device", "string", {"metavar": "auto|cpu|cuda"},
+     "device to run checks on (default: where the model is)"),
+    ("--gradckpt-timeout", "gradckpt_timeout", "string", {"metavar": "SECONDS"},
+     "end a run that takes longer as 'error' (default 300)"),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gradckpt", "gradient checkpointing checks (pytest-gradckpt)")
+    for option, ini, ini_type, kwargs, help_text in _OPTIONS:
+        group.addoption(option, dest=ini, help=help_text, **kwargs)
+        parser.addini(ini, f"{help_text} (ini twin of {option})", type=ini_type,
+                      default=False if ini_type == "bool" else None)
+
+
+def option(config: pytest.Config, name: str) -> Any:
+    """A setting from the command line if given there, else from the ini file."""
+    value = config.getoption(name)
+    if value is None or value == []:
+        value = config.getini(name)
+    return value if value not in ("", []) else None
+
+
+def enabled(config: pytest.Config) -> bool:
+    return bool(option(config, "gradckpt"))
+
+
+def _usage(error: GradckptUsageError) -> pytest.UsageError:
+    return pytest.UsageError(f"pytest-gradckpt: {error}")
+
+
+def _float_option(config: pytest.Config, name: str, check: Callable[[str, Any], Any]) -> float | None:
+    raw = option(config, name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _usage(GradckptUsageError(f"--{name.replace('_', '-')}={raw!r} is not a number")) from None
+    try:
+        return check(name, value)
+    except GradckptUsageError as error:
+        raise _usage(error) from None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "gradckpt(strategies=None, scenarios=None, layers=None, rtol=None, atol=None, min_memory_reduction=None, "
+        "min_cuda_memory_reduction=None, expect=None, seed=0, timeout=None): a gradient-checkpointing check; "
+        "configures the 'gradckpt' fixture. Runs only with --gradckpt.")
+    config.pluginmanager.register(GradckptReporter(config), "gradckpt-reporter")
+    config.stash[factories_key] = {}
+    config.stash[baselines_key] = {}
+    _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
+    _float_option(config, "gradckpt_timeout", lambda _, v: settings.check_timeout(v))
+    device = option(config, "gradckpt_device")
+    if device not in (None, "auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise _usage(GradckptUsageError(f"--gradckpt-device={device!r}; pass auto, cpu or cuda"))
+    try:
+        settings.check_scenario_names(settings.split_names(option(config, "gradckpt_scenarios")),
+                                      "--gradckpt-scenarios")
+    except GradckptUsageError as error:
+        raise _usage(error) from None
+
+
+def _selected_strategies(config: pytest.Config, marker_settings: dict[str, Any]) -> list[str] | None:
+    if marker_settings.get("strategies"):
+        return marker_settings["strategies"]
+    try:
+        return settings.check_strategy_names(settings.split_names(option(config, "gradckpt_strategies")),
+                                             "--gradckpt-strategies")
+    except GradckptUsageError as error:
+        raise _usage(error) from None
+
+
+def _marker_settings(node: Any) -> dict[str, Any]:
+    marker = node.get_closest_marker("gradckpt")
+    if marker is None:
+        return {}
+    try:
+        return settings.check_marker(marker.args, marker.kwargs, node.nodeid)
+    except GradckptUsageError as error:
+        raise _usage(error) from None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "gradckpt_strategy" not in metafunc.fixturenames:
+        return
+    from pytest_gradckpt.strategies import available_strategies
+
+    names = _selected_strategies(metafunc.config, _marker_settings(metafunc.definition)) or available_strategies()
+    metafunc.parametrize("gradckpt_strategy", names, ids=names, indirect=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    _selected_strategies(config, {})  # unknown names in options are a usage error, even with no marked test
+    if enabled(config):
+        items.extend(_generated_items(session, config))
+    skip = pytest.mark.skip(reason=OPT_IN_REASON)
+    for item in items:
+        uses_fixture = any(name in getattr(item, "fixturenames", ()) for name in FIXTURES)
+        if item.get_closest_marker("gradckpt") is None and not uses_fixture and not isinstance(item, GradckptItem):
+            continue
+        _marker_settings(item)
+        if not enabled(config):
+            item.add_marker(skip)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if not enabled(config):
+        return None
+    import torch  # noqa: F401 - the run needs it anyway; it makes the device facts available
+
+    facts = environment.versions()
+    return "gradckpt: " + ", ".join(f"{k} {v}" for k, v in facts.items())
+
+
+# --------------------------------------------------------------------------- the checker
+
+
+class Checker:
+    """What the ``gradckpt`` fixture returns: ``check()`` configured from marker, options and ini.
+
+    Example (inside a test)::
+
+        @pytest.mark.gradckpt(strategies=["non_reentrant"])
+        def test_my_model(gradckpt):
+            gradckpt.check(MyModel(), {"input_ids": ids})
+    """
+
+    def __init__(self, request: pytest.FixtureRequest):
+        self._request = request
+        self._config = request.config
+        self.settings = _marker_settings(request.node)
+        strategy = getattr(request.node, "callspec", None)
+        parametrized = strategy.params.get("gradckpt_strategy") if strategy is not None else None
+        self.strategies = [parametrized] if parametrized else _selected_strategies(self._config, self.settings)
+
+    def check(self, model: Any, inputs: Any, *, loss: Callable[..., Any] | None = None, layers: Any = None,
+              name: str | None = None, **overrides: Any) -> Any:
+        """Run the engine; fail the test unless every result passed (or matched ``expect``)."""
+        from pytest_gradckpt.engine import check
+
+        kwargs = check_options(self._config, self.settings, self.strategies)
+        kwargs.update(overrides)
+        if layers is not None:
+            kwargs["layers"] = layers
+        try:
+            report = check(model, inputs, loss=loss, name=name, cache=self._config.stash[baselines_key], **kwargs)
+        except GradckptUsageError as error:
+            pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
+        record(self._request.node, report.results)
+        problems = report.failures(self.settings.get("expect"))
+        if problems:
+            pytest.fail(_failure_text(problems, report.results), pytrace=False)
+        return report
+
+
+def check_options(config: pytest.Config, marker: dict[str, Any], strategies: list[str] | None) -> dict[str, Any]:
+    """Keyword arguments for :func:`pytest_gradckpt.check`: marker first, then options, then ini."""
+    chosen = {k: v for k, v in marker.items() if k != "expect"}
+    chosen["strategies"] = strategies
+    chosen.setdefault("scenarios", settings.split_names(option(config, "gradckpt_scenarios")))
+    limit = _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
+    chosen.setdefault("min_memory_reduction", limit)
+    chosen.setdefault("min_cuda_memory_reduction", limit)
+    timeout = _float_option(config, "gradckpt_timeout", lambda _, v: settings.check_timeout(v))
+    if timeout is not None:
+        chosen.setdefault("timeout", timeout)
+    chosen["device"] = option(config, "gradckpt_device")
+    return chosen
+
+
+def _failure_text(problems: list[str], results: list[Result]) -> str:
+    return "gradient checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n" + format_table(results)
+
+
+def record(node: pytest.Item, results: list[Result]) -> None:
+    """Attach results to the item as user properties: xdist ships them to the controller,
+    JUnit XML writes them as <property> elements."""
+    for result in results:
+        node.user_properties.append((PROPERTY, json.dumps({"test": node.nodeid, **result.to_dict()},
+                                                          default=str, sort_keys=True)))
+
+
+@pytest.fixture
+def gradckpt(request: pytest.FixtureRequest) -> Checker:
+    """A checker configured from ``@pytest.mark.gradckpt``, ``--gradckpt-*`` options and ini.
+
+    ``gradckpt.check(model, inputs, loss=..., layers=...)`` returns the Report and
+    fails the test, with the table, when a strategy misbehaves.
+    """
+    return Checker(request)
+
+
+@pytest.fixture
+def gradckpt_strategy(request: pytest.FixtureRequest) -> str:
+    """The strategy name this test item runs; one item per selected strategy."""
+    return request.param
+
+
+# --------------------------------------------------------------------------- generated items
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Import ``package.module:factory``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise GradckptUsageError(f"--gradckpt-model={spec!r}: expected 'package.module:factory'")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise GradckptUsageError(f"--gradckpt-model={spec!r}: cannot load it ({type(error).__name__}: {error}); "
+                                 "is the module importable from the current directory or installed?") from None
+    if not callable(target):
+        raise GradckptUsageError(f"--gradckpt-model={spec!r}: {attr} is not callable; it must return "
+                                 "(model, inputs) or (model, inputs, loss)")
+    return target
+
+
+def _generated_items(session: pytest.Session, config: pytest.Config) -> list[pytest.Item]:
+    specs = option(config, "gradckpt_model") or []
+    if not specs:
+        return []
+    from pytest_gradckpt.strategies import available_strategies
+
+    strategies = _selected_strategies(config, {}) or available_strategies()
+    scenarios = settings.split_names(option(config, "gradckpt_scenarios")) or ["train"]
+    parent = GradckptModels.from_parent(session, name="gradckpt")
+    items: list[pytest.Item] = []
+    for spec in specs:
+        try:
+            load_factory(spec)
+        except GradckptUsageError as error:
+            raise _usage(error) from None
+        model_name = spec.rpartition(":")[2]
+        for strategy in strategies:
+            for scenario in scenarios:
+                items.append(GradckptItem.from_parent(parent, name=f"{model_name}[{strategy}-{scenario}]",
+                                                      spec=spec, strategy=strategy, scenario=scenario))
+    return items
+
+
+class GradckptModels(pytest.Collector):
+    """The parent of generated items, so their ids read ``gradckpt::<model>[<strategy>-<scenario>]``."""
+
+    def collect(self) -> list[pytest.Item]:  # pragma: no cover - items are made directly
+        return []
+
+
+class GradckptItem(pytest.Item):
+    """One model x strategy x scenario check, generated from ``--gradckpt-model``."""
+
+    def __init__(self, *, spec: str, strategy: str, scenario: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.spec, self.strategy, self.scenario = spec, strategy, scenario
+        self.add_marker(pytest.mark.gradckpt(strategies=[strategy], scenarios=[scenario]))
+
+    def _subject(self) -> tuple[Any, Any, Any]:
+        cache = self.config.stash[factories_key]
+        if self.spec not in cache:
+            made = load_factory(self.spec)()
+            if not isinstance(made, tuple) or len(made) not in (2, 3):
+                raise GradckptUsageError(f"--gradckpt-model={self.spec!r} returned {type(made).__name__}; it must "
+                                         "return (model, inputs) or (model, inputs, loss)")
+            cache[self.spec] = made if len(made) == 3 else (*made, None)
+        return cache[self.spec]
+
+    def runtest(self) -> None:
+        from pytest_gradckpt.engine import check
+
+        try:
+            model, inputs, loss = self._subject()
+            options = check_options(self.config, {"scenarios": [self.scenario]}, [self.strategy])
+            report = check(model, inputs, loss=loss, name=self.spec.rpartition(":")[2],
+                           cache=self.config.stash[baselines_key], **options)
+        except GradckptUsageError as error:
+            pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
+        record(self, report.results)
+        problems = report.failures()
+        if problems:
+            pytest.fail(_failure_text(problems, report.results), pytrace=False)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"gradckpt: {self.name}"
+
+
+# --------------------------------------------------------------------------- reports
+
+
+class GradckptReporter:
+    """Collects results from test reports (on the xdist controller too), prints the summary
+    table and writes the JSON report. One per pytest config."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.results: list[dict[str, Any]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.results.extend(json.loads(value) for key, value in report.user_properties if key == PROPERTY)
+
+    def sorted_results(self) -> list[dict[str, Any]]:
+        # Completion order differs between serial and xdist runs; the report must not.
+        return sorted(self.results, key=lambda r: (r["test"], r["strategy"], r["scenario"]))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        found = self.sorted_results()
+        if not found:
+            return
+        terminalreporter.write_sep("=", "gradient checkpointing")
+        results = [Result(**{k: r[k] for k in ("strategy", "scenario", "outcome", "message", "metrics", "model")})
+                   for r in found]
+        terminalreporter.write_line(format_table(results))
+        counts: dict[str, int] = {}
+        for result in results:
+            counts[result.outcome] = counts.get(result.outcome, 0) + 1
+        terminalreporter.write_line("gradckpt: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())))
+        path = option(self.config, "gradckpt_report")
+        if path and not hasattr(self.config, "workerinput"):
+            terminalreporter.write_line(f"gradckpt: JSON report written to {path}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        path = option(self.config, "gradckpt_report")
+        if not path or hasattr(self.config, "workerinput"):  # xdist workers: the controller writes it
+            return
+        document = {"versions": environment.versions(), "results": self.sorted_results()}
+        target = Path(path)
+        if not target.is_absolute():
+            target = Path(self.config.invocation_params.dir) / target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + os.linesep)

@@ -1,0 +1,164 @@
+"""Validated settings shared by the engine and the plugin. Torch-free, so the plugin
+can reject a bad marker or option at collection without importing torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pytest_gradckpt import outcomes
+from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.scenarios import SCENARIOS
+
+#: Keyword arguments ``@pytest.mark.gradckpt(...)`` accepts.
+MARKER_ARGUMENTS: dict[str, str] = {
+    "strategies": "strategy names to run (default: all registered)",
+    "scenarios": f"scenario names (default: train); any of {', '.join(SCENARIOS)}",
+    "layers": "checkpoint units: dotted path, module class, or list of modules",
+    "rtol": "relative tolerance (default per dtype)",
+    "atol": "absolute tolerance (default per dtype)",
+    "min_memory_reduction": "required cut of the saved-activation peak, a fraction in [0, 1)",
+    "min_cuda_memory_reduction": "required cut of the CUDA allocator peak, a fraction in [0, 1)",
+    "expect": "{'strategy' or 'strategy/scenario': outcome} for known hazards",
+    "seed": "seed for every run (default 0)",
+    "timeout": "seconds one run may take before it ends as error",
+}
+
+
+def check_fraction(name: str, value: Any) -> float | None:
+    """Validate a threshold in [0, 1).
+
+    Example:
+        >>> check_fraction("min_memory_reduction", 0.5)
+        0.5
+        >>> check_fraction("min_memory_reduction", 1.5)
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: min_memory_reduction=1.5 is out of range; pass a fraction in [0, 1), e.g. 0.3 for a 30% cut
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1):
+        raise GradckptUsageError(
+            f"{name}={value!r} is out of range; pass a fraction in [0, 1), e.g. 0.3 for a 30% cut")
+    return float(value)
+
+
+def check_tolerance(name: str, value: Any) -> float | None:
+    """Validate rtol/atol: a finite number >= 0, or None for the per-dtype default.
+
+    Example:
+        >>> check_tolerance("atol", 1e-5)
+        1e-05
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise GradckptUsageError(f"{name}={value!r} is not a usable tolerance; pass a finite number >= 0 "
+                                 "or None for the per-dtype default")
+    return float(value)
+
+
+def check_timeout(value: Any) -> float | None:
+    """Validate the per-run time limit: a positive number of seconds, or None for no limit.
+
+    Example:
+        >>> check_timeout(30)
+        30.0
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise GradckptUsageError(f"timeout={value!r}: pass a positive number of seconds, or None for no limit")
+    return float(value)
+
+
+def split_names(value: str | Iterable[str] | None) -> list[str] | None:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; empty -> None.
+
+    Example:
+        >>> split_names("reentrant, sac")
+        ['reentrant', 'sac']
+    """
+    if value is None:
+        return None
+    items = value.replace(",", " ").split() if isinstance(value, str) else [str(v).strip() for v in value]
+    return [i for i in items if i] or None
+
+
+def check_strategy_names(names: Iterable[str] | None, where: str) -> list[str] | None:
+    """Every name must be registered; the message lists what is."""
+    from pytest_gradckpt.strategies import available_strategies
+
+    if names is None:
+        return None
+    known = available_strategies()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise GradckptUsageError(f"{where}: unknown strategy {', '.join(map(repr, unknown))}; available: "
+                                 f"{', '.join(known)} (register your own with pytest_gradckpt.register_strategy)")
+    return list(names)
+
+
+def check_scenario_names(names: Iterable[str] | None, where: str) -> list[str] | None:
+    """Every name must be a known scenario."""
+    if names is None:
+        return None
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise GradckptUsageError(
+            f"{where}: unknown scenario {', '.join(map(repr, unknown))}; available: {', '.join(SCENARIOS)}")
+    return list(names)
+
+
+def check_expect(expect: Any, where: str) -> dict[str, str] | None:
+    """``expect`` maps ``strategy`` or ``strategy/scenario`` to a non-pass outcome.
+
+    Example:
+        >>> check_expect({"reentrant": "silent"}, "marker")
+        {'reentrant': 'silent'}
+    """
+    if expect is None:
+        return None
+    if not isinstance(expect, Mapping):
+        raise GradckptUsageError(f"{where}: expect={expect!r} must be a dict like {{'reentrant': 'silent'}}")
+    for key, outcome in expect.items():
+        strategy, _, scenario = str(key).partition("/")
+        check_strategy_names([strategy], f"{where}: expect key {key!r}")
+        if scenario:
+            check_scenario_names([scenario], f"{where}: expect key {key!r}")
+        if outcome not in outcomes.ALL or outcome in (outcomes.PASS, outcomes.SKIPPED):
+            choices = ", ".join(o for o in outcomes.SEVERITY if o not in (outcomes.PASS, outcomes.SKIPPED))
+            raise GradckptUsageError(f"{where}: expect[{key!r}]={outcome!r} is not an outcome a hazard can have; "
+                                     f"use one of {choices}")
+    return dict(expect)
+
+
+def check_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Validate ``@pytest.mark.gradckpt(...)``'s arguments; return them normalised."""
+    if args:
+        raise GradckptUsageError(f"{where}: @pytest.mark.gradckpt takes keyword arguments only, got positional "
+                                 f"{args!r}; e.g. @pytest.mark.gradckpt(strategies=['non_reentrant'])")
+    unknown = sorted(set(kwargs) - set(MARKER_ARGUMENTS))
+    if unknown:
+        raise GradckptUsageError(f"{where}: @pytest.mark.gradckpt got unknown argument(s) {', '.join(unknown)}; "
+                                 f"accepted: {', '.join(MARKER_ARGUMENTS)}")
+    settings = dict(kwargs)
+    if "strategies" in settings:
+        settings["strategies"] = check_strategy_names(split_names(settings["strategies"]), where)
+    if "scenarios" in settings:
+        settings["scenarios"] = check_scenario_names(split_names(settings["scenarios"]), where)
+    for name in ("rtol", "atol"):
+        if name in settings:
+            check_tolerance(name, settings[name])
+    for name in ("min_memory_reduction", "min_cuda_memory_reduction"):
+        if name in settings:
+            check_fraction(name, settings[name])
+    if "timeout" in settings:
+        check_timeout(settings["timeout"])
+    if "expect" in settings:
+        settings["expect"] = check_expect(settings["expect"], where)
+    if "seed" in settings and (isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int)):
+        raise GradckptUsageError(f"{where}: seed={settings['seed']!r} must be an int")
+    return settings

@@ -1,0 +1,1 @@
+"""The built-in model zoo: tiny models built offline with random weights."""
