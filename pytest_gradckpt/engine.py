@@ -171,18 +171,19 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()
 
 
-def _baseline(session: _Session, scenario: Scenario) -> tuple[Run | None, str | None]:
-    """Two baseline runs; returns the first, or the reason no strategy can be judged."""
+def _baseline(session: _Session, scenario: Scenario) -> tuple[Run | None, str, str]:
+    """Two baseline runs. Returns (the first run, "", "") or, when no strategy can be judged,
+    (None, the outcome every strategy gets, why)."""
     first = session.step(scenario, None)
     if isinstance(first.error, StrategyNotApplicable):
-        return None, str(first.error)
+        return None, outcomes.SKIPPED, str(first.error)
     if first.error is not None:
         if scenario.name == "train":
             raise GradckptUsageError(
                 f"the model fails without checkpointing ({_describe_error(first.error)}); check that the inputs "
                 f"fit {session.subject.name}.forward and that loss= returns a scalar") from first.error
-        return None, f"the model itself fails under {scenario.name} without checkpointing: " \
-                     f"{_describe_error(first.error)}"
+        return None, outcomes.SKIPPED, (f"the model itself fails under {scenario.name} without "
+                                        f"checkpointing: {_describe_error(first.error)}")
     if first.loss is None or not math.isfinite(float(first.loss)):
         raise GradckptUsageError(
             f"baseline loss under {scenario.name} is {float(first.loss) if first.loss is not None else None}, not "
@@ -204,11 +205,12 @@ def _baseline(session: _Session, scenario: Scenario) -> tuple[Run | None, str | 
     if second.error is not None or not again.equal or not loss_again.equal:
         detail = _describe_error(second.error) if second.error else (again if not again.equal else loss_again
                                                                       ).describe("values")
-        return None, (f"the model is not reproducible under {scenario.name}: two runs without checkpointing "
-                      f"differ ({detail}); strategies were not judged. Make it deterministic (seeded dropout, "
-                      "no data-dependent randomness outside torch's generator)")
+        # Not skipped: a gate must not go green when nothing was judged.
+        return None, outcomes.ERROR, (f"not judged: the model is not reproducible under {scenario.name}: two runs "
+                                      f"without checkpointing differ ({detail}). Make it deterministic (randomness "
+                                      "only from torch's seeded generator)")
     first.seconds = min(first.seconds, second.seconds)
-    return first, None
+    return first, "", ""
 
 
 @dataclasses.dataclass
@@ -355,17 +357,18 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                 atol=default_atol if limits.atol < 0 else limits.atol)
             key = (report.model, scenario.name, seed, str(subject.device), tuple(session.layer_names))
             if cache is not None and key in cache:
-                base, reason = cache[key]
+                base, verdict, reason = cache[key]
             else:
-                base, reason = _baseline(session, scenario)
+                base, verdict, reason = _baseline(session, scenario)
                 if cache is not None:
-                    cache[key] = (base, reason)
-            report.baseline[scenario.name] = None if base is None else {
+                    cache[key] = (base, verdict, reason)
+            report.baseline[scenario.name] = {"judged": False, "reason": reason} if base is None else {
+                "judged": True,
                 "loss": float(base.loss), "activation_bytes": base.activation_bytes,
                 "cuda_peak_bytes": base.cuda_peak_bytes, "seconds": base.seconds}
             for strategy in chosen:
                 if base is None:
-                    report.results.append(Result(strategy.name, scenario.name, outcomes.SKIPPED, reason or "",
+                    report.results.append(Result(strategy.name, scenario.name, verdict, reason,
                                                  model=report.model))
                     continue
                 targets = {n for n, g in base.grads.items() if g is not None}

@@ -29,7 +29,7 @@ def preserved_global_state() -> Iterator[None]:
     Example:
         >>> before = torch.get_rng_state()
         >>> with preserved_global_state():
-        ...     _ = torch.rand(3); torch.set_grad_enabled(False)
+        ...     _ = torch.rand(3); _ = torch.set_grad_enabled(False)
         >>> torch.equal(before, torch.get_rng_state()), torch.is_grad_enabled()
         (True, True)
     """
