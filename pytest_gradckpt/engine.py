@@ -67,7 +67,7 @@ class Run:
     grads: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
     buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     calls: dict[str, int] = dataclasses.field(default_factory=dict)
-    in_backward: set[str] = dataclasses.field(default_factory=set)
+    graph_calls: dict[str, int] = dataclasses.field(default_factory=dict)
     expected_recompute: dict[str, bool] = dataclasses.field(default_factory=dict)
     activation_bytes: int = 0
     cuda_peak_bytes: int | None = None
@@ -155,7 +155,7 @@ class _Session:
             run.grads = {n: _cpu(g) for n, g in run.grads.items()}
             run.buffers = {n: _cpu(b) for n, b in model.named_buffers()}
             run.calls = dict(counter.counts)
-            run.in_backward = set(counter.in_backward)
+            run.graph_calls = dict(counter.graph_calls)
             run.activation_bytes = memory.peak_bytes
             if cuda.peak_bytes is not None:
                 grad_bytes = sum(p.numel() * p.element_size() for _, p in trainable)
@@ -228,9 +228,9 @@ def _judge(strategy: Strategy, scenario: Scenario, base: Run, run: Run, limits: 
     if isinstance(run.error, StrategyNotApplicable):
         return outcomes.SKIPPED, str(run.error), metrics
     lost = silent_warning(run.warnings)
-    if lost:
-        after = f"; the step then raised {_describe_error(run.error)}" if run.error else ""
-        return outcomes.SILENT, f"torch warned '{lost}': parameters inside that layer get no gradient{after}", metrics
+    if lost and run.error is not None:
+        return outcomes.SILENT, (f"torch warned '{lost}': parameters inside that layer get no gradient; the step "
+                                 f"then raised {_describe_error(run.error)}"), metrics
     if run.error is not None:
         return outcomes.ERROR, _describe_error(run.error), metrics
 
@@ -246,10 +246,15 @@ def _judge(strategy: Strategy, scenario: Scenario, base: Run, run: Run, limits: 
         metrics.update(cuda_peak_bytes=run.cuda_peak_bytes, baseline_cuda_peak_bytes=base.cuda_peak_bytes,
                        cuda_reduction=1 - run.cuda_peak_bytes / base.cuda_peak_bytes)
     recomputed, checkpointable, recompute_problems = recompute_verdict(
-        base.calls, run.calls, run.expected_recompute, base.in_backward)
+        base.calls, run.calls, run.expected_recompute, base.graph_calls)
     metrics.update(recomputed_layers=recomputed, checkpointable_layers=checkpointable,
                    layers=sum(1 for c in base.calls.values() if c), layer_calls=run.calls)
 
+    if lost and not (grads.equal and loss.equal):
+        # The warning is harmless only when every gradient still equals the baseline's
+        # (it is also raised for calls under torch.no_grad(), where there is nothing to lose).
+        return outcomes.SILENT, (f"torch warned '{lost}': {len(grads.vanished) + len(grads.mismatched)} "
+                                 "parameter gradient(s) lost or wrong, with no error"), metrics
     if grads.vanished:
         names = ", ".join(grads.vanished[:3]) + (f" and {len(grads.vanished) - 3} more" if len(grads.vanished) > 3 else "")
         return outcomes.SILENT, (f"{len(grads.vanished)} parameter(s) that have a gradient without checkpointing got "

@@ -294,6 +294,7 @@ class _Segment:
     def __init__(self, layers: list[Any]):
         self.layers = layers
         self.output: Any = None
+        self.rng_after: Any = None
         self.extra: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
 
@@ -310,15 +311,26 @@ class _Segment:
         from torch.utils.checkpoint import checkpoint
 
         followers = self.layers[1:]
+        recomputing = False  # in recompute, checkpoint's own control-flow exceptions must pass through
 
         def run_segment(*segment_args: Any) -> Any:
             output = forward(*segment_args, **kwargs)
             for layer in followers:
-                output = layer._gradckpt_forward(self._hidden(output), *segment_args[1:], **kwargs)
+                try:
+                    output = layer._gradckpt_forward(self._hidden(output), *segment_args[1:], **kwargs)
+                except Exception as error:  # noqa: BLE001 - the layer ran fine with its own arguments
+                    if recomputing:
+                        raise
+                    raise StrategyNotApplicable(
+                        f"sequential: layer {layer._gradckpt_name} fails when given the previous layer's "
+                        f"output and arguments ({type(error).__name__}: {str(error)[:120]}); this model passes "
+                        "per-layer arguments, so its layers cannot be fused into segments") from error
             return output
 
         self.output = checkpoint(run_segment, *args, use_reentrant=False)
+        recomputing = True
         self.extra, self.kwargs = args[1:], kwargs
+        self.rng_after = _rng_state(args)
         return self.output
 
     def hand_on(self, position: int, forward: Callable[..., Any], args: tuple[Any, ...],
@@ -326,12 +338,32 @@ class _Segment:
         same_input = bool(args) and args[0] is self._hidden(self.output)
         same_extra = len(args[1:]) == len(self.extra) and all(a is b for a, b in zip(args[1:], self.extra))
         same_kwargs = kwargs.keys() == self.kwargs.keys() and all(kwargs[k] is self.kwargs[k] for k in kwargs)
+        if not _same_rng(self.rng_after, _rng_state(args)):
+            raise StrategyNotApplicable(
+                f"sequential: the model draws random numbers between layers (e.g. LayerDrop) before "
+                f"{self.layers[position]._gradckpt_name}; fusing layers into a segment would reorder those "
+                "draws and change dropout masks, so segments cannot be used for this model")
         if not (same_input and same_extra and same_kwargs):
             raise StrategyNotApplicable(
                 f"sequential: layer {self.layers[position]._gradckpt_name} was called with something other than "
                 "the previous layer's output and the same extra arguments, so consecutive layers cannot be "
                 "fused into one checkpointed segment for this model; use a per-layer strategy")
         return self.output
+
+
+def _rng_state(args: tuple[Any, ...]) -> tuple[Any, Any]:
+    import torch
+
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    on_cuda = device is not None and device.type == "cuda"
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None
+
+
+def _same_rng(before: tuple[Any, Any], now: tuple[Any, Any]) -> bool:
+    import torch
+
+    return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+               for a, b in zip(before, now))
 
 
 # --------------------------------------------------------------------------- the registry

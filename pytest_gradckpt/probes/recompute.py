@@ -21,7 +21,7 @@ class LayerCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self.in_backward: set[str] = set()
+        self.graph_calls: Counter[str] = Counter()
         self.memory: Any = None
 
     def hit(self, name: str) -> None:
@@ -29,9 +29,10 @@ class LayerCounter:
         self.counts[name] += 1
 
     def saw_output(self, name: str, output: Any) -> None:
-        """Note whether ``name``'s output joins the autograd graph, i.e. backward will reach it."""
-        if name not in self.in_backward and _any_requires_grad(output):
-            self.in_backward.add(name)
+        """Count calls of ``name`` whose output joins the autograd graph: backward reaches those.
+        (Calls under ``torch.no_grad()``, or of a frozen layer fed grad-free inputs, do not.)"""
+        if _any_requires_grad(output):
+            self.graph_calls[name] += 1
 
 
 def _any_requires_grad(value: Any) -> bool:
@@ -45,20 +46,20 @@ def _any_requires_grad(value: Any) -> bool:
 
 
 def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected: dict[str, bool],
-                      in_backward: set[str]) -> tuple[int, int, list[str]]:
-    """Compare counts with the rules, where ``b`` is a layer's run count without checkpointing:
+                      graph_calls: dict[str, int]) -> tuple[int, int, list[str]]:
+    """Compare counts with the rules, where ``b`` is a layer's run count without checkpointing
+    and ``g`` how many of those runs joined the autograd graph:
 
-    - a layer the strategy checkpoints, and that backward reaches, runs ``2b`` times
-      (forward + one recompute);
-    - one that backward never reaches (frozen, with no grad-requiring input) may run
-      ``b`` or ``2b`` times: not recomputing it is correct, recomputing it is waste but
-      no broken promise;
+    - a layer the strategy checkpoints runs ``b + g`` times: every call backward reaches is
+      recomputed once (``2b`` for a plain layer);
+    - one that backward never reaches (``g == 0``: frozen with grad-free inputs) may run ``b``
+      or ``2b`` times: not recomputing it is correct, recomputing it is waste, not a broken promise;
     - a layer a ``skips_frozen`` strategy must skip runs exactly ``b`` times.
 
     Returns (layers recomputed, layers that had to be, one line per broken rule).
 
     Example:
-        >>> recompute_verdict({"a": 1, "b": 1}, {"a": 2, "b": 1}, {"a": True, "b": True}, {"a", "b"})
+        >>> recompute_verdict({"a": 1, "b": 1}, {"a": 2, "b": 1}, {"a": True, "b": True}, {"a": 1, "b": 1})
         (1, 2, ['b ran 1 time(s), expected 2 (forward + one recompute)'])
     """
     recomputed, required, problems = 0, 0, []
@@ -72,8 +73,9 @@ def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected
                 problems.append(f"{name} ran {got} time(s), expected {runs}: it has no trainable parameters "
                                 "and the strategy promises to skip such layers")
             continue
-        allowed = (2 * runs,) if name in in_backward else (runs, 2 * runs)
-        required += name in in_backward
+        reached = graph_calls.get(name, 0)
+        allowed = (runs + reached,) if reached else (runs, 2 * runs)
+        required += reached > 0
         if got not in allowed:
             problems.append(f"{name} ran {got} time(s), expected {allowed[0]} (forward + one recompute)")
     return recomputed, required, problems
