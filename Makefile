@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-check: $(STAMP)
+check: $(STAMP)  ## the representative subset of the zoo
 	$(BIN)/pytest -o addopts= --gradckpt --pyargs pytest_gradckpt.suite -n 2 \
 		--gradckpt-report=gradckpt-report.json $(ARGS)
 

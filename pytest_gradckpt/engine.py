@@ -137,6 +137,8 @@ class _Session:
                         with autocast:
                             output = subject.call(model, inputs)
                             loss = subject.loss(output, inputs)
+                        if strategy is not None:
+                            strategy.after_forward(info)
                         if scenario.autograd_grad:
                             found = torch.autograd.grad(loss, [p for _, p in targets],
                                                         allow_unused=grad_targets is None)

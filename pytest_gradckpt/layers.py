@@ -214,6 +214,8 @@ class ModelInfo:
     model: nn.Module
     layer_names: list[str]
     found_by: str = "path"
+    #: Per-run scratch space for a strategy (the Strategy object itself is shared by all runs).
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = [self.model.get_submodule(n) for n in self.layer_names]

@@ -183,8 +183,14 @@ class Checker:
         self.strategies = [parametrized] if parametrized else _selected_strategies(self._config, self.settings)
 
     def check(self, model: Any, inputs: Any, *, loss: Callable[..., Any] | None = None, layers: Any = None,
-              name: str | None = None, **overrides: Any) -> Any:
-        """Run the engine; fail the test unless every result passed (or matched ``expect``)."""
+              name: str | None = None, expect: dict[str, str] | None = None, strict: bool = False,
+              **overrides: Any) -> Any:
+        """Run the engine; fail the test unless every result passed (or matched ``expect``).
+
+        ``expect`` here replaces the marker's; with ``strict=True`` every result must equal
+        its expected outcome exactly (``pass`` and ``skipped`` included), as the packaged
+        suite requires.
+        """
         from pytest_gradckpt.engine import check
 
         kwargs = check_options(self._config, self.settings, self.strategies)
@@ -196,10 +202,16 @@ class Checker:
         except GradckptUsageError as error:
             pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
         record(self._request.node, report.results)
-        problems = report.failures(self.settings.get("expect"))
+        problems = report.failures(self.settings.get("expect") if expect is None else expect, strict=strict)
         if problems:
             pytest.fail(_failure_text(problems, report.results), pytrace=False)
         return report
+
+
+    def skip(self, model: str, scenario: str, reason: str) -> None:
+        """Record that ``model`` could not run at all (it shows in the table and the JSON report), then skip."""
+        record(self._request.node, [Result("all", scenario, "skipped", reason, model=model)])
+        pytest.skip(f"{model}: {reason}")
 
 
 def check_options(config: pytest.Config, marker: dict[str, Any], strategies: list[str] | None) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def expected_outcome(result: Result, expect: Mapping[str, str] | None) -> str | 
     return expect.get(result.key, expect.get(result.strategy))
 
 
-def judge_against_expectation(result: Result, expect: Mapping[str, str] | None) -> str | None:
+def judge_against_expectation(result: Result, expect: Mapping[str, str] | None, strict: bool = False) -> str | None:
     """Why ``result`` is a problem given ``expect``, or None when it is fine.
 
     A declared outcome that did not happen is a problem too: the hazard went away
@@ -83,8 +83,10 @@ def judge_against_expectation(result: Result, expect: Mapping[str, str] | None) 
     wanted = expected_outcome(result, expect)
     if wanted is None:
         return None if result.ok else f"{result.key}: {result.outcome}: {result.message}"
-    if result.outcome == wanted or result.outcome == outcomes.SKIPPED:
+    if result.outcome == wanted or (result.outcome == outcomes.SKIPPED and not strict):
         return None
+    if strict:
+        return f"{result.key}: expected {wanted}, got {result.outcome}: {result.message}"
     return f"{result.key}: expected {wanted}, got {result.outcome} (update expect= if the hazard is gone)"
 
 
@@ -109,9 +111,9 @@ class Report:
         """True when every result is ``pass`` or ``skipped``."""
         return all(r.ok for r in self.results)
 
-    def failures(self, expect: Mapping[str, str] | None = None) -> list[str]:
-        """One line per result that is a problem, honouring ``expect``."""
-        found = (judge_against_expectation(r, expect) for r in self.results)
+    def failures(self, expect: Mapping[str, str] | None = None, strict: bool = False) -> list[str]:
+        """One line per result that is a problem, honouring ``expect`` (exactly, when ``strict``)."""
+        found = (judge_against_expectation(r, expect, strict) for r in self.results)
         return [line for line in found if line]
 
     def assert_ok(self, expect: Mapping[str, str] | None = None) -> None:

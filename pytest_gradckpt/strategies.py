@@ -57,6 +57,11 @@ class Strategy:
     def undo(self, info: ModelInfo) -> None:
         """Switch it off again. The engine discards its copies, so this is for reuse by callers."""
 
+    def after_forward(self, info: ModelInfo) -> None:
+        """Called by the engine after each forward pass, before backward: a chance to verify an
+        assumption the strategy made about how the model calls its layers. Raise
+        :class:`~pytest_gradckpt.errors.StrategyNotApplicable` when it does not hold."""
+
     def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
         """Whether ``layer`` must run a second time in backward under this strategy."""
         return info.has_trainable(layer) if self.skips_frozen else True
@@ -282,8 +287,13 @@ class SequentialSegments(Strategy):
         layers = list(info.layers)
         segment_count = max(1, round(math.sqrt(len(layers))))
         size = math.ceil(len(layers) / segment_count)
-        for start in range(0, len(layers), size):
-            _Segment(layers[start:start + size]).install()
+        info.state["segments"] = [_Segment(layers[start:start + size]) for start in range(0, len(layers), size)]
+        for segment in info.state["segments"]:
+            segment.install()
+
+    def after_forward(self, info: ModelInfo) -> None:
+        for segment in info.state["segments"]:
+            segment.finish_forward()
 
     def undo(self, info: ModelInfo) -> None:
         for layer in info.layers:
@@ -295,6 +305,7 @@ class _Segment:
         self.layers = layers
         self.output: Any = None
         self.rng_after: Any = None
+        self.pending = 0  # later layers of the last head call that the model has not called yet
         self.extra: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
 
@@ -307,9 +318,23 @@ class _Segment:
     def _hidden(output: Any) -> Any:
         return output if not isinstance(output, (tuple, list)) else output[0]
 
+    def _not_chained(self, why: str) -> StrategyNotApplicable:
+        return StrategyNotApplicable(
+            f"sequential: {why}; this model does not call each layer once, in order, on the previous layer's "
+            "output, so its layers cannot be fused into segments (use a per-layer strategy)")
+
+    def finish_forward(self) -> None:
+        if self.pending:
+            name = self.layers[len(self.layers) - self.pending]._gradckpt_name
+            self.pending = 0
+            raise self._not_chained(f"{name} was never called after {self.layers[0]._gradckpt_name}")
+
     def run_head(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from torch.utils.checkpoint import checkpoint
 
+        if self.pending:
+            raise self._not_chained(f"{self.layers[0]._gradckpt_name} was called again before "
+                                    f"{self.layers[len(self.layers) - self.pending]._gradckpt_name}")
         followers = self.layers[1:]
         recomputing = False  # in recompute, checkpoint's own control-flow exceptions must pass through
 
@@ -329,12 +354,16 @@ class _Segment:
 
         self.output = checkpoint(run_segment, *args, use_reentrant=False)
         recomputing = True
+        self.pending = len(followers)
         self.extra, self.kwargs = args[1:], kwargs
         self.rng_after = _rng_state(args)
         return self.output
 
     def hand_on(self, position: int, forward: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
+        if self.pending != len(self.layers) - position:
+            raise self._not_chained(f"{self.layers[position]._gradckpt_name} was called out of order")
+        self.pending -= 1
         same_input = bool(args) and args[0] is self._hidden(self.output)
         same_extra = len(args[1:]) == len(self.extra) and all(a is b for a, b in zip(args[1:], self.extra))
         same_kwargs = kwargs.keys() == self.kwargs.keys() and all(kwargs[k] is self.kwargs[k] for k in kwargs)

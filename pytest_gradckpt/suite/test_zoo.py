@@ -1,0 +1,24 @@
+"""Zoo x strategies x scenarios, each verdict compared with the expected one."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_gradckpt.suite import expectations
+
+
+@pytest.mark.gradckpt
+def test_zoo(gradckpt, zoo_case):
+    entry, scenario = zoo_case
+    from pytest_gradckpt.strategies import available_strategies
+    from pytest_gradckpt.zoo.transformers_models import NotTiny
+
+    try:
+        model, inputs = entry.build()
+    except NotTiny as reason:
+        gradckpt.skip(entry.name, scenario, str(reason))
+    # transformers models are rebuilt for every run (cheap, and some cannot be deep-copied)
+    subject = (lambda: entry.build()[0]) if entry.family == "transformers" else model
+    strategies = gradckpt.strategies or available_strategies()
+    expect = expectations.for_entry(entry.name, strategies, scenario)
+    gradckpt.check(subject, inputs, scenarios=[scenario], name=entry.name, expect=expect, strict=True)
