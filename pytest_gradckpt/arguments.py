@@ -95,6 +95,7 @@ class Subject:
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.reference = model if isinstance(model, nn.Module) else None
         first = self.fresh_model(device=None)
+        self.first = first  # for finding layers; never trained
         self.device = self._resolve_device(device, first)
         self.name = type(first).__name__
         if not any(p.requires_grad for p in first.parameters()):

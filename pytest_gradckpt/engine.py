@@ -95,8 +95,7 @@ class _Session:
 
     def __init__(self, subject: Subject, layers: Any, seed: int, timeout: float | None):
         self.subject, self.layer_spec, self.seed, self.timeout = subject, layers, seed, timeout
-        probe = subject.fresh_model()
-        self.layer_names, self.found_by = find_layers(probe, layers, reference=subject.reference)
+        self.layer_names, self.found_by = find_layers(subject.first, layers, reference=subject.reference)
 
     def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None) -> Run:
         """One training step on a fresh copy. ``grad_targets``: for ``autograd_grad``, the parameters
@@ -239,7 +238,7 @@ def _judge(strategy: Strategy, scenario: Scenario, base: Run, run: Run, limits: 
     grads = compare(base.grads, run.grads, limits.rtol, limits.atol)
     loss = compare({"loss": base.loss}, {"loss": run.loss}, limits.rtol, limits.atol)
     out = compare(base.outputs, {k: run.outputs.get(k) for k in base.outputs}, limits.rtol, limits.atol)
-    metrics.update(max_grad_diff=grads.max_abs, worst_parameter=grads.worst,
+    metrics.update(max_grad_diff=grads.max_abs, worst_parameter=grads.worst, baseline_seconds=base.seconds,
                    time_ratio=run.seconds / base.seconds if base.seconds > 0 else None,
                    activation_bytes=run.activation_bytes, baseline_activation_bytes=base.activation_bytes)
     if base.activation_bytes:
