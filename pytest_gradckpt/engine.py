@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -74,6 +74,7 @@ class Run:
     seconds: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: BaseException | None = None
+    rank_disagreement: str | None = None  # distributed runs: ranks must hold the same gradients
 
 
 def _freeze_input_embeddings(model: nn.Module) -> None:
@@ -93,14 +94,25 @@ def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
 class _Session:
     """One check: the subject, its settings, and the step runner."""
 
-    def __init__(self, subject: Subject, layers: Any, seed: int, timeout: float | None):
+    def __init__(self, subject: Subject, layers: Any, seed: int, timeout: float | None,
+                 distributed: dict[str, Any] | None = None):
         self.subject, self.layer_spec, self.seed, self.timeout = subject, layers, seed, timeout
+        self.distributed = distributed
         self.layer_names, self.found_by = find_layers(subject.first, layers, reference=subject.reference)
 
-    def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None) -> Run:
+    def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None,
+             parallel: Any = None) -> Run:
         """One training step on a fresh copy. ``grad_targets``: for ``autograd_grad``, the parameters
         that had a gradient in the baseline; they are requested with ``allow_unused=False`` so that a
-        strategy hiding them from autograd fails loudly, as torch intends, instead of yielding None."""
+        strategy hiding them from autograd fails loudly, as torch intends, instead of yielding None.
+
+        Distributed scenarios run this in every rank, in processes the launcher in
+        :mod:`pytest_gradckpt.distributed` starts; ``parallel`` then wraps the model (DDP,
+        FSDP2), shards the inputs and gathers full gradients."""
+        if scenario.distributed and parallel is None:
+            from pytest_gradckpt.distributed import launch
+
+            return launch(self, scenario, strategy, grad_targets)
         run = Run()
         subject = self.subject
         try:
@@ -119,9 +131,10 @@ class _Session:
                 strategy.apply(info)
                 run.expected_recompute = {n: strategy.expects_recompute(info, layer)
                                           for n, layer in zip(info.layer_names, info.layers)}
+            runner = model if parallel is None else parallel.wrap(model, info)
             trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             targets = [(n, p) for n, p in trainable if grad_targets is None or n in grad_targets]
-            inputs = subject.fresh_inputs()
+            inputs = subject.fresh_inputs() if parallel is None else parallel.shard(subject.fresh_inputs())
             device = subject.device
             memory = SavedActivationProbe(device, [p for _, p in model.named_parameters()])
             counter.memory = memory
@@ -132,28 +145,33 @@ class _Session:
             with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as cuda:
                 started = time.perf_counter()
                 with memory:
-                    for _ in range(scenario.micro_batches):
-                        with autocast:
-                            output = subject.call(model, inputs)
-                            loss = subject.loss(output, inputs)
-                        if strategy is not None:
-                            strategy.after_forward(info)
-                        if scenario.autograd_grad:
-                            found = torch.autograd.grad(loss, [p for _, p in targets],
-                                                        allow_unused=grad_targets is None)
-                            for (name, _), grad in zip(targets, found):
-                                if grad is not None:
-                                    grads[name] = grad if grads[name] is None else grads[name] + grad
-                        else:
-                            loss.backward()
+                    micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)
+                    for micro_batch in range(micro_batches):
+                        last = micro_batch == micro_batches - 1
+                        sync = contextlib.nullcontext() if parallel is None else parallel.sync(runner, last)
+                        with sync:  # DDP's no_sync must cover forward and backward of a micro-batch
+                            with autocast:
+                                output = subject.call(runner, inputs)
+                                loss = subject.loss(output, inputs)
+                            if strategy is not None:
+                                strategy.after_forward(info)
+                            if scenario.autograd_grad:
+                                found = torch.autograd.grad(loss, [p for _, p in targets],
+                                                            allow_unused=grad_targets is None)
+                                for (name, _), grad in zip(targets, found):
+                                    if grad is not None:
+                                        grads[name] = grad if grads[name] is None else grads[name] + grad
+                            else:
+                                loss.backward()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 run.seconds = time.perf_counter() - started
             counter.memory = None
             run.loss = _cpu(loss.detach().float())
             run.outputs = {k: _cpu(v) for k, v in tensor_leaves(output).items()}
-            run.grads = grads if scenario.autograd_grad else {n: _cpu(p.grad) for n, p in trainable}
-            run.grads = {n: _cpu(g) for n, g in run.grads.items()}
+            run.grads = grads if scenario.autograd_grad else {n: p.grad for n, p in trainable}
+            full = (lambda g: g) if parallel is None else parallel.full_tensor
+            run.grads = {n: _cpu(None if g is None else full(g)) for n, g in run.grads.items()}
             run.buffers = {n: _cpu(b) for n, b in model.named_buffers()}
             run.calls = dict(counter.counts)
             run.graph_calls = dict(counter.graph_calls)
@@ -234,6 +252,8 @@ def _judge(strategy: Strategy, scenario: Scenario, base: Run, run: Run, limits: 
                                  f"then raised {_describe_error(run.error)}"), metrics
     if run.error is not None:
         return outcomes.ERROR, _describe_error(run.error), metrics
+    if run.rank_disagreement:
+        return outcomes.MISMATCH, run.rank_disagreement, metrics
 
     grads = compare(base.grads, run.grads, limits.rtol, limits.atol)
     loss = compare({"loss": base.loss}, {"loss": run.loss}, limits.rtol, limits.atol)
@@ -299,7 +319,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           device: str | torch.device | None = None,
           timeout: float | None = DEFAULT_TIMEOUT,
           name: str | None = None,
-          cache: MutableMapping[Any, Any] | None = None) -> Report:
+          cache: MutableMapping[Any, Any] | None = None,
+          distributed: Mapping[str, Any] | None = None) -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
     Args:
@@ -326,6 +347,10 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         name: the model's name in reports (default: its class name).
         cache: a dict shared by calls that check the same model and inputs under the
             same ``name``; baselines found in it are reused instead of recomputed.
+        distributed: settings for the ``ddp``/``fsdp2`` scenarios: ``world_size`` (2),
+            ``find_unused_parameters`` and ``static_graph`` (DDP, both False), ``micro_batches``
+            (1; more accumulates with gradient sync only on the last: DDP ``no_sync``) and
+            ``timeout`` (60 s for all ranks together).
 
     Returns:
         A :class:`~pytest_gradckpt.report.Report`.
@@ -352,7 +377,9 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
     with preserved_global_state():
         _warm_up()
         subject = Subject(model, inputs, loss, device)
-        session = _Session(subject, layers, seed, timeout)
+        from pytest_gradckpt.distributed import options as distributed_options
+
+        session = _Session(subject, layers, seed, timeout, distributed_options(distributed))
         report = Report(model=name or subject.name, versions=versions())
         report.baseline["layers"] = session.layer_names
         for scenario in chosen_scenarios:
@@ -361,7 +388,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             scenario_limits = dataclasses.replace(
                 limits, rtol=default_rtol if limits.rtol < 0 else limits.rtol,
                 atol=default_atol if limits.atol < 0 else limits.atol)
-            key = (report.model, scenario.name, seed, str(subject.device), tuple(session.layer_names))
+            key = (report.model, scenario.name, seed, str(subject.device), tuple(session.layer_names),
+                   tuple(sorted(session.distributed.items())) if scenario.distributed else ())
             if cache is not None and key in cache:
                 base, verdict, reason = cache[key]
             else:

@@ -154,11 +154,14 @@ def _instrumented_class(base: type) -> type:
         return output
 
     def _gradckpt_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        self._gradckpt_counter.hit(self._gradckpt_name)
+        counter = self._gradckpt_counter
+        counter.hit(self._gradckpt_name)
         inner = self.__dict__.get("_gradckpt_inner_forward")
-        if inner is not None:
-            return inner(*args, **kwargs)
-        return base.forward(self, *args, **kwargs)
+        run = inner if inner is not None else functools.partial(base.forward, self)
+        if counter.memory is not None and torch._C._current_graph_task_id() != -1:
+            with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
+                return run(*args, **kwargs)
+        return run(*args, **kwargs)
 
     namespace = {"forward": forward, "_gradckpt_forward": _gradckpt_forward,
                  "__module__": base.__module__, "__qualname__": base.__qualname__}

@@ -23,6 +23,7 @@ class Scenario:
     autograd_grad: bool = False
     autocast: bool = False
     freeze_input_embeddings: bool = False
+    distributed: str | None = None  # "ddp" | "fsdp2": run on ranks of torch.distributed
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -34,6 +35,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("eval_mode", "model.eval() with gradients on: checkpointing must still apply", train_mode=False),
     Scenario("frozen_inputs", "input embeddings frozen, as in LoRA: the reentrant pitfall",
              freeze_input_embeddings=True),
+    Scenario("ddp", "DistributedDataParallel on 2 ranks (gloo on CPU, NCCL on CUDA), global batch split by rank",
+             distributed="ddp"),
+    Scenario("fsdp2", "fully_shard (FSDP2) per layer and at the root, 2 ranks, full gradients gathered",
+             distributed="fsdp2"),
 )}
 
 DEFAULT_SCENARIOS: tuple[str, ...] = ("train",)

@@ -191,13 +191,16 @@ def offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
         return checkpoint(function, *args, use_reentrant=False)
     hidden = args[index]
     device = hidden.device
-    host = hidden.to("cpu", copy=True)
+    # On CUDA the copies are asynchronous (pinned host memory, stream-ordered): the copy back in
+    # backward is queued on the same stream after this one, so it never reads an unfinished copy.
+    asynchronous = device.type == "cuda"
+    host = hidden.to("cpu", non_blocking=True) if asynchronous else hidden.to("cpu", copy=True)
     mark_offloaded(host)
     anchor = torch.empty(0, device=device)
 
     def run_from_host(host_hidden: Any, _anchor: Any, *rest: Any) -> Any:
         inputs = list(rest)
-        inputs.insert(index, host_hidden.to(device))
+        inputs.insert(index, host_hidden.to(device, non_blocking=asynchronous))
         return function(*inputs)
 
     rest = args[:index] + args[index + 1:]

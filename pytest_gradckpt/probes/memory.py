@@ -2,8 +2,9 @@
 
 Counted: every tensor autograd saves for backward (``saved_tensors_hooks``),
 every tensor handed into a checkpoint unit (a checkpoint keeps those alive
-until backward), and the matmul outputs selective activation checkpointing
-keeps. Each is counted once per storage, while that storage is alive: liveness
+until backward), the matmul outputs selective activation checkpointing
+keeps, and what a recompute materialises during backward (a segment of four
+layers recomputed at once costs four layers' activations at that moment). Each is counted once per storage, while that storage is alive: liveness
 is read from a weak reference to the storage, not from who holds it, so the
 peak is a true high-water mark. Parameters and tensors a strategy moved to
 host memory (:func:`mark_offloaded`) are not activation memory and are left out.
@@ -41,9 +42,9 @@ def mark_offloaded(tensor: torch.Tensor) -> None:
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
     try:
         storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, nested or meta tensors
+        return (tensor.device, storage.data_ptr(), storage.nbytes())
+    except (RuntimeError, NotImplementedError):  # sparse, nested, meta, DTensor, or storage FSDP freed
         return None
-    return (tensor.device, storage.data_ptr(), storage.nbytes())
 
 
 class SavedActivationProbe:
@@ -59,7 +60,9 @@ class SavedActivationProbe:
 
     def __init__(self, device: torch.device, parameters: Any = ()):
         self.device = torch.device(device)
-        self.excluded: set[int] = {p.untyped_storage().data_ptr() for p in parameters}
+        self.excluded: set[int] = set()
+        for param in parameters:
+            self.exclude_storage(getattr(param, "_local_tensor", param))
         self.live: dict[tuple[Any, int, int], StorageWeakRef] = {}
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -87,7 +90,10 @@ class SavedActivationProbe:
             return
         self._prune()
         if key not in self.live:
-            self.live[key] = StorageWeakRef(tensor.untyped_storage())
+            try:
+                self.live[key] = StorageWeakRef(tensor.untyped_storage())
+            except RuntimeError:
+                return
             self.live_bytes += key[2]
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
@@ -96,6 +102,10 @@ class SavedActivationProbe:
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 self.add(value)
+
+    def recompute(self) -> _NoteSavedOutputs:
+        """A context that counts every op output made inside it (used around recomputes)."""
+        return _NoteSavedOutputs(None)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         self.add(tensor)
@@ -113,15 +123,15 @@ class SavedActivationProbe:
 
 
 class _NoteSavedOutputs(TorchDispatchMode):
-    """Reports outputs of the ops selective checkpointing saves to the active probes."""
+    """Reports op outputs to the active probes: those of ``ops``, or all when ``ops`` is None."""
 
-    def __init__(self, ops: frozenset[Any]):
+    def __init__(self, ops: frozenset[Any] | None):
         super().__init__()
         self.ops = ops
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func in self.ops and _ACTIVE:
+        if (self.ops is None or func in self.ops) and _ACTIVE:
             for tensor in out if isinstance(out, (tuple, list)) else (out,):
                 for probe in _ACTIVE:
                     probe.add(tensor)

@@ -42,11 +42,11 @@ def _plain() -> list[ZooEntry]:
     from pytest_gradckpt.zoo import plain
 
     return [
-        ZooEntry("dropout_mask", "plain", plain.dropout_mask_net, ALL_SCENARIOS,
+        ZooEntry("dropout_mask", "plain", plain.dropout_mask_net, ALL_SCENARIOS + ("fsdp2",),
                  "embedding, residual blocks with dropout and a keyword mask"),
         ZooEntry("batchnorm", "plain", plain.batchnorm_net, ("train", "eval_mode"),
                  "blocks with BatchNorm: recompute updates running statistics again"),
-        ZooEntry("reused_block", "plain", plain.reused_block_net, ("train", "accumulate", "autograd_grad"),
+        ZooEntry("reused_block", "plain", plain.reused_block_net, ("train", "accumulate", "autograd_grad", "ddp"),
                  "a block reused inside one forward"),
     ]
 

@@ -1,0 +1,252 @@
+"""Distributed scenarios (``ddp``, ``fsdp2``) on torch.distributed itself, never an imitation.
+
+The launcher forks ``world_size`` ranks (default 2). They meet through a file store in a
+fresh temporary directory, so no port has to be found or can be raced for. Each rank
+runs the engine's ordinary step on its shard of the global batch, with the model wrapped
+in ``DistributedDataParallel`` or ``fully_shard`` (after the strategy is applied, as in
+training), and sends back what it measured. The parent waits with a deadline; a rank that
+fails or hangs ends the run as ``error`` and every rank is killed, so none is left behind.
+
+The judge compares against the same distributed setup without checkpointing (same ranks,
+same seeds, so dropout masks match) and requires every rank to hold the same gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing
+import os
+import queue as queue_module
+import tempfile
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
+
+#: Settable through ``check(..., distributed={...})``.
+DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
+                            "micro_batches": 1, "timeout": 60.0}
+
+
+def options(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate ``distributed=`` settings.
+
+    Example:
+        >>> options({"static_graph": True})["world_size"]
+        2
+    """
+    chosen = dict(DEFAULTS)
+    unknown = sorted(set(given or {}) - set(DEFAULTS))
+    if unknown:
+        raise GradckptUsageError(f"distributed: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(DEFAULTS)}")
+    chosen.update(given or {})
+    for name in ("world_size", "micro_batches"):
+        if isinstance(chosen[name], bool) or not isinstance(chosen[name], int) or chosen[name] < 1:
+            raise GradckptUsageError(f"distributed: {name}={chosen[name]!r}; pass an int >= 1")
+    return chosen
+
+
+class RankFailure(Exception):
+    """A rank raised, died or hung; the message says which and how."""
+
+
+class Parallel:
+    """How one rank wraps the model, shards the inputs and reads full gradients."""
+
+    def __init__(self, kind: str, rank: int, settings: dict[str, Any]):
+        self.kind, self.rank, self.settings = kind, rank, settings
+        self.world_size = settings["world_size"]
+
+    def wrap(self, model: torch.nn.Module, info: Any) -> torch.nn.Module:
+        if self.kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=device_ids,
+                                           find_unused_parameters=self.settings["find_unused_parameters"],
+                                           static_graph=self.settings["static_graph"])
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in info.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def micro_batches(self, scenario: Any) -> int:
+        """Micro-batches per step: gradients are synchronised only on the last (DDP ``no_sync``)."""
+        return max(scenario.micro_batches, self.settings["micro_batches"])
+
+    def shard(self, inputs: Any) -> Any:
+        """This rank's slice of the global batch (dimension 0 of every batch-sized tensor)."""
+        tensors = _tensors(inputs)
+        if not tensors:
+            return inputs
+        batch = tensors[0].shape[0] if tensors[0].dim() else 1
+        if batch % self.world_size:
+            raise GradckptUsageError(f"{self.kind}: the global batch of {batch} does not split evenly over "
+                                     f"{self.world_size} ranks; pass a batch divisible by world_size")
+        size = batch // self.world_size
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+                return value[self.rank * size:(self.rank + 1) * size]
+            return value
+
+        if isinstance(inputs, Mapping):
+            return {k: cut(v) for k, v in inputs.items()}
+        if isinstance(inputs, (list, tuple)):
+            return type(inputs)(cut(v) for v in inputs)
+        return cut(inputs)
+
+    def sync(self, runner: Any, last: bool) -> Any:
+        """Gradient sync only on the last micro-batch (DDP ``no_sync``; FSDP2's switch)."""
+        if last:
+            return contextlib.nullcontext()
+        if self.kind == "ddp":
+            return runner.no_sync()
+        runner.set_requires_gradient_sync(False)
+        return _restore_sync(runner)
+
+    @staticmethod
+    def full_tensor(grad: Any) -> torch.Tensor:
+        return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+
+@contextlib.contextmanager
+def _restore_sync(runner: Any) -> Any:
+    try:
+        yield
+    finally:
+        runner.set_requires_gradient_sync(True)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [v for v in value.values() if isinstance(v, torch.Tensor)]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _describe(error: BaseException) -> dict[str, Any]:
+    not_applicable = isinstance(error, StrategyNotApplicable)
+    return {"error": str(error) if not_applicable else f"{type(error).__name__}: {error}",
+            "not_applicable": not_applicable, "usage": isinstance(error, GradckptUsageError)}
+
+
+def _rank_main(rank: int, store: str, session: Any, scenario: Any, strategy: Any, grad_targets: Any,
+               results: Any) -> None:
+    import torch.distributed as dist
+
+    settings = session.distributed
+    payload: dict[str, Any] = {"rank": rank}
+    try:
+        torch.set_num_threads(1)  # ranks share the machine's cores
+        backend = "nccl" if session.subject.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
+                                world_size=settings["world_size"], timeout=timedelta(seconds=settings["timeout"]))
+        run = session.step(scenario, strategy, grad_targets, parallel=Parallel(scenario.distributed, rank, settings))
+        payload.update(loss=run.loss, grads=run.grads, buffers=run.buffers, calls=run.calls,
+                       graph_calls=run.graph_calls, expected_recompute=run.expected_recompute,
+                       warnings=run.warnings, seconds=run.seconds, activation_bytes=run.activation_bytes,
+                       outputs=run.outputs)
+        if run.error is not None:
+            payload.update(_describe(run.error))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, whatever it is
+        payload.update(_describe(error))
+    finally:
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        results.put(buffer.getvalue())
+        results.close()
+        results.join_thread()  # put() hands off to a feeder thread: let it finish before _exit
+        with contextlib.suppress(Exception):
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
+
+
+def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any:
+    """Run one step on ``world_size`` forked ranks and fold their measurements into one Run."""
+    from pytest_gradckpt.engine import Run
+
+    settings = session.distributed
+    if session.subject.device.type == "cuda":
+        raise GradckptUsageError(
+            f"{scenario.name} on CUDA needs one process per GPU started with spawn, which this launcher does not "
+            "do yet; run distributed scenarios on CPU (gloo), or benchmarks/ddp_cuda.py on a multi-GPU machine")
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    run = Run()
+    with tempfile.TemporaryDirectory(prefix="gradckpt-dist-") as folder:
+        store = os.path.join(folder, "store")
+        ranks = [context.Process(target=_rank_main, daemon=True,
+                                 args=(rank, store, session, scenario, strategy, grad_targets, results))
+                 for rank in range(settings["world_size"])]
+        for process in ranks:
+            process.start()
+        payloads: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + settings["timeout"]
+        try:
+            while len(payloads) < len(ranks):
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(len(ranks))) - set(payloads))
+                    raise RankFailure(f"rank(s) {missing} did not finish within {settings['timeout']:g} s (hung)")
+                try:
+                    payload = torch.load(io.BytesIO(results.get(timeout=0.2)), weights_only=False)
+                    payloads[payload["rank"]] = payload
+                except queue_module.Empty:
+                    dead = [r for r, p in enumerate(ranks) if r not in payloads and p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RankFailure(f"rank {dead[0]} died with exit code {ranks[dead[0]].exitcode}") from None
+        except RankFailure as failure:
+            run.error = failure
+            return run
+        finally:
+            for process in ranks:
+                process.join(timeout=2)
+                if process.is_alive():
+                    process.terminate()
+                    process.join(timeout=2)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+    failed = [p for p in payloads.values() if "error" in p]
+    usage = [p for p in failed if p.get("usage")]
+    if usage:  # bad input is the caller's to fix, in any process
+        raise GradckptUsageError(usage[0]["error"].partition(": ")[2])
+    if failed:
+        first = min(failed, key=lambda p: p["rank"])
+        run.error = (StrategyNotApplicable(first["error"]) if first.get("not_applicable")
+                     else RankFailure(f"rank {first['rank']}: {first['error']}"))
+        run.warnings = first.get("warnings", [])
+        return run
+    first = payloads[0]
+    for key in ("loss", "grads", "buffers", "calls", "graph_calls", "expected_recompute", "warnings", "seconds",
+                "activation_bytes", "outputs"):
+        setattr(run, key, first[key])
+    run.rank_disagreement = _disagreement(payloads)
+    return run
+
+
+def _disagreement(payloads: dict[int, dict[str, Any]]) -> str | None:
+    """Which parameter's gradient differs between ranks, if any (they must all hold the same)."""
+    reference = payloads[0]["grads"]
+    for rank, payload in sorted(payloads.items())[1:]:
+        for name, grad in reference.items():
+            other = payload["grads"].get(name)
+            if (grad is None) != (other is None) or (grad is not None and not torch.equal(grad, other)):
+                return f"rank {rank} holds a different gradient for {name} than rank 0"
+    return None
