@@ -306,6 +306,15 @@ def _judge(strategy: Strategy, scenario: Scenario, base: Run, run: Run, limits: 
     return outcomes.PASS, "", metrics
 
 
+def _fingerprint(run: Run, scenario: Scenario) -> dict[str, Any]:
+    """The numbers a golden record keeps of one run: only reproducible ones. Under FSDP2 the
+    all-gathered parameter buffers come and go at timing-dependent moments, so the saved-bytes
+    peak varies between identical runs and is left out there."""
+    return {"loss": None if run.loss is None else float(run.loss),
+            "grad_norms": {n: float(g.double().norm()) for n, g in run.grads.items() if g is not None},
+            "activation_bytes": None if scenario.distributed == "fsdp2" else run.activation_bytes}
+
+
 def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           loss: Callable[[Any, Any], torch.Tensor] | None = None,
           strategies: Iterable[str | Strategy] | str | Strategy | None = None,
@@ -320,7 +329,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           timeout: float | None = DEFAULT_TIMEOUT,
           name: str | None = None,
           cache: MutableMapping[Any, Any] | None = None,
-          distributed: Mapping[str, Any] | None = None) -> Report:
+          distributed: Mapping[str, Any] | None = None,
+          fingerprint: bool = False) -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
     Args:
@@ -351,6 +361,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             ``find_unused_parameters`` and ``static_graph`` (DDP, both False), ``micro_batches``
             (1; more accumulates with gradient sync only on the last: DDP ``no_sync``) and
             ``timeout`` (60 s for all ranks together).
+        fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
+            saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 
     Returns:
         A :class:`~pytest_gradckpt.report.Report`.
@@ -408,6 +420,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                 targets = {n for n, g in base.grads.items() if g is not None}
                 run = session.step(scenario, strategy, targets if scenario.autograd_grad else None)
                 outcome, message, metrics = _judge(strategy, scenario, base, run, scenario_limits)
+                if fingerprint:
+                    metrics["fingerprint"] = _fingerprint(run, scenario)
                 report.results.append(Result(strategy.name, scenario.name, outcome, message, metrics,
                                              model=report.model))
     return report

@@ -25,6 +25,7 @@ FIXTURES = ("gradckpt", "gradckpt_strategy")
 
 factories_key = pytest.StashKey[dict[str, Any]]()
 baselines_key = pytest.StashKey[dict[Any, Any]]()
+golden_key = pytest.StashKey[dict[str, Any]]()
 
 # (option, ini name, ini type, addoption keywords, help)
 _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
@@ -46,6 +47,12 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
      "device to run checks on (default: where the model is)"),
     ("--gradckpt-timeout", "gradckpt_timeout", "string", {"metavar": "SECONDS"},
      "end a run that takes longer as 'error' (default 300)"),
+    ("--gradckpt-record", "gradckpt_record", "string", {"metavar": "PATH"},
+     "write a golden record (outcomes + loss, gradient norms, activation bytes + versions) to PATH"),
+    ("--gradckpt-compare", "gradckpt_compare", "string", {"metavar": "PATH"},
+     "fail every check whose outcome or numbers changed since the golden record at PATH"),
+    ("--gradckpt-bisect", "gradckpt_bisect", "bool", {"action": "store_true", "default": None},
+     "exit codes for 'git bisect run': 0 good, 1 bad, 125 when the code under test cannot be imported"),
 ]
 
 
@@ -104,6 +111,10 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings.check_scenario_names(settings.split_names(option(config, "gradckpt_scenarios")),
                                       "--gradckpt-scenarios")
+        if option(config, "gradckpt_compare"):
+            from pytest_gradckpt import golden
+
+            config.stash[golden_key] = golden.load(option(config, "gradckpt_compare"))
     except GradckptUsageError as error:
         raise _usage(error) from None
 
@@ -203,6 +214,7 @@ class Checker:
             pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
         record(self._request.node, report.results)
         problems = report.failures(self.settings.get("expect") if expect is None else expect, strict=strict)
+        problems += golden_problems(self._request.node, report.results)
         if problems:
             pytest.fail(_failure_text(problems, report.results), pytrace=False)
         return report
@@ -217,6 +229,7 @@ class Checker:
 def check_options(config: pytest.Config, marker: dict[str, Any], strategies: list[str] | None) -> dict[str, Any]:
     """Keyword arguments for :func:`pytest_gradckpt.check`: marker first, then options, then ini."""
     chosen = {k: v for k, v in marker.items() if k != "expect"}
+    chosen["fingerprint"] = bool(option(config, "gradckpt_record") or option(config, "gradckpt_compare"))
     chosen["strategies"] = strategies
     chosen.setdefault("scenarios", settings.split_names(option(config, "gradckpt_scenarios")))
     limit = _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
@@ -231,6 +244,20 @@ def check_options(config: pytest.Config, marker: dict[str, Any], strategies: lis
 
 def _failure_text(problems: list[str], results: list[Result]) -> str:
     return "gradient checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n" + format_table(results)
+
+
+def golden_problems(node: pytest.Item, results: list[Result]) -> list[str]:
+    """Differences from the golden record given by --gradckpt-compare (none without it)."""
+    path = option(node.config, "gradckpt_compare")
+    if not path:
+        return []
+    from pytest_gradckpt import golden
+
+    record = node.config.stash[golden_key]
+    found = []
+    for result in results:
+        found += golden.differences(record, {"test": node.nodeid, **result.to_dict()})
+    return found
 
 
 def record(node: pytest.Item, results: list[Result]) -> None:
@@ -337,7 +364,7 @@ class GradckptItem(pytest.Item):
         except GradckptUsageError as error:
             pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
         record(self, report.results)
-        problems = report.failures()
+        problems = report.failures() + golden_problems(self, report.results)
         if problems:
             pytest.fail(_failure_text(problems, report.results), pytrace=False)
 
@@ -355,6 +382,11 @@ class GradckptReporter:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.results: list[dict[str, Any]] = []
+        self.import_errors: list[str] = []
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed and any(name in report.longreprtext for name in ("ImportError", "ModuleNotFoundError")):
+            self.import_errors.append(report.nodeid)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
@@ -380,14 +412,37 @@ class GradckptReporter:
         if path and not hasattr(self.config, "workerinput"):
             terminalreporter.write_line(f"gradckpt: JSON report written to {path}")
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        path = option(self.config, "gradckpt_report")
-        if not path or hasattr(self.config, "workerinput"):  # xdist workers: the controller writes it
-            return
-        document = {"versions": environment.versions(), "results": self.sorted_results()}
-        target = Path(path)
+    def _write(self, name: str, document: dict[str, Any]) -> None:
+        target = Path(option(self.config, name))
         if not target.is_absolute():
             target = Path(self.config.invocation_params.dir) / target
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + os.linesep)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if hasattr(self.config, "workerinput"):  # xdist workers: the controller writes the merged files
+            return
+        if option(self.config, "gradckpt_report"):
+            self._write("gradckpt_report", {"versions": environment.versions(), "results": self.sorted_results()})
+        if option(self.config, "gradckpt_record"):
+            from pytest_gradckpt import golden
+
+            self._write("gradckpt_record", golden.build_record(self.sorted_results(), environment.versions()))
+        if option(self.config, "gradckpt_bisect"):
+            session.exitstatus = bisect_exit_code(int(exitstatus), bool(self.import_errors))
+
+
+def bisect_exit_code(exitstatus: int, import_failed: bool) -> int:
+    """pytest's exit status in ``git bisect run``'s terms: 0 good, 1 bad, 125 skip (the code under
+    test cannot be imported, or nothing ran), 128 abort (a usage or internal error: fix the setup).
+
+    Example:
+        >>> bisect_exit_code(1, False), bisect_exit_code(2, True), bisect_exit_code(4, False)
+        (1, 125, 128)
+    """
+    if import_failed or exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        return 125
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        return int(exitstatus)
+    return 128

@@ -1,0 +1,34 @@
+"""``python -m pytest_gradckpt COMMAND``.
+
+Commands:
+    bisect PACKAGE GOOD BAD [-- PYTEST_ARGS...]   find the release that changed a verdict
+    strategies                                    list the registered strategies
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "bisect":
+        from pytest_gradckpt.bisect import main as bisect
+
+        return bisect(rest)
+    if command == "strategies":
+        from pytest_gradckpt.strategies import _REGISTRY
+
+        for name, strategy in _REGISTRY.items():
+            print(f"{name:18} {strategy.description}")
+        return 0
+    print(f"unknown command {command!r}; run 'python -m pytest_gradckpt --help'", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
