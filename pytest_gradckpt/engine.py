@@ -140,7 +140,7 @@ class _Session:
             counter.memory = memory
             autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if scenario.autocast
                         else contextlib.nullcontext())
-            seed_everything(self.seed)
+            seed_everything(self.seed, device)
             grads: dict[str, torch.Tensor | None] = {n: None for n, _ in trainable}
             with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as cuda:
                 started = time.perf_counter()

@@ -65,8 +65,12 @@ def preserved_global_state() -> Iterator[None]:
         warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidates the once/default registries
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices) and ``random`` so every run draws the same numbers.
+def seed_everything(seed: int, device: torch.device | None = None) -> None:
+    """Seed ``random``, torch's CPU generator and, for a CUDA run, the CUDA generators, so
+    every run draws the same numbers.
+
+    A CPU run leaves CUDA alone: a rank forked from a process that already used CUDA must
+    not touch it (``torch.manual_seed`` would, and fail there).
 
     Example:
         >>> seed_everything(0); a = torch.rand(1); seed_everything(0)
@@ -74,7 +78,9 @@ def seed_everything(seed: int) -> None:
         True
     """
     random.seed(seed)
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 @contextlib.contextmanager
