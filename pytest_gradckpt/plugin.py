@@ -408,6 +408,10 @@ class GradckptReporter:
         for result in results:
             counts[result.outcome] = counts.get(result.outcome, 0) + 1
         terminalreporter.write_line("gradckpt: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())))
+        models = {r.model for r in results}
+        not_run = {r.model for r in results if r.strategy == "all"} - {r.model for r in results if r.strategy != "all"}
+        terminalreporter.write_line(f"gradckpt: {len(models)} model(s), {len(models) - len(not_run)} checked, "
+                                    f"{len(not_run)} could not run (reasons above and in the JSON report)")
         path = option(self.config, "gradckpt_report")
         if path and not hasattr(self.config, "workerinput"):
             terminalreporter.write_line(f"gradckpt: JSON report written to {path}")

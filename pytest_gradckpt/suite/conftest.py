@@ -37,19 +37,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("zoo_case", cases, ids=[f"{e.name}-{s}" for e, s in cases])
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    reporter = config.pluginmanager.get_plugin("gradckpt-reporter")
-    if reporter is None or not reporter.results:
-        return
-    models: dict[str, str] = {}
-    for result in reporter.results:
-        ran = result["strategy"] != "all"
-        models[result["model"]] = "ran" if ran or models.get(result["model"]) == "ran" else "skipped"
-    ran = sum(1 for v in models.values() if v == "ran")
-    terminalreporter.write_line(f"gradckpt zoo: {len(models)} models, {ran} ran, {len(models) - ran} could not run "
-                                "(reasons in the table and the JSON report)")
-
-
 def pytest_configure(config: pytest.Config) -> None:
     # Import-time deprecations inside torch and transformers are not ours to act on.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:torch.jit._script")
