@@ -105,6 +105,16 @@ class Subject:
         self.compute_dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
         self.check_inputs()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned distributed ranks receive the subject pickled; the weak set is bookkeeping only.
+        state = dict(self.__dict__)
+        state["_seen"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._seen = weakref.WeakSet()
+
     @staticmethod
     def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
         if device in (None, "auto"):

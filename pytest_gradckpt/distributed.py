@@ -1,6 +1,7 @@
 """Distributed scenarios (``ddp``, ``fsdp2``) on torch.distributed itself, never an imitation.
 
-The launcher forks ``world_size`` ranks (default 2). They meet through a file store in a
+The launcher forks ``world_size`` ranks (default 2), or spawns them when this process
+has already used CUDA (autograd's device threads do not survive a fork). They meet through a file store in a
 fresh temporary directory, so no port has to be found or can be raced for. Each rank
 runs the engine's ordinary step on its shard of the global batch, with the model wrapped
 in ``DistributedDataParallel`` or ``fully_shard`` (after the strategy is applied, as in
@@ -17,6 +18,7 @@ import contextlib
 import io
 import multiprocessing
 import os
+import pickle
 import queue as queue_module
 import tempfile
 import time
@@ -30,7 +32,8 @@ from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 
 #: Settable through ``check(..., distributed={...})``.
 DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
-                            "micro_batches": 1, "timeout": 60.0}
+                            "micro_batches": 1, "timeout": 60.0, "start_method": "auto"}
+START_METHODS = ("auto", "fork", "spawn")
 
 
 def options(given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -45,6 +48,9 @@ def options(given: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise GradckptUsageError(f"distributed: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(DEFAULTS)}")
     chosen.update(given or {})
+    if chosen["start_method"] not in START_METHODS:
+        raise GradckptUsageError(f"distributed: start_method={chosen['start_method']!r}; pass one of "
+                                 f"{', '.join(START_METHODS)}")
     for name in ("world_size", "micro_batches"):
         if isinstance(chosen[name], bool) or not isinstance(chosen[name], int) or chosen[name] < 1:
             raise GradckptUsageError(f"distributed: {name}={chosen[name]!r}; pass an int >= 1")
@@ -70,11 +76,15 @@ class Parallel:
             return DistributedDataParallel(model, device_ids=device_ids,
                                            find_unused_parameters=self.settings["find_unused_parameters"],
                                            static_graph=self.settings["static_graph"])
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # An explicit mesh of the model's device type: left to itself FSDP2 picks CUDA whenever
+        # the machine has it, also for a CPU model on gloo.
+        mesh = init_device_mesh(model_device(model).type, (self.world_size,))
         for layer in info.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
 
     def micro_batches(self, scenario: Any) -> int:
@@ -175,7 +185,8 @@ def _rank_main(rank: int, store: str, session: Any, scenario: Any, strategy: Any
         with contextlib.suppress(Exception):
             if dist.is_initialized():
                 dist.destroy_process_group()
-        os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
+        if multiprocessing.get_start_method(allow_none=True) != "spawn":
+            os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
 
 
 def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any:
@@ -187,7 +198,21 @@ def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any
         raise GradckptUsageError(
             f"{scenario.name} on CUDA needs one process per GPU started with spawn, which this launcher does not "
             "do yet; run distributed scenarios on CPU (gloo), or benchmarks/ddp_cuda.py on a multi-GPU machine")
-    context = multiprocessing.get_context("fork")
+    method = settings["start_method"]
+    if method == "auto":
+        # Fork is cheap and needs nothing picklable, but a process whose CUDA (and so autograd's
+        # device threads) already ran cannot fork safely: then spawn, which pickles the session.
+        method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+    if method == "spawn":
+        try:
+            pickle.dumps((session, scenario, strategy))
+        except Exception as error:  # noqa: BLE001
+            raise GradckptUsageError(
+                f"{scenario.name}: ranks must be spawned here (this process already used CUDA), which needs a "
+                f"picklable model, inputs, loss and strategy: {type(error).__name__}: {error}. Define them at module "
+                "level (no lambdas or local classes), or run distributed checks in a process that has not used "
+                "CUDA") from None
+    context = multiprocessing.get_context(method)
     results = context.Queue()
     run = Run()
     with tempfile.TemporaryDirectory(prefix="gradckpt-dist-") as folder:

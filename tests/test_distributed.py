@@ -75,3 +75,27 @@ def test_unknown_distributed_option_is_a_usage_error():
     model, inputs = plain.tanh_net()
     with pytest.raises(gc.GradckptUsageError, match="unknown option.*static_grap"):
         gc.check(model, inputs, scenarios=["ddp"], distributed={"static_grap": True})
+
+
+def test_spawned_ranks_give_the_same_verdicts_as_forked_ones():
+    # Spawn is what a process that already used CUDA gets; here it is forced on CPU.
+    model, inputs = plain.reused_block_net()
+    report = gc.check(model, inputs, scenarios=["ddp"], strategies=["reentrant", "non_reentrant"],
+                      distributed={**FAST, "start_method": "spawn"})
+    assert outcomes(report) == {"reentrant": "error", "non_reentrant": "pass"}
+
+
+def test_spawn_needs_a_picklable_model():
+    class Local(torch.nn.Module):  # a local class cannot be pickled
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    with pytest.raises(gc.GradckptUsageError, match="picklable model"):
+        gc.check(Local(), torch.randn(2, 4), scenarios=["ddp"], strategies=["non_reentrant"],
+                 distributed={**FAST, "start_method": "spawn"})
