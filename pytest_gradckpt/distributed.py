@@ -196,8 +196,9 @@ def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any
     settings = session.distributed
     if session.subject.device.type == "cuda":
         raise GradckptUsageError(
-            f"{scenario.name} on CUDA needs one process per GPU started with spawn, which this launcher does not "
-            "do yet; run distributed scenarios on CPU (gloo), or benchmarks/ddp_cuda.py on a multi-GPU machine")
+            f"{scenario.name} with a CUDA model: this launcher does not give each rank its own GPU; run "
+            "distributed scenarios on CPU (device='cpu', gloo), or on GPUs with torchrun and "
+            "benchmarks/ddp_cuda.py, which runs the same engine step on NCCL")
     method = settings["start_method"]
     if method == "auto":
         # Fork is cheap and needs nothing picklable, but a process whose CUDA (and so autograd's

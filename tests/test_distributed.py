@@ -10,6 +10,7 @@ import torch
 
 import pytest_gradckpt as gc
 from pytest_gradckpt.zoo import plain
+from tests.models import TwoBlocks
 
 FAST = {"timeout": 30}
 
@@ -86,15 +87,8 @@ def test_spawned_ranks_give_the_same_verdicts_as_forked_ones():
 
 
 def test_spawn_needs_a_picklable_model():
-    class Local(torch.nn.Module):  # a local class cannot be pickled
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
-
-        def forward(self, x):
-            for block in self.blocks:
-                x = block(x)
-            return x
+    class Local(TwoBlocks):  # a class defined in a function cannot be pickled
+        pass
 
     with pytest.raises(gc.GradckptUsageError, match="picklable model"):
         gc.check(Local(), torch.randn(2, 4), scenarios=["ddp"], strategies=["non_reentrant"],

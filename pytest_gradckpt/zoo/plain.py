@@ -78,38 +78,35 @@ class TanhBlock(nn.Module):
         return hidden + torch.tanh(self.linear(hidden))
 
 
-class ReusedBlockNet(nn.Module):
-    """The first block runs twice in one forward (weight sharing), which DDP with reentrant
-    checkpointing gets wrong and which must still recompute exactly once per call."""
+class TanhNet(nn.Module):
+    """A deterministic stack (no dropout, no BatchNorm), with a trainable stem and head.
+
+    With ``reuse_first_block`` the first block runs again after the others, in the same
+    forward (weight sharing): DDP with reentrant checkpointing gets that wrong, and it must
+    still recompute exactly once per call.
+    """
+
+    def __init__(self, width: int = 16, depth: int = 4, reuse_first_block: bool = False):
+        super().__init__()
+        self.reuse_first_block = reuse_first_block
+        self.stem = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(TanhBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.stem(features)
+        for block in self.blocks:
+            hidden = block(hidden)
+        if self.reuse_first_block:
+            hidden = self.blocks[0](hidden)
+        return self.head(hidden)
+
+
+class ReusedBlockNet(TanhNet):
+    """Three blocks, the first of which runs twice in one forward."""
 
     def __init__(self, width: int = 16, depth: int = 3):
-        super().__init__()
-        self.stem = nn.Linear(width, width)
-        self.blocks = nn.ModuleList(TanhBlock(width) for _ in range(depth))
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = self.stem(features)
-        for block in self.blocks:
-            hidden = block(hidden)
-        hidden = self.blocks[0](hidden)
-        return self.head(hidden)
-
-
-class TanhNet(nn.Module):
-    """A deterministic stack (no dropout, no BatchNorm), with a trainable stem and head."""
-
-    def __init__(self, width: int = 16, depth: int = 4):
-        super().__init__()
-        self.stem = nn.Linear(width, width)
-        self.blocks = nn.ModuleList(TanhBlock(width) for _ in range(depth))
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = self.stem(features)
-        for block in self.blocks:
-            hidden = block(hidden)
-        return self.head(hidden)
+        super().__init__(width, depth, reuse_first_block=True)
 
 
 def dropout_mask_net(batch: int = 4, length: int = 8) -> tuple[nn.Module, dict[str, Any]]:
