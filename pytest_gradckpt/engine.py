@@ -96,7 +96,7 @@ class _Session:
 
     def __init__(self, subject: Subject, layers: Any, seed: int, timeout: float | None,
                  distributed: dict[str, Any] | None = None):
-        self.subject, self.layer_spec, self.seed, self.timeout = subject, layers, seed, timeout
+        self.subject, self.seed, self.timeout = subject, seed, timeout
         self.distributed = distributed
         self.layer_names, self.found_by = find_layers(subject.first, layers, reference=subject.reference)
 
