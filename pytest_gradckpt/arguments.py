@@ -19,15 +19,32 @@ from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolera
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
 
 
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in nested mappings and sequences.
+
+    Example:
+        >>> map_tensors({"x": torch.ones(1), "n": 3}, lambda t: t * 2)
+        {'x': tensor([2.]), 'n': 3}
+    """
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, Mapping):
-        return type(value)(**{k: _map_tensors(v, fn) for k, v in value.items()}) if not isinstance(value, dict) \
-            else {k: _map_tensors(v, fn) for k, v in value.items()}
+        return type(value)(**{k: map_tensors(v, fn) for k, v in value.items()}) if not isinstance(value, dict) \
+            else {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (CPU for a model without parameters).
+
+    Example:
+        >>> model_device(torch.nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -120,8 +137,7 @@ class Subject:
         if device in (None, "auto"):
             if device == "auto" and torch.cuda.is_available():
                 return torch.device("cuda")
-            param = next(model.parameters(), None)
-            return param.device if param is not None else torch.device("cpu")
+            return model_device(model)
         try:
             resolved = torch.device(device)
         except (RuntimeError, TypeError):
@@ -164,7 +180,7 @@ class Subject:
             copy_ = t.detach().to(self.device, copy=True)
             return copy_.requires_grad_(t.requires_grad) if t.is_floating_point() else copy_
 
-        return _map_tensors(inputs, clone)
+        return map_tensors(inputs, clone)
 
     def check_inputs(self) -> None:
         inputs = self.fresh_inputs()

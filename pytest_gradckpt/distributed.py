@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pytest_gradckpt.arguments import map_tensors, model_device
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 
 #: Settable through ``check(..., distributed={...})``.
@@ -102,16 +103,12 @@ class Parallel:
                                      f"{self.world_size} ranks; pass a batch divisible by world_size")
         size = batch // self.world_size
 
-        def cut(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
-                return value[self.rank * size:(self.rank + 1) * size]
-            return value
+        def cut(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dim() and tensor.shape[0] == batch:
+                return tensor[self.rank * size:(self.rank + 1) * size]
+            return tensor
 
-        if isinstance(inputs, Mapping):
-            return {k: cut(v) for k, v in inputs.items()}
-        if isinstance(inputs, (list, tuple)):
-            return type(inputs)(cut(v) for v in inputs)
-        return cut(inputs)
+        return map_tensors(inputs, cut)
 
     def sync(self, runner: Any, last: bool) -> Any:
         """Gradient sync only on the last micro-batch (DDP ``no_sync``; FSDP2's switch)."""
@@ -133,11 +130,6 @@ def _restore_sync(runner: Any) -> Any:
         yield
     finally:
         runner.set_requires_gradient_sync(True)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -94,6 +94,10 @@ def _float_option(config: pytest.Config, name: str, check: Callable[[str, Any], 
         raise _usage(error) from None
 
 
+def _check_timeout(name: str, value: float) -> float | None:
+    return settings.check_timeout(value)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -104,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[factories_key] = {}
     config.stash[baselines_key] = {}
     _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
-    _float_option(config, "gradckpt_timeout", lambda _, v: settings.check_timeout(v))
+    _float_option(config, "gradckpt_timeout", _check_timeout)
     device = option(config, "gradckpt_device")
     if device not in (None, "auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise _usage(GradckptUsageError(f"--gradckpt-device={device!r}; pass auto, cpu or cuda"))
@@ -202,23 +206,12 @@ class Checker:
         its expected outcome exactly (``pass`` and ``skipped`` included), as the packaged
         suite requires.
         """
-        from pytest_gradckpt.engine import check
-
         kwargs = check_options(self._config, self.settings, self.strategies)
         kwargs.update(overrides)
         if layers is not None:
             kwargs["layers"] = layers
-        try:
-            report = check(model, inputs, loss=loss, name=name, cache=self._config.stash[baselines_key], **kwargs)
-        except GradckptUsageError as error:
-            pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
-        record(self._request.node, report.results)
-        problems = report.failures(self.settings.get("expect") if expect is None else expect, strict=strict)
-        problems += golden_problems(self._request.node, report.results)
-        if problems:
-            pytest.fail(_failure_text(problems, report.results), pytrace=False)
-        return report
-
+        return run_check(self._request.node, model, inputs, loss=loss, name=name, options=kwargs,
+                         expect=self.settings.get("expect") if expect is None else expect, strict=strict)
 
     def skip(self, model: str, scenario: str, reason: str) -> None:
         """Record that ``model`` could not run at all (it shows in the table and the JSON report), then skip."""
@@ -235,15 +228,29 @@ def check_options(config: pytest.Config, marker: dict[str, Any], strategies: lis
     limit = _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
     chosen.setdefault("min_memory_reduction", limit)
     chosen.setdefault("min_cuda_memory_reduction", limit)
-    timeout = _float_option(config, "gradckpt_timeout", lambda _, v: settings.check_timeout(v))
+    timeout = _float_option(config, "gradckpt_timeout", _check_timeout)
     if timeout is not None:
         chosen.setdefault("timeout", timeout)
     chosen["device"] = option(config, "gradckpt_device")
     return chosen
 
 
-def _failure_text(problems: list[str], results: list[Result]) -> str:
-    return "gradient checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n" + format_table(results)
+def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[..., Any] | None, name: str | None,
+              options: dict[str, Any], expect: dict[str, str] | None = None, strict: bool = False) -> Any:
+    """Run the engine for ``node``, record its results, and fail the test on any problem:
+    a usage error, a result that is not as expected, or a change from the golden record."""
+    from pytest_gradckpt.engine import check
+
+    try:
+        report = check(model, inputs, loss=loss, name=name, cache=node.config.stash[baselines_key], **options)
+    except GradckptUsageError as error:
+        pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
+    record(node, report.results)
+    problems = report.failures(expect, strict=strict) + golden_problems(node, report.results)
+    if problems:
+        pytest.fail("gradient checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n"
+                    + format_table(report.results), pytrace=False)
+    return report
 
 
 def golden_problems(node: pytest.Item, results: list[Result]) -> list[str]:
@@ -354,19 +361,12 @@ class GradckptItem(pytest.Item):
         return cache[self.spec]
 
     def runtest(self) -> None:
-        from pytest_gradckpt.engine import check
-
         try:
             model, inputs, loss = self._subject()
-            options = check_options(self.config, {"scenarios": [self.scenario]}, [self.strategy])
-            report = check(model, inputs, loss=loss, name=self.spec.rpartition(":")[2],
-                           cache=self.config.stash[baselines_key], **options)
         except GradckptUsageError as error:
             pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
-        record(self, report.results)
-        problems = report.failures() + golden_problems(self, report.results)
-        if problems:
-            pytest.fail(_failure_text(problems, report.results), pytrace=False)
+        run_check(self, model, inputs, loss=loss, name=self.spec.rpartition(":")[2],
+                  options=check_options(self.config, {"scenarios": [self.scenario]}, [self.strategy]))
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, f"gradckpt: {self.name}"

@@ -437,9 +437,6 @@ def available_strategies() -> list[str]:
     return list(_REGISTRY)
 
 
-BUILTIN: tuple[str, ...] = ()
-
-
 def get_strategy(name: str) -> Strategy:
     """Look a strategy up by name; unknown names list what is available."""
     try:
@@ -493,4 +490,5 @@ def _register_builtins() -> tuple[str, ...]:
     return tuple(s.name for s in builtins)
 
 
-BUILTIN = _register_builtins()
+#: Names of the built-in strategies, in registry order.
+BUILTIN: tuple[str, ...] = _register_builtins()

@@ -13,7 +13,6 @@ host memory (:func:`mark_offloaded`) are not activation memory and are left out.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,6 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_OFFLOADED: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
 _ACTIVE: list[SavedActivationProbe] = []
 
 
@@ -36,7 +34,6 @@ def mark_offloaded(tensor: torch.Tensor) -> None:
     """
     for probe in _ACTIVE:
         probe.exclude_storage(tensor)
-    _OFFLOADED.add(tensor)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
