@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pytest_gradckpt.arguments import Subject  # noqa: E402
 from pytest_gradckpt.distributed import Parallel, options  # noqa: E402
-from pytest_gradckpt.engine import _judge, _Limits, _Session  # noqa: E402
+from pytest_gradckpt.runs import Stepper  # noqa: E402
+from pytest_gradckpt import verdicts  # noqa: E402
+from pytest_gradckpt.baselines import Baseline  # noqa: E402
 from pytest_gradckpt.probes.gradients import default_tolerances  # noqa: E402
 from pytest_gradckpt.scenarios import SCENARIOS  # noqa: E402
 from pytest_gradckpt.strategies import BUILTIN, get_strategy  # noqa: E402
@@ -55,11 +57,11 @@ def main() -> int:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     rtol, atol = default_tolerances(torch.float32)
-    limits = _Limits(rtol, atol, None, None)
+    limits = verdicts.Limits(rtol, atol)
     rows = []
     for name, factory, ddp_options in CASES:
         model, inputs = factory()
-        session = _Session(Subject(model, inputs, None, device), None, 0, 120.0, options(ddp_options))
+        session = Stepper(Subject(model, inputs, None, device), None, 0, 120.0, options(ddp_options))
         for scenario_name in ("ddp", "fsdp2"):
             if ddp_options and scenario_name == "fsdp2":
                 continue  # DDP options only
@@ -79,7 +81,9 @@ def main() -> int:
                                 (g[k] is not None and not torch.equal(g[k], gathered[0][k])) for k in g)
                             for g in gathered[1:]):
                         run.rank_disagreement = "ranks hold different gradients"
-                    outcome, message, metrics = _judge(get_strategy(strategy_name), scenario, base, run, limits)
+                    evidence = verdicts.gather(get_strategy(strategy_name), Baseline(base), run, limits)
+                    outcome, message = verdicts.judge(evidence, limits)
+                    metrics = evidence.metrics()
                     row.update(outcome=outcome, message=message[:200],
                                max_grad_diff=metrics.get("max_grad_diff"),
                                recomputed_layers=metrics.get("recomputed_layers"),

@@ -111,21 +111,35 @@ class Subject:
         self.loss_fn = loss or default_loss
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.reference = model if isinstance(model, nn.Module) else None
-        first = self.fresh_model(device=None)
-        self.first = first  # for finding layers; never trained
-        self.device = self._resolve_device(device, first)
-        self.name = type(first).__name__
-        if not any(p.requires_grad for p in first.parameters()):
+        self._spare: nn.Module | None = None
+        sample = self.peek()
+        self.device = self._resolve_device(device, sample)
+        self.name = type(sample).__name__
+        if not any(p.requires_grad for p in sample.parameters()):
             raise GradckptUsageError(
                 f"{self.name} has no trainable parameters (every requires_grad is False), so there are no "
                 "gradients to compare; unfreeze at least one parameter, e.g. attach a LoRA adapter")
-        self.compute_dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
+        self.compute_dtype = next((p.dtype for p in sample.parameters() if p.is_floating_point()), torch.float32)
         self.check_inputs()
+
+    def peek(self) -> nn.Module:
+        """A model to read facts from (layers, dtype, names), never to train or change.
+
+        The caller's own module when one was given: reading it is free, and no long-lived copy
+        of a billion-parameter model is kept. From a factory: one product, handed out again
+        by the next :meth:`fresh_model`, so it is not built in vain.
+        """
+        if self.reference is not None:
+            return self.reference
+        if self._spare is None:
+            self._spare = self._build()
+        return self._spare
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned distributed ranks receive the subject pickled; the weak set is bookkeeping only.
         state = dict(self.__dict__)
         state["_seen"] = None
+        state["_spare"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -146,7 +160,18 @@ class Subject:
             raise GradckptUsageError(f"device={device!r}: CUDA is not available here; pass 'cpu' or 'auto'")
         return resolved
 
-    def fresh_model(self, device: torch.device | None = ...) -> nn.Module:  # type: ignore[assignment]
+    def _build(self) -> nn.Module:
+        model = self.model_source()
+        if not isinstance(model, nn.Module):
+            raise GradckptUsageError(
+                f"model factory {getattr(self.model_source, '__name__', self.model_source)!r} returned "
+                f"{describe(model)}; it must return a new nn.Module each call")
+        if model in self._seen:  # a factory that hands out one shared instance: never touch it
+            model = copy.deepcopy(model)
+        self._seen.add(model)
+        return model
+
+    def fresh_model(self) -> nn.Module:
         """A private copy of the model (a deep copy, or a new factory product) on the check's device."""
         if isinstance(self.model_source, nn.Module):
             try:
@@ -156,17 +181,8 @@ class Subject:
                     f"could not copy {type(self.model_source).__name__} ({type(exc).__name__}: {exc}); the check "
                     "never runs the caller's module itself, so pass a zero-argument factory that builds it") from exc
         else:
-            model = self.model_source()
-            if not isinstance(model, nn.Module):
-                raise GradckptUsageError(
-                    f"model factory {getattr(self.model_source, '__name__', self.model_source)!r} returned "
-                    f"{describe(model)}; it must return a new nn.Module each call")
-            if model in self._seen:  # a factory that hands out one shared instance: never touch it
-                model = copy.deepcopy(model)
-            self._seen.add(model)
-        target = self.device if device is ... else device
-        if target is not None:
-            model.to(target)
+            model, self._spare = (self._spare, None) if self._spare is not None else (self._build(), None)
+        model.to(self.device)
         for param in model.parameters():
             param.grad = None
         return model

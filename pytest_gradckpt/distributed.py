@@ -30,6 +30,8 @@ import torch
 
 from pytest_gradckpt.arguments import map_tensors, model_device
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
+from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.runs import Run, Stepper
 
 #: Settable through ``check(..., distributed={...})``.
 DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
@@ -148,20 +150,24 @@ def _describe(error: BaseException) -> dict[str, Any]:
             "not_applicable": not_applicable, "usage": isinstance(error, GradckptUsageError)}
 
 
-def _rank_main(rank: int, store: str, session: Any, scenario: Any, strategy: Any, grad_targets: Any,
+def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any,
                results: Any) -> None:
     import torch.distributed as dist
 
-    settings = session.distributed
+    settings = stepper.distributed
     payload: dict[str, Any] = {"rank": rank}
     try:
         torch.set_num_threads(1)  # ranks share the machine's cores
-        backend = "nccl" if session.subject.device.type == "cuda" else "gloo"
+        backend = "nccl" if stepper.subject.device.type == "cuda" else "gloo"
+        payload["launch"] = True  # until the ranks have met, a failure is the harness's
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
                                 world_size=settings["world_size"], timeout=timedelta(seconds=settings["timeout"]))
-        run = session.step(scenario, strategy, grad_targets, parallel=Parallel(scenario.distributed, rank, settings))
+        payload["launch"] = False
+        run = stepper.step(scenario, strategy, grad_targets, parallel=Parallel(scenario.distributed, rank, settings))
+        run = run.to_host()
         payload.update(loss=run.loss, grads=run.grads, buffers=run.buffers, calls=run.calls,
                        graph_calls=run.graph_calls, expected_recompute=run.expected_recompute,
+                       recomputed_units=run.recomputed_units,
                        warnings=run.warnings, seconds=run.seconds, activation_bytes=run.activation_bytes,
                        outputs=run.outputs)
         if run.error is not None:
@@ -181,12 +187,55 @@ def _rank_main(rank: int, store: str, session: Any, scenario: Any, strategy: Any
             os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
 
 
-def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any:
-    """Run one step on ``world_size`` forked ranks and fold their measurements into one Run."""
-    from pytest_gradckpt.engine import Run
+#: Attempts at one distributed step when the launch itself fails (rendezvous, transport, a rank
+#: killed from outside): such failures say nothing about the strategy.
+LAUNCH_ATTEMPTS = 3
+#: Messages of transport and rendezvous failures (gloo, NCCL, the store), not of the step.
+TRANSPORT_FAILURES = ("connectFullMesh", "Connection closed by peer", "Connection reset by peer",
+                      "Connection refused", "DistNetworkError", "Socket Timeout", "rendezvous")
 
-    settings = session.distributed
-    if session.subject.device.type == "cuda":
+
+class LaunchFailure(RankFailure):
+    """The harness could not run the step (ranks did not meet, a transport broke, a rank was
+    killed from outside): the strategy is not to blame."""
+
+
+class Launcher:
+    """Runs :meth:`Stepper.step` on ``world_size`` ranks and folds their measurements into one Run.
+
+    ``step`` has the local step's signature, so the engine treats both alike.
+    """
+
+    def __init__(self, stepper: Stepper):
+        self.stepper = stepper
+
+    def step(self, scenario: Any, strategy: Any, grad_targets: Any = None) -> Run:
+        """One distributed step; a strategy that does not apply is skipped before any rank starts."""
+        if strategy is not None:
+            stepper = self.stepper
+            reason = strategy.applies_to(ModelInfo(stepper.subject.peek(), stepper.layer_names, stepper.found_by))
+            if reason:
+                return Run(error=StrategyNotApplicable(reason))
+        causes = []
+        for _ in range(LAUNCH_ATTEMPTS):
+            run = launch(self.stepper, scenario, strategy, grad_targets)
+            if not isinstance(run.error, LaunchFailure):
+                return run
+            causes.append(str(run.error))
+        run.error = LaunchFailure(
+            f"not judged: the distributed launch itself failed {LAUNCH_ATTEMPTS} times (a harness failure, not a "
+            f"verdict on the strategy): {causes[-1]}")
+        return run
+
+
+def _is_transport_failure(message: str) -> bool:
+    return any(marker in message for marker in TRANSPORT_FAILURES)
+
+
+def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
+    """Run one step on ``world_size`` forked ranks, once, and fold their measurements into one Run."""
+    settings = stepper.distributed
+    if stepper.subject.device.type == "cuda":
         raise GradckptUsageError(
             f"{scenario.name} with a CUDA model: this launcher does not give each rank its own GPU; run "
             "distributed scenarios on CPU (device='cpu', gloo), or on GPUs with torchrun and "
@@ -194,11 +243,11 @@ def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any
     method = settings["start_method"]
     if method == "auto":
         # Fork is cheap and needs nothing picklable, but a process whose CUDA (and so autograd's
-        # device threads) already ran cannot fork safely: then spawn, which pickles the session.
+        # device threads) already ran cannot fork safely: then spawn, which pickles the stepper.
         method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
     if method == "spawn":
         try:
-            pickle.dumps((session, scenario, strategy))
+            pickle.dumps((stepper, scenario, strategy))
         except Exception as error:  # noqa: BLE001
             raise GradckptUsageError(
                 f"{scenario.name}: ranks must be spawned here (this process already used CUDA), which needs a "
@@ -211,7 +260,7 @@ def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any
     with tempfile.TemporaryDirectory(prefix="gradckpt-dist-") as folder:
         store = os.path.join(folder, "store")
         ranks = [context.Process(target=_rank_main, daemon=True,
-                                 args=(rank, store, session, scenario, strategy, grad_targets, results))
+                                 args=(rank, store, stepper, scenario, strategy, grad_targets, results))
                  for rank in range(settings["world_size"])]
         for process in ranks:
             process.start()
@@ -228,7 +277,9 @@ def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any
                 except queue_module.Empty:
                     dead = [r for r, p in enumerate(ranks) if r not in payloads and p.exitcode not in (None, 0)]
                     if dead:
-                        raise RankFailure(f"rank {dead[0]} died with exit code {ranks[dead[0]].exitcode}") from None
+                        code = ranks[dead[0]].exitcode
+                        failure = LaunchFailure if code is not None and code < 0 else RankFailure
+                        raise failure(f"rank {dead[0]} died with exit code {code}") from None
         except RankFailure as failure:
             run.error = failure
             return run
@@ -247,13 +298,17 @@ def launch(session: Any, scenario: Any, strategy: Any, grad_targets: Any) -> Any
         raise GradckptUsageError(usage[0]["error"].partition(": ")[2])
     if failed:
         first = min(failed, key=lambda p: p["rank"])
-        run.error = (StrategyNotApplicable(first["error"]) if first.get("not_applicable")
-                     else RankFailure(f"rank {first['rank']}: {first['error']}"))
+        if first.get("not_applicable"):
+            run.error = StrategyNotApplicable(first["error"])
+        elif first.get("launch") or _is_transport_failure(first["error"]):
+            run.error = LaunchFailure(f"rank {first['rank']}: {first['error']}")
+        else:
+            run.error = RankFailure(f"rank {first['rank']}: {first['error']}")
         run.warnings = first.get("warnings", [])
         return run
     first = payloads[0]
-    for key in ("loss", "grads", "buffers", "calls", "graph_calls", "expected_recompute", "warnings", "seconds",
-                "activation_bytes", "outputs"):
+    for key in ("loss", "grads", "buffers", "calls", "graph_calls", "expected_recompute", "recomputed_units",
+                "warnings", "seconds", "activation_bytes", "outputs"):
         setattr(run, key, first[key])
     run.rank_disagreement = _disagreement(payloads)
     return run

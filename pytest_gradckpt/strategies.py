@@ -45,6 +45,12 @@ class Strategy:
     name: str = ""
     skips_frozen: bool = False
     description: str = ""
+    #: ``"chosen"``: the strategy checkpoints exactly the engine's checkpoint units, and each must
+    #: run forward + one recompute. ``"own"``: it picks its units itself (a library's switch); the
+    #: engine then judges the units it observes recomputed and only forbids extra runs.
+    units: str = "chosen"
+    #: False for strategies that keep activations elsewhere (e.g. on the host) instead of recomputing.
+    recomputes: bool = True
 
     def applies_to(self, info: ModelInfo) -> str | None:
         """Return why this strategy cannot run on ``info.model``, or None if it can."""
@@ -64,6 +70,8 @@ class Strategy:
 
     def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
         """Whether ``layer`` must run a second time in backward under this strategy."""
+        if not self.recomputes:
+            return False
         return info.has_trainable(layer) if self.skips_frozen else True
 
     @staticmethod
@@ -243,6 +251,8 @@ class TransformersAPI(Strategy):
     """The transformers model's own switch: ``activation_checkpointing_enable`` (5.23+)
     or ``gradient_checkpointing_enable`` (older), with ``use_reentrant`` set."""
 
+    units = "own"
+
     def __init__(self, name: str, use_reentrant: bool):
         self.name, self.use_reentrant = name, use_reentrant
         self.description = (f"the model's own activation/gradient_checkpointing_enable(use_reentrant={use_reentrant})")
@@ -265,6 +275,81 @@ class TransformersAPI(Strategy):
     def undo(self, info: ModelInfo) -> None:
         disable = getattr(info.model, "activation_checkpointing_disable", None)
         (disable or info.model.gradient_checkpointing_disable)()
+
+
+class TorchWrapper(Strategy):
+    """torch's own wrapper family, as torchtitan, torchtune, accelerate (FSDP) and Lightning apply it:
+    ``apply_activation_checkpointing(model, checkpoint_wrapper_fn=..., check_fn=...)`` on the
+    engine's checkpoint units. The wrapper replaces each unit by a ``CheckpointWrapper`` module
+    (renaming every parameter inside with ``_checkpoint_wrapped_module``); gradients are matched
+    by parameter identity, so the renaming is invisible to the verdict.
+
+    ``impl``: ``"no_reentrant"``, ``"reentrant"`` (``checkpoint_wrapper``) or ``"offload"``
+    (``offload_wrapper``: activations saved to pinned host memory, nothing recomputed).
+    """
+
+    def __init__(self, name: str, impl: str):
+        self.name, self.impl = name, impl
+        self.recomputes = impl != "offload"
+        self.description = {
+            "no_reentrant": "torch apply_activation_checkpointing + checkpoint_wrapper (NO_REENTRANT) per layer",
+            "reentrant": "torch apply_activation_checkpointing + checkpoint_wrapper (REENTRANT) per layer",
+            "offload": "torch apply_activation_checkpointing + offload_wrapper: activations to host, no recompute",
+        }[impl]
+
+    def apply(self, info: ModelInfo) -> None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper, offload_wrapper)
+
+        if self.impl == "offload":
+            wrapper: Callable[..., Any] = offload_wrapper
+        else:
+            impl = CheckpointImpl.REENTRANT if self.impl == "reentrant" else CheckpointImpl.NO_REENTRANT
+            wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=impl)
+        units = {id(layer) for layer in info.layers}
+        apply_activation_checkpointing(info.model, checkpoint_wrapper_fn=wrapper,
+                                       check_fn=lambda module: id(module) in units)
+
+
+#: A model's own checkpointing switch, per library: (method, keyword arguments).
+NATIVE_SWITCHES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("activation_checkpointing_enable", {}),   # transformers >= 5.23
+    ("gradient_checkpointing_enable", {}),     # transformers (older), PEFT models through their base
+    ("enable_gradient_checkpointing", {}),     # diffusers
+    ("set_grad_checkpointing", {"enable": True}),  # timm
+)
+
+
+class NativeSwitch(Strategy):
+    """The model's own switch, whichever library it comes from, with the library's defaults:
+    what a user gets by calling it. Skipped, with the reason, where the model has none."""
+
+    name = "native"
+    units = "own"
+    description = ("the model's own switch with its defaults: transformers' activation/gradient_checkpointing_enable, "
+                   "diffusers' enable_gradient_checkpointing, timm's set_grad_checkpointing")
+
+    @staticmethod
+    def _switch(info: ModelInfo) -> tuple[Callable[..., Any], dict[str, Any]] | None:
+        for method, kwargs in NATIVE_SWITCHES:
+            found = getattr(info.model, method, None)
+            if callable(found):
+                return found, kwargs
+        return None
+
+    def applies_to(self, info: ModelInfo) -> str | None:
+        if self._switch(info) is None:
+            return (f"{type(info.model).__name__} has no checkpointing switch of its own (looked for "
+                    f"{', '.join(m for m, _ in NATIVE_SWITCHES)})")
+        if info.hf_model is not None and not getattr(info.hf_model, "supports_gradient_checkpointing", True):
+            return f"{type(info.hf_model).__name__}.supports_gradient_checkpointing is False"
+        return None
+
+    def apply(self, info: ModelInfo) -> None:
+        switch = self._switch(info)
+        assert switch is not None
+        method, kwargs = switch
+        method(**kwargs)
 
 
 class SequentialSegments(Strategy):
@@ -484,6 +569,10 @@ def _register_builtins() -> tuple[str, ...]:
         from_fn("sac", sac_checkpoint,
                 description="torch selective activation checkpointing: save matmul outputs, recompute the rest"),
         SequentialSegments(),
+        TorchWrapper("torch_wrapper", "no_reentrant"),
+        TorchWrapper("torch_wrapper_reentrant", "reentrant"),
+        TorchWrapper("torch_offload_wrapper", "offload"),
+        NativeSwitch(),
     ]
     for strategy in builtins:
         register_strategy(strategy)

@@ -19,3 +19,47 @@ class TwoBlocks(torch.nn.Module):
         for block in self.blocks:
             hidden = block(hidden)
         return self.finish(hidden)
+
+
+class _NoisyBackward(torch.autograd.Function):
+    """Identity forward; backward adds noise of bf16 size that differs between runs, the way a
+    CUDA kernel accumulating with atomics sums in whatever order its threads finish.
+
+    The noise is seeded (reproducible as a sequence) but never repeats between runs, and it
+    draws from its own generator, so torch's global RNG (dropout) is untouched."""
+
+    draws = 0
+
+    @staticmethod
+    def forward(ctx, hidden):  # noqa: ANN001, ANN205 - autograd.Function signature
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        _NoisyBackward.draws += 1
+        generator = torch.Generator().manual_seed(_NoisyBackward.draws)
+        noise = torch.rand(grad.shape, generator=generator) * 2 - 1
+        # Additive, scaled to the tensor's largest element: like a different summation order,
+        # it moves small elements by far more than their own rounding.
+        return grad + (noise * 2 ** -8 * grad.abs().max().float()).to(grad.dtype)
+
+
+class NoisyBackwardNet(torch.nn.Module):
+    """bf16 blocks with a nondeterministic backward between them (CPU stand-in for CUDA atomics)."""
+
+    def __init__(self, width: int = 64, depth: int = 4):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh()) for _ in range(depth))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = _NoisyBackward.apply(block(hidden))
+        return hidden
+
+
+def noisy_backward_net() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = NoisyBackwardNet().to(torch.bfloat16)
+    inputs = torch.randn(16, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    return model, inputs.requires_grad_()

@@ -80,3 +80,24 @@ def test_correct_checkpointing_always_passes(config, batch):
     (result,) = gc.check(model, inputs, strategies=["non_reentrant"]).results
     expected = "buffers" if config.batchnorm else "pass"
     assert result.outcome == expected, result.message
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+       scale=st.sampled_from([0.0, 1e-7, 1e-5, 1e-3, 1e-1]),
+       rtol=st.sampled_from([0.0, 1.3e-6, 1.6e-2]), atol=st.sampled_from([0.0, 1e-5]),
+       nan=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_device_comparison_agrees_with_torch_testing(shape, scale, rtol, atol, nan, seed):
+    from pytest_gradckpt.probes.gradients import compare
+
+    generator = torch.Generator().manual_seed(seed)
+    want = torch.randn(shape, generator=generator) + 2.0  # non-zero: vanishing is a separate rule
+    got = want + scale * torch.randn(shape, generator=generator)
+    if nan and got.numel():
+        got.view(-1)[0] = float("nan")
+    try:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        expected_equal = True
+    except AssertionError:
+        expected_equal = False
+    assert compare({"t": want}, {"t": got}, rtol, atol).equal == expected_equal

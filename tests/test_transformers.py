@@ -36,7 +36,9 @@ def test_every_builtin_strategy_gets_the_known_verdict_on_lora(lora_report):
     assert outcomes_of(lora_report) == {
         "reentrant": "silent",  # frozen embeddings: reentrant loses every LoRA gradient
         "non_reentrant": "pass", "hf_reentrant": "pass", "hf_non_reentrant": "pass", "selective": "pass",
-        "offload": "pass", "sac": "pass", "sequential": "pass"}
+        "offload": "pass", "sac": "pass", "sequential": "pass",
+        "torch_wrapper": "pass", "torch_wrapper_reentrant": "silent",  # torch's wrapper: the same reentrant hazard
+        "torch_offload_wrapper": "pass", "native": "pass"}
 
 
 def test_non_reentrant_need_not_recompute_the_frozen_layer(lora_report):

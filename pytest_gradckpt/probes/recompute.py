@@ -46,7 +46,7 @@ def _any_requires_grad(value: Any) -> bool:
 
 
 def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected: dict[str, bool],
-                      graph_calls: dict[str, int]) -> tuple[int, int, list[str]]:
+                      graph_calls: dict[str, int], own_units: bool = False) -> tuple[int, int, list[str]]:
     """Compare counts with the rules, where ``b`` is a layer's run count without checkpointing
     and ``g`` how many of those runs joined the autograd graph:
 
@@ -54,7 +54,9 @@ def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected
       recomputed once (``2b`` for a plain layer);
     - one that backward never reaches (``g == 0``: frozen with grad-free inputs) may run ``b``
       or ``2b`` times: not recomputing it is correct, recomputing it is waste, not a broken promise;
-    - a layer a ``skips_frozen`` strategy must skip runs exactly ``b`` times.
+    - a layer a ``skips_frozen`` strategy must skip runs exactly ``b`` times;
+    - with ``own_units`` (a strategy that chooses its own checkpoint units, e.g. a library's
+      switch) a layer may run ``b`` times (not one of its units) or ``b + g``, never more.
 
     Returns (layers recomputed, layers that had to be, one line per broken rule).
 
@@ -70,10 +72,17 @@ def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected
         recomputed += got > runs
         if not expected.get(name, True):
             if got != runs:
-                problems.append(f"{name} ran {got} time(s), expected {runs}: it has no trainable parameters "
-                                "and the strategy promises to skip such layers")
+                problems.append(f"{name} ran {got} time(s), expected {runs}: the strategy promises not to recompute "
+                                "it (it has no trainable parameters and the strategy skips such layers, or the "
+                                "strategy keeps activations instead of recomputing)")
             continue
         reached = graph_calls.get(name, 0)
+        if own_units:
+            required += reached > 0
+            if got not in ((runs, runs + reached) if reached else (runs, 2 * runs)):
+                problems.append(f"{name} ran {got} time(s), expected {runs} or {runs + reached} "
+                                "(not checkpointed, or forward + one recompute)")
+            continue
         allowed = (runs + reached,) if reached else (runs, 2 * runs)
         required += reached > 0
         if got not in allowed:

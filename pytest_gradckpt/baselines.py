@@ -1,0 +1,144 @@
+"""Baselines: what a strategy's run is compared with.
+
+The whole-model baseline is the same training step without checkpointing, run twice. The
+second run proves the model reproducible before any strategy is blamed, and measures its
+run-to-run noise: on CUDA a few kernels have no deterministic implementation, so two
+identical steps can differ in their last bits. Differences up to a bound set by the compute
+dtype (:func:`~pytest_gradckpt.probes.gradients.noise_cap`) are numerical noise, and
+strategies are judged against it; larger ones mean randomness outside torch's seeded
+generators, and nothing is judged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from pytest_gradckpt import outcomes
+from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
+from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap
+from pytest_gradckpt.runs import Run
+from pytest_gradckpt.scenarios import Scenario
+
+#: ``step(scenario, strategy)``: a local step or a distributed launch.
+StepFn = Callable[..., Run]
+
+
+@dataclasses.dataclass
+class Baseline:
+    """A judged baseline: the first run, and the noise measured against the second."""
+
+    run: Run
+    kind: str = "whole-model"
+    grad_noise: Noise = dataclasses.field(default_factory=Noise)
+    loss_noise: Noise = dataclasses.field(default_factory=Noise)
+    output_noise: Noise = dataclasses.field(default_factory=Noise)
+
+    @property
+    def noisy(self) -> bool:
+        return bool(self.grad_noise.rel_norm or self.loss_noise.rel_norm or self.output_noise.rel_norm)
+
+    @property
+    def noise(self) -> float:
+        """The largest relative error norm between the two baseline runs (0 when identical)."""
+        return max(self.grad_noise.largest, self.loss_noise.largest, self.output_noise.largest)
+
+    def summary(self) -> dict[str, object]:
+        """What the report says of this baseline."""
+        run = self.run
+        return {"judged": True, "kind": self.kind, "loss": float(run.loss), "noise": self.noise,
+                "activation_bytes": run.activation_bytes, "cuda_peak_bytes": run.cuda_peak_bytes,
+                "seconds": run.seconds}
+
+    def park(self) -> None:
+        """Move the kept tensors to pinned host memory, for a device too full to hold them
+        beside the next run; comparisons bring them back one tensor at a time."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to("cpu", copy=True).pin_memory()
+
+        self.run.grads = {n: pin(g) for n, g in self.run.grads.items()}
+        self.run.outputs = {n: pin(t) for n, t in self.run.outputs.items()}
+
+
+@dataclasses.dataclass
+class NotJudged:
+    """No strategy can be judged under this scenario: every one gets ``outcome`` and ``reason``."""
+
+    outcome: str
+    reason: str
+
+    def summary(self) -> dict[str, object]:
+        return {"judged": False, "reason": self.reason}
+
+
+def _describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | None:
+    if isinstance(first.error, StrategyNotApplicable):
+        return NotJudged(outcomes.SKIPPED, str(first.error))
+    if first.error is not None:
+        if scenario.name == "train":
+            raise GradckptUsageError(
+                f"the model fails without checkpointing ({_describe_error(first.error)}); check that the inputs "
+                f"fit {model_name}.forward and that loss= returns a scalar") from first.error
+        return NotJudged(outcomes.SKIPPED, f"the model itself fails under {scenario.name} without "
+                                           f"checkpointing: {_describe_error(first.error)}")
+    if first.loss is None or not math.isfinite(float(first.loss)):
+        raise GradckptUsageError(
+            f"baseline loss under {scenario.name} is {float(first.loss) if first.loss is not None else None}, not "
+            "finite; the model diverges without checkpointing, so nothing can be compared (check the inputs, "
+            "dtype and initialisation)")
+    present = [(n, g) for n, g in first.grads.items() if g is not None]
+    if not present:
+        raise GradckptUsageError(
+            f"the loss does not reach any trainable parameter under {scenario.name}: every gradient is None; "
+            "pass a loss= that depends on the model's output")
+    finite = torch.stack([torch.isfinite(g).all() for _, g in present]).cpu().tolist()
+    bad = [n for (n, _), ok in zip(present, finite) if not ok]
+    if bad:
+        raise GradckptUsageError(
+            f"baseline gradients under {scenario.name} are not finite for {len(bad)} parameter(s), e.g. {bad[0]}; "
+            "fix the model or inputs first (lower the learning signal, check the dtype)")
+    return None
+
+
+def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype) -> Baseline | NotJudged:
+    """Two steps without checkpointing; the first is the baseline, the second measures noise.
+
+    ``dtype`` is the compute dtype: it bounds what counts as numerical noise.
+    """
+    first = step(scenario, None)
+    refused = _validate(first, scenario, model_name)
+    if refused is not None:
+        return refused
+    second = step(scenario, None)
+    if second.error is not None:
+        return _not_reproducible(scenario, _describe_error(second.error))
+    baseline = Baseline(first, grad_noise=measure_noise(first.grads, second.grads),
+                        loss_noise=measure_noise({"loss": first.loss}, {"loss": second.loss}),
+                        output_noise=measure_noise(first.outputs, second.outputs))
+    cap = noise_cap(dtype)
+    for noise, what, kept, other in ((baseline.loss_noise, "loss", {"loss": first.loss}, {"loss": second.loss}),
+                                     (baseline.grad_noise, "gradients", first.grads, second.grads),
+                                     (baseline.output_noise, "outputs", first.outputs, second.outputs)):
+        if noise.largest > cap:
+            detail = compare(kept, other, rtol=0.0, atol=0.0)
+            worst = max(noise.rel_norm, key=noise.rel_norm.__getitem__)
+            return _not_reproducible(scenario, f"{len(detail.mismatched)} {what} differ; worst {worst}: relative "
+                                               f"error norm {noise.rel_norm[worst]:.3g}, above the {cap:.3g} that "
+                                               f"{str(dtype).replace('torch.', '')} rounding can explain")
+    first.seconds = min(first.seconds, second.seconds)
+    del second
+    return baseline
+
+
+def _not_reproducible(scenario: Scenario, detail: str) -> NotJudged:
+    # Not skipped: a gate must not go green when nothing was judged.
+    return NotJudged(outcomes.ERROR, f"not judged: the model is not reproducible under {scenario.name}: two runs "
+                                     f"without checkpointing differ ({detail}). Make it deterministic (randomness "
+                                     "only from torch's seeded generator)")

@@ -1,0 +1,197 @@
+"""One *run*: one training step on a private copy of the model, with every probe attached.
+
+The :class:`Stepper` knows the subject and its checkpoint units and runs a step the way a
+scenario says, with or without a strategy. It runs in this process; the distributed
+launcher (:mod:`pytest_gradckpt.distributed`) calls the same :meth:`Stepper.step` inside
+each rank with a ``parallel`` wrapper. Nothing here judges: see :mod:`pytest_gradckpt.verdicts`.
+
+Tensors a run keeps (gradients, outputs, buffers) stay where the step ran, so comparisons
+run on the device; :meth:`Run.to_host` moves them when they must travel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_gradckpt.arguments import Subject, map_tensors, tensor_leaves
+from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
+from pytest_gradckpt.isolation import deadline, seed_everything
+from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
+from pytest_gradckpt.probes.backward_calls import BackwardCalls, recomputed_units
+from pytest_gradckpt.probes.cuda import CudaPeak
+from pytest_gradckpt.probes.memory import SavedActivationProbe
+from pytest_gradckpt.probes.recompute import LayerCounter
+from pytest_gradckpt.probes.warnings import capture_warnings
+from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.strategies import Strategy
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything measured in one step. Tensors are named as in the model before any
+    strategy was applied (wrappers that rename modules do not rename what is compared)."""
+
+    loss: torch.Tensor | None = None
+    outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    grads: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    graph_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    expected_recompute: dict[str, bool] = dataclasses.field(default_factory=dict)
+    #: outermost modules that really ran again during backward, whoever checkpointed them
+    recomputed_units: list[str] = dataclasses.field(default_factory=list)
+    activation_bytes: int = 0
+    cuda_peak_bytes: int | None = None
+    seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    error: BaseException | None = None
+    rank_disagreement: str | None = None  # distributed runs: ranks must hold the same gradients
+
+    def to_host(self) -> Run:
+        """This run with every tensor copied to host memory (for sending between processes).
+
+        Example:
+            >>> Run(loss=torch.ones(())).to_host().loss
+            tensor(1.)
+        """
+        host = (lambda t: None if t is None else t.detach().to("cpu", copy=True))
+        return dataclasses.replace(self, loss=host(self.loss), outputs=map_tensors(self.outputs, host),
+                                   grads={n: host(g) for n, g in self.grads.items()},
+                                   buffers=map_tensors(self.buffers, host))
+
+    def drop_tensors(self) -> None:
+        """Release the tensors once judged, so the next run has the device memory."""
+        self.outputs, self.grads, self.buffers = {}, {}, {}
+
+
+def freeze_input_embeddings(model: nn.Module) -> None:
+    """The ``frozen_inputs`` scenario: input embeddings frozen, as in LoRA."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = [get()] if callable(get) else [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    embeddings = [e for e in embeddings if e is not None]
+    if not embeddings:
+        raise StrategyNotApplicable("frozen_inputs: the model has no input embedding (nn.Embedding) to freeze")
+    for embedding in embeddings:
+        embedding.requires_grad_(False)
+
+
+class Stepper:
+    """Runs steps of one subject: the model, its inputs and loss, its checkpoint units.
+
+    Example:
+        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), None, seed=0, timeout=None)
+        >>> run = stepper.step(SCENARIOS["train"], None)
+        >>> run.error is None, sorted(run.grads), run.calls
+        (True, ['0.bias', '0.weight', '1.bias', '1.weight'], {'0': 1, '1': 1})
+    """
+
+    def __init__(self, subject: Subject, layers: Any, seed: int, timeout: float | None,
+                 distributed: dict[str, Any] | None = None):
+        self.subject, self.seed, self.timeout = subject, seed, timeout
+        self.distributed = distributed
+        self.layer_names, self.found_by = find_layers(subject.peek(), layers, reference=subject.reference)
+
+    def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None,
+             parallel: Any = None) -> Run:
+        """One training step on a fresh copy. ``grad_targets``: for ``autograd_grad``, the parameters
+        that had a gradient in the baseline; they are requested with ``allow_unused=False`` so that a
+        strategy hiding them from autograd fails loudly, as torch intends, instead of yielding None.
+        ``parallel`` (inside a distributed rank) wraps the model, shards the inputs and gathers
+        full gradients."""
+        run = Run()
+        try:
+            self._step(run, scenario, strategy, grad_targets, parallel)
+        except GradckptUsageError:
+            raise
+        except (Exception, StrategyTimeout) as exc:  # noqa: BLE001 - every failure is a verdict
+            run.error = exc.with_traceback(None)  # the traceback would keep the model copy alive
+        finally:
+            if self.subject.device.type == "cuda":
+                gc.collect()  # the step's model copy may sit in reference cycles: free it before the next
+        return run
+
+    def _step(self, run: Run, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None,
+              parallel: Any) -> None:
+        subject = self.subject
+        model = subject.fresh_model()
+        if scenario.freeze_input_embeddings:
+            freeze_input_embeddings(model)
+        model.train(scenario.train_mode)
+        # Names are taken before the strategy runs: a wrapper may rename modules, never the tensors.
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        buffer_names = {id(b): n for n, b in model.named_buffers()}
+        module_names = {id(m): n for n, m in model.named_modules()}
+        info = ModelInfo(model, self.layer_names, self.found_by)
+        counter = LayerCounter()
+        for name, layer in zip(info.layer_names, info.layers):
+            instrument(layer, name, counter)
+        if strategy is not None:
+            reason = strategy.applies_to(info)
+            if reason:
+                raise StrategyNotApplicable(reason)
+            strategy.apply(info)
+            run.expected_recompute = {n: strategy.expects_recompute(info, layer)
+                                      for n, layer in zip(info.layer_names, info.layers)}
+        # After the strategy and before wrapping for parallelism: FSDP2 swaps parameter objects
+        # but keeps their names, a checkpoint wrapper keeps the objects but renames them.
+        renamed = {n: param_names.get(id(p), n) for n, p in model.named_parameters()}
+        runner = model if parallel is None else parallel.wrap(model, info)
+        trainable = [(renamed.get(n, n), p) for n, p in model.named_parameters() if p.requires_grad]
+        targets = [(n, p) for n, p in trainable if grad_targets is None or n in grad_targets]
+        inputs = subject.fresh_inputs() if parallel is None else parallel.shard(subject.fresh_inputs())
+        device = subject.device
+        memory = SavedActivationProbe(device, [p for _, p in model.named_parameters()])
+        counter.memory = memory
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if scenario.autocast
+                    else contextlib.nullcontext())
+        seed_everything(self.seed, device)
+        grads: dict[str, torch.Tensor | None] = {n: None for n, _ in trainable}
+        with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as cuda, \
+                BackwardCalls(module_names) as backward_calls:
+            started = time.perf_counter()
+            with memory:
+                micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)
+                for micro_batch in range(micro_batches):
+                    last = micro_batch == micro_batches - 1
+                    sync = contextlib.nullcontext() if parallel is None else parallel.sync(runner, last)
+                    with sync:  # DDP's no_sync must cover forward and backward of a micro-batch
+                        with autocast:
+                            output = subject.call(runner, inputs)
+                            loss = subject.loss(output, inputs)
+                        if strategy is not None:
+                            strategy.after_forward(info)
+                        if scenario.autograd_grad:
+                            found = torch.autograd.grad(loss, [p for _, p in targets],
+                                                        allow_unused=grad_targets is None)
+                            for (name, _), grad in zip(targets, found):
+                                if grad is not None:
+                                    grads[name] = grad if grads[name] is None else grads[name] + grad
+                        else:
+                            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            run.seconds = time.perf_counter() - started
+        counter.memory = None
+        run.loss = loss.detach().float()
+        run.outputs = {k: v.detach() for k, v in tensor_leaves(output).items()}
+        found_grads = grads if scenario.autograd_grad else {n: p.grad for n, p in trainable}
+        full = (lambda g: g) if parallel is None else parallel.full_tensor
+        run.grads = {n: None if g is None else full(g).detach() for n, g in found_grads.items()}
+        run.buffers = {buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
+        run.calls = dict(counter.counts)
+        run.graph_calls = dict(counter.graph_calls)
+        original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
+        run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
+        run.activation_bytes = memory.peak_bytes
+        if cuda.peak_bytes is not None:
+            grad_bytes = sum(p.numel() * p.element_size() for _, p in trainable)
+            run.cuda_peak_bytes = max(0, cuda.peak_bytes - grad_bytes)

@@ -1,0 +1,239 @@
+"""From a run and its baseline to a verdict: the evidence, then the rules in one ordered table.
+
+:func:`gather` compares what can be compared (loss, outputs, gradients, buffers, recompute
+counts, memory) and :data:`RULES` reads the evidence: the first rule that fires gives the
+outcome, so the order of the table *is* the severity policy (a lost gradient is never
+reported as a mere mismatch, a mismatch never hides behind a memory complaint). A new rule
+is one function and one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from pytest_gradckpt import outcomes
+from pytest_gradckpt.baselines import Baseline
+from pytest_gradckpt.errors import StrategyNotApplicable
+from pytest_gradckpt.probes.gradients import Comparison, Noise, compare
+from pytest_gradckpt.probes.recompute import recompute_verdict
+from pytest_gradckpt.probes.warnings import silent_warning
+from pytest_gradckpt.runs import Run
+from pytest_gradckpt.strategies import Strategy
+
+
+@dataclasses.dataclass
+class Limits:
+    """Tolerances and required memory cuts for one scenario."""
+
+    rtol: float
+    atol: float
+    min_memory_reduction: float | None = None
+    min_cuda_memory_reduction: float | None = None
+
+
+@dataclasses.dataclass
+class Evidence:
+    """Everything the rules may read about one strategy's run."""
+
+    strategy: Strategy
+    run: Run
+    baseline: Baseline
+    lost_warning: str | None = None
+    loss: Comparison | None = None
+    outputs: Comparison | None = None
+    grads: Comparison | None = None
+    buffers: Comparison | None = None
+    recomputed: int = 0
+    checkpointable: int = 0
+    recompute_problems: list[str] = dataclasses.field(default_factory=list)
+    activation_reduction: float | None = None
+    cuda_reduction: float | None = None
+
+    @property
+    def values_equal(self) -> bool:
+        return all(c is None or c.equal for c in (self.loss, self.outputs, self.grads))
+
+    @property
+    def within_noise(self) -> list[str]:
+        return [n for c in (self.loss, self.outputs, self.grads) if c is not None for n in c.within_noise]
+
+    def metrics(self) -> dict[str, Any]:
+        """The measured facts a :class:`~pytest_gradckpt.report.Result` carries."""
+        run, base = self.run, self.baseline.run
+        metrics: dict[str, Any] = {"warnings": run.warnings, "seconds": run.seconds}
+        if self.grads is None:
+            return metrics
+        metrics.update(max_grad_diff=self.grads.max_abs, worst_parameter=self.grads.worst,
+                       baseline_seconds=base.seconds, activation_bytes=run.activation_bytes,
+                       baseline_activation_bytes=base.activation_bytes,
+                       recomputed_layers=self.recomputed, checkpointable_layers=self.checkpointable,
+                       layers=sum(1 for c in base.calls.values() if c), layer_calls=run.calls,
+                       recomputed_units=run.recomputed_units, baseline=self.baseline.kind)
+        # One unwarmed CUDA step says little about steady-state speed (first-call kernel
+        # selection, allocator growth), so no ratio is shown there; see benchmarks/ for timings.
+        if run.cuda_peak_bytes is None and base.seconds > 0:
+            metrics["time_ratio"] = run.seconds / base.seconds
+        if self.activation_reduction is not None:
+            metrics["activation_reduction"] = self.activation_reduction
+        if self.cuda_reduction is not None:
+            metrics.update(cuda_peak_bytes=run.cuda_peak_bytes, baseline_cuda_peak_bytes=base.cuda_peak_bytes,
+                           cuda_reduction=self.cuda_reduction)
+        if self.baseline.noisy:
+            metrics.update(baseline_noise=self.baseline.noise, within_noise=self.within_noise)
+        return metrics
+
+
+def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> Evidence:
+    """Compare ``run`` with ``baseline`` (on the device where they live)."""
+    evidence = Evidence(strategy, run, baseline, lost_warning=silent_warning(run.warnings))
+    if run.error is not None:
+        return evidence
+    base = baseline.run
+    evidence.grads = compare(base.grads, run.grads, limits.rtol, limits.atol, baseline.grad_noise)
+    evidence.loss = compare({"loss": base.loss}, {"loss": run.loss}, limits.rtol, limits.atol, baseline.loss_noise)
+    evidence.outputs = compare(base.outputs, {k: run.outputs.get(k) for k in base.outputs}, limits.rtol,
+                               limits.atol, baseline.output_noise)
+    evidence.buffers = compare(base.buffers, run.buffers, limits.rtol, limits.atol, Noise())
+    evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
+        base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units == "own")
+    if base.activation_bytes:
+        evidence.activation_reduction = 1 - run.activation_bytes / base.activation_bytes
+    if run.cuda_peak_bytes is not None and base.cuda_peak_bytes:
+        evidence.cuda_reduction = 1 - run.cuda_peak_bytes / base.cuda_peak_bytes
+    return evidence
+
+
+def _describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+# --------------------------------------------------------------------------- the rules
+# Each returns the message when it fires, None otherwise.
+
+Rule = Callable[[Evidence, Limits], "str | None"]
+
+
+def not_applicable(e: Evidence, limits: Limits) -> str | None:
+    return str(e.run.error) if isinstance(e.run.error, StrategyNotApplicable) else None
+
+
+def warned_then_raised(e: Evidence, limits: Limits) -> str | None:
+    if e.lost_warning and e.run.error is not None:
+        return (f"torch warned '{e.lost_warning}': parameters inside that layer get no gradient; the step then "
+                f"raised {_describe_error(e.run.error)}")
+    return None
+
+
+def raised(e: Evidence, limits: Limits) -> str | None:
+    return _describe_error(e.run.error) if e.run.error is not None else None
+
+
+def ranks_disagree(e: Evidence, limits: Limits) -> str | None:
+    return e.run.rank_disagreement
+
+
+def warned_and_lost(e: Evidence, limits: Limits) -> str | None:
+    # The warning is harmless only when every value still equals the baseline's
+    # (it is also raised for calls under torch.no_grad(), where there is nothing to lose).
+    if e.lost_warning and not e.values_equal:
+        assert e.grads is not None
+        return (f"torch warned '{e.lost_warning}': {len(e.grads.vanished) + len(e.grads.mismatched)} parameter "
+                "gradient(s) lost or wrong, with no error")
+    return None
+
+
+def gradients_vanished(e: Evidence, limits: Limits) -> str | None:
+    vanished = e.grads.vanished if e.grads is not None else []
+    if not vanished:
+        return None
+    names = ", ".join(vanished[:3]) + (f" and {len(vanished) - 3} more" if len(vanished) > 3 else "")
+    return (f"{len(vanished)} parameter(s) that have a gradient without checkpointing got None or all zeros, "
+            f"with no error: {names}")
+
+
+def values_differ(e: Evidence, limits: Limits) -> str | None:
+    for comparison, what in ((e.loss, "loss"), (e.outputs, "outputs"), (e.grads, "gradients")):
+        if comparison is not None and not comparison.equal:
+            noise = (f"; the baseline's own run-to-run noise is {e.baseline.noise:.3g} (relative error norm), "
+                     "tolerated up to 3x" if e.baseline.noisy else "")
+            return comparison.describe(what) + noise
+    return None
+
+
+def buffers_differ(e: Evidence, limits: Limits) -> str | None:
+    if e.buffers is not None and not e.buffers.equal:
+        return (e.buffers.describe("buffers") + " after the step (e.g. BatchNorm statistics updated again during "
+                "recompute)")
+    return None
+
+
+def never_recomputed(e: Evidence, limits: Limits) -> str | None:
+    if e.checkpointable and e.recomputed == 0 and not e.run.recomputed_units:
+        return (f"no layer was recomputed: checkpointing is switched on but never ran ({e.checkpointable} layer(s) "
+                "expected to run twice)")
+    return None
+
+
+def wrong_recompute_count(e: Evidence, limits: Limits) -> str | None:
+    problems = e.recompute_problems
+    if problems:
+        return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+    return None
+
+
+def too_little_saved_memory(e: Evidence, limits: Limits) -> str | None:
+    wanted, got = limits.min_memory_reduction, e.activation_reduction
+    if wanted is not None and e.checkpointable and (got is None or got < wanted):
+        return (f"saved-activation memory fell by {0 if got is None else got:.0%}, below "
+                f"min_memory_reduction={wanted:.0%}")
+    return None
+
+
+def too_little_cuda_memory(e: Evidence, limits: Limits) -> str | None:
+    wanted, got = limits.min_cuda_memory_reduction, e.cuda_reduction
+    if wanted is not None and got is not None and e.checkpointable and got < wanted:
+        return (f"CUDA peak above weights and gradients fell by {got:.0%}, below "
+                f"min_cuda_memory_reduction={wanted:.0%}")
+    return None
+
+
+#: The verdict policy: the first rule that fires decides. Order = severity.
+RULES: tuple[tuple[str, Rule], ...] = (
+    (outcomes.SKIPPED, not_applicable),
+    (outcomes.SILENT, warned_then_raised),
+    (outcomes.ERROR, raised),
+    (outcomes.MISMATCH, ranks_disagree),
+    (outcomes.SILENT, warned_and_lost),
+    (outcomes.SILENT, gradients_vanished),
+    (outcomes.MISMATCH, values_differ),
+    (outcomes.BUFFERS, buffers_differ),
+    (outcomes.NOT_APPLIED, never_recomputed),
+    (outcomes.RECOMPUTE, wrong_recompute_count),
+    (outcomes.NOT_APPLIED, too_little_saved_memory),
+    (outcomes.NOT_APPLIED, too_little_cuda_memory),
+)
+
+
+def judge(evidence: Evidence, limits: Limits) -> tuple[str, str]:
+    """``(outcome, message)``: the first rule of :data:`RULES` that fires, else ``pass``.
+
+    A pass that needed the baseline's noise to pass says so.
+
+    Example:
+        >>> from pytest_gradckpt.strategies import get_strategy
+        >>> e = Evidence(get_strategy("non_reentrant"), Run(error=RuntimeError("boom")), Baseline(Run()))
+        >>> judge(e, Limits(1e-6, 1e-5))
+        ('error', 'RuntimeError: boom')
+    """
+    for outcome, rule in RULES:
+        message = rule(evidence, limits)
+        if message is not None:
+            return outcome, message
+    if evidence.within_noise:
+        return outcomes.PASS, (f"judged against the baseline's run-to-run noise (relative error norm up to "
+                               f"{evidence.baseline.noise:.3g} between two runs without checkpointing): "
+                               f"{len(evidence.within_noise)} tensor(s) differ by more than the dtype's tolerance "
+                               "but within 3x that noise")
+    return outcomes.PASS, ""
