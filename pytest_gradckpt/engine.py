@@ -156,6 +156,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     baseline = cache[key]
                 else:
                     baseline = baselines.whole_model(step, scenario, subject.name, dtype)
+                    _make_room(baseline, subject)
                     if cache is not None:
                         cache[key] = baseline
                 report.baseline[scenario.name] = baseline.summary()
@@ -165,6 +166,21 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     report.results.append(_judge_one(step, scenario, strategy, baseline, scenario_limits,
                                                      report.model, fingerprint))
     return report
+
+
+def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subject) -> None:
+    """Keep the baseline's tensors on the device when the next run still fits beside them,
+    else park them in pinned host memory (comparisons then bring them back tensor by tensor)."""
+    if not isinstance(baseline, baselines.Baseline) or subject.device.type != "cuda":
+        return
+    run = baseline.run
+    free, _ = torch.cuda.mem_get_info(subject.device)
+    free += torch.cuda.memory_reserved(subject.device) - torch.cuda.memory_allocated(subject.device)
+    weights = sum(p.numel() * p.element_size() for p in subject.peek().parameters())
+    needed = weights + (run.cuda_peak_bytes or 0) + sum(g.numel() * g.element_size()
+                                                        for g in run.grads.values() if g is not None)
+    if free < 1.1 * needed:
+        baseline.park()
 
 
 def _step_function(stepper: Stepper, scenario: Scenario) -> Callable[..., Run]:

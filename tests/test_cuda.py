@@ -85,3 +85,27 @@ def test_cuda_rng_is_preserved_for_dropout():
     model, inputs = dropout_mask_net()
     report = gc.check(model, inputs, device="cuda", strategies=["non_reentrant", "offload", "selective", "sac"])
     assert [r.outcome for r in report.results] == ["pass"] * 4
+
+
+def test_determinism_settings_are_restored_after_a_cuda_check():
+    import os
+
+    model, inputs = deep_llama()
+    before = (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+              torch.backends.cudnn.benchmark)
+    gc.check(model, inputs, device="cuda", strategies=["non_reentrant"])
+    after = (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+             torch.backends.cudnn.benchmark)
+    assert before == after
+
+
+def test_bf16_llama_verdicts_are_stable_under_default_cuda_settings():
+    model, inputs = deep_llama()
+    model = model.to(torch.bfloat16)
+    seen = [tuple(r.outcome for r in gc.check(model, inputs, device="cuda", strategies=PER_LAYER).results)
+            for _ in range(3)]
+    assert seen == [("pass",) * len(PER_LAYER)] * 3
+
+
+def test_time_ratio_is_not_shown_from_one_unwarmed_cuda_step(cuda_report):
+    assert all("time_ratio" not in r.metrics for r in cuda_report.results)
