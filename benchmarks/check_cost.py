@@ -177,6 +177,7 @@ def fault_rows(device: str) -> list[dict[str, Any]]:
         ("kwargs_dropped", four_layer_llama, "train", {}, "error|mismatch"),
         ("output_detached", masked, "train", {}, "silent"),
         ("off_by_a_tenth_percent", four_layer_llama, "train", {}, "mismatch"),
+        ("off_by_one_percent", four_layer_llama, "train", {}, "mismatch"),
         ("inverted_frozen_skipper", lambda: four_layer_llama(frozen=True), "train", {"skips_frozen": True},
          "recompute"),
         ("offload_losing_input_grad", masked, "train", {}, "silent"),
@@ -214,6 +215,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cases", default="1b-full-bf16,1b-lora-bf16,7b-lora-bf16")
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="profile one check of the first case and stop")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -237,6 +239,15 @@ def main() -> int:
         model = llama(SHAPES[size], device, torch.bfloat16)
         model = lora(model) if kind == "lora" else model
         inputs = tokens(2 if size == "1b" else 1, 2048, 32000, device)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            gc.check(model, inputs, strategies=PER_LAYER, device=device, timeout=None)
+            with cProfile.Profile() as profile:
+                gc.check(model, inputs, strategies=PER_LAYER, device=device, timeout=None)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+            return 0
         document["rows"].append(measure_case(case, model, inputs, device, args.repeats, PER_LAYER))
         del model, inputs
         torch.cuda.empty_cache()

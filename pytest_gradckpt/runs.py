@@ -71,6 +71,11 @@ class Run:
         self.outputs, self.grads, self.buffers = {}, {}, {}
 
 
+def _kept_bytes(run: Run) -> int:
+    kept = [t for t in (run.loss, *run.grads.values(), *run.outputs.values(), *run.buffers.values()) if t is not None]
+    return sum(t.numel() * t.element_size() for t in kept)
+
+
 def freeze_input_embeddings(model: nn.Module) -> None:
     """The ``frozen_inputs`` scenario: input embeddings frozen, as in LoRA."""
     get = getattr(model, "get_input_embeddings", None)
@@ -108,15 +113,16 @@ class Stepper:
         ``parallel`` (inside a distributed rank) wraps the model, shards the inputs and gathers
         full gradients."""
         run = Run()
+        cuda = self.subject.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.subject.device) if cuda else 0
         try:
             self._step(run, scenario, strategy, grad_targets, parallel)
         except GradckptUsageError:
             raise
         except (Exception, StrategyTimeout) as exc:  # noqa: BLE001 - every failure is a verdict
             run.error = exc.with_traceback(None)  # the traceback would keep the model copy alive
-        finally:
-            if self.subject.device.type == "cuda":
-                gc.collect()  # the step's model copy may sit in reference cycles: free it before the next
+        if cuda and torch.cuda.memory_allocated(self.subject.device) - before > 2 * _kept_bytes(run):
+            gc.collect()  # the model copy sits in a reference cycle: free it before the next run needs the room
         return run
 
     def _step(self, run: Run, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None,

@@ -48,6 +48,12 @@ def off_by_a_tenth_percent(function: Any, *args: Any) -> Any:
     return checkpoint(function, *args, use_reentrant=False) * 1.001
 
 
+def off_by_one_percent(function: Any, *args: Any) -> Any:
+    """The same fault, ten times larger: output scaled by 1.01 (representable in bf16, whose
+    spacing near 1 is 2**-7, where 1.001 rounds back to 1)."""
+    return checkpoint(function, *args, use_reentrant=False) * 1.01
+
+
 def raises(function: Any, *args: Any) -> Any:
     raise RuntimeError("this checkpoint function always fails")
 

@@ -100,4 +100,9 @@ def test_device_comparison_agrees_with_torch_testing(shape, scale, rtol, atol, n
         expected_equal = True
     except AssertionError:
         expected_equal = False
+    # ... and the relative error norm within rtol (atol alone would pass any tiny-valued tensor)
+    if got.numel() and not torch.isnan(got).any():
+        rms = float(want.double().square().mean().sqrt())
+        bound = rtol * (float(torch.linalg.vector_norm(want.double())) + rms * want.numel() ** 0.5)
+        expected_equal &= float(torch.linalg.vector_norm((got - want).double())) <= bound
     assert compare({"t": want}, {"t": got}, rtol, atol).equal == expected_equal

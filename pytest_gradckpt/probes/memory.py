@@ -85,13 +85,21 @@ class SavedActivationProbe:
         key = _storage_key(tensor)
         if key is None or key[1] in self.excluded or key[2] == 0:
             return
-        self._prune()
-        if key not in self.live:
-            try:
-                self.live[key] = StorageWeakRef(tensor.untyped_storage())
-            except RuntimeError:
+        known = self.live.get(key)
+        if known is not None:
+            if not known.expired():
                 return
-            self.live_bytes += key[2]
+            del self.live[key]  # a dead storage's address, reused by a new one of the same size
+            self.live_bytes -= key[2]
+        try:
+            self.live[key] = StorageWeakRef(tensor.untyped_storage())
+        except RuntimeError:
+            return
+        self.live_bytes += key[2]
+        if self.live_bytes > self.peak_bytes:
+            # Only a possible new peak needs the exact live set: the count includes storages that
+            # may have died since the last look, so it can only overstate what is alive.
+            self._prune()
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def hold(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
