@@ -142,6 +142,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         stepper = Stepper(subject, layers, seed, timeout, settings)
         report = Report(model=name or subject.name, versions=versions())
         report.baseline["layers"] = stepper.layer_names
+        report.baseline["layers_found_by"] = stepper.found_by  # which units were chosen, and why
         with deterministic_kernels(subject.device) as determinism:
             for scenario in chosen_scenarios:
                 step = determinism.retrying(_step_function(stepper, scenario))

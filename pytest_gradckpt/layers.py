@@ -57,20 +57,38 @@ def _transformers_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return _outermost(found)
 
 
-def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The largest group of same-type blocks with parameters inside one ModuleList/Sequential."""
-    best: list[tuple[str, nn.Module]] = []
+#: A block list joins the checkpoint units when it holds at least this share of the
+#: parameters of the largest one (UNets: down and up blocks; ResNets: the deep stages).
+BLOCK_LIST_SHARE = 0.25
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _repeated_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The blocks a user would checkpoint: the children of the outermost block lists
+    (``ModuleList``/``Sequential`` with two or more children holding parameters) that hold
+    most of the parameters, and a sentence saying which lists were chosen and why."""
+    candidates: list[tuple[str, list[tuple[str, nn.Module]], int]] = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
-        groups: dict[type, list[tuple[str, nn.Module]]] = {}
-        for child, block in module.named_children():
-            if any(True for _ in block.parameters()):
-                groups.setdefault(type(block), []).append((f"{name}.{child}" if name else child, block))
-        largest = max(groups.values(), key=len, default=[])
-        if len(largest) >= 2 and len(largest) > len(best):
-            best = largest
-    return best
+        if any(name.startswith(outer + ".") or not outer for outer, _, _ in candidates):
+            continue  # inside a list already chosen: its blocks are the units, not their parts
+        blocks = [(f"{name}.{child}" if name else child, block) for child, block in module.named_children()
+                  if any(True for _ in block.parameters())]
+        if len(blocks) >= 2:
+            candidates.append((name, blocks, sum(_parameter_count(b) for _, b in blocks)))
+    if not candidates:
+        return [], ""
+    largest = max(size for _, _, size in candidates)
+    chosen = [(name, blocks, size) for name, blocks, size in candidates if size >= BLOCK_LIST_SHARE * largest]
+    total = _parameter_count(model) or 1
+    share = sum(size for _, _, size in chosen) / total
+    lists = ", ".join(name or "the model itself" for name, _, _ in chosen)
+    return ([block for _, blocks, _ in chosen for block in blocks],
+            f"repeated blocks: the blocks of {lists} ({share:.0%} of the parameters)")
 
 
 def find_layers(model: nn.Module, spec: Any = None, *, reference: nn.Module | None = None
@@ -83,20 +101,20 @@ def find_layers(model: nn.Module, spec: Any = None, *, reference: nn.Module | No
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
         >>> find_layers(net)
-        (['0', '1'], 'repeated blocks')
+        (['0', '1'], 'repeated blocks: the blocks of the model itself (100% of the parameters)')
     """
     if spec is None:
         if transformers_model_in(model) is not None:
             found = _transformers_layers(model)
             if found:
                 return [n for n, _ in found], "transformers"
-        found = _repeated_blocks(model)
+        found, why = _repeated_blocks(model)
         if not found:
             raise GradckptUsageError(
                 f"layers=None: found no repeated layers in {type(model).__name__} (no nn.ModuleList or "
                 "nn.Sequential holds two or more blocks of one type with parameters); pass layers= as a "
                 "dotted path such as 'blocks', a block class, or a list of modules")
-        return [n for n, _ in found], "repeated blocks"
+        return [n for n, _ in found], why
     if isinstance(spec, str):
         try:
             target = model.get_submodule(spec)
@@ -209,7 +227,7 @@ class ModelInfo:
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-        >>> info = ModelInfo(net, ["0", "1"], "repeated blocks")
+        >>> info = ModelInfo(net, ["0", "1"], "repeated blocks: the blocks of the model itself")
         >>> len(info.layers), info.hf_model is None
         (2, True)
     """

@@ -93,3 +93,51 @@ def test_spawn_needs_a_picklable_model():
     with pytest.raises(gc.GradckptUsageError, match="picklable model"):
         gc.check(Local(), torch.randn(2, 4), scenarios=["ddp"], strategies=["non_reentrant"],
                  distributed={**FAST, "start_method": "spawn"})
+
+
+def test_strategy_that_does_not_apply_is_skipped_before_any_rank_starts(monkeypatch):
+    from pytest_gradckpt import distributed
+
+    started = []
+    real_launch = distributed.launch
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: started.append(a[2]) or real_launch(*a, **k))
+    model, inputs = plain.reused_block_net()
+    report = gc.check(model, inputs, strategies=["hf_reentrant", "non_reentrant"], scenarios=["ddp"])
+    assert [r.outcome for r in report.results] == ["skipped", "pass"]
+    assert "not a transformers model" in report.results[0].message
+    assert all(s is None or s.name == "non_reentrant" for s in started)  # baselines and non_reentrant only
+
+
+def test_a_failing_launch_is_retried_and_then_reported_as_the_harness_not_the_strategy(monkeypatch):
+    from pytest_gradckpt import distributed
+    from pytest_gradckpt.runs import Run
+
+    attempts = []
+    real_launch = distributed.launch
+
+    def flaky(stepper, scenario, strategy, grad_targets):
+        if strategy is None:
+            return real_launch(stepper, scenario, strategy, grad_targets)
+        attempts.append(strategy.name)
+        if strategy.name == "non_reentrant" and attempts.count("non_reentrant") == 1:
+            return Run(error=distributed.LaunchFailure("rank 0: RuntimeError: Gloo connectFullMesh failed"))
+        if strategy.name == "reentrant":
+            return Run(error=distributed.LaunchFailure("rank 1 died with exit code -9"))
+        return real_launch(stepper, scenario, strategy, grad_targets)
+
+    monkeypatch.setattr(distributed, "launch", flaky)
+    model, inputs = plain.reused_block_net()
+    report = gc.check(model, inputs, strategies=["non_reentrant", "reentrant"], scenarios=["ddp"],
+                      distributed={"static_graph": True})
+    by = {r.strategy: r for r in report.results}
+    assert by["non_reentrant"].outcome == "pass"  # one transport failure, then a real verdict
+    assert by["reentrant"].outcome == "error"
+    assert "launch itself failed 3 times (a harness failure, not a verdict on the strategy)" in by["reentrant"].message
+    assert attempts.count("reentrant") == distributed.LAUNCH_ATTEMPTS
+
+
+def test_transport_errors_from_a_rank_count_as_launch_failures():
+    from pytest_gradckpt import distributed
+
+    assert distributed._is_transport_failure("RuntimeError: Gloo connectFullMesh failed with ... Connection closed by peer")
+    assert not distributed._is_transport_failure("RuntimeError: Expected to mark a variable ready only once")

@@ -129,3 +129,45 @@ def test_own_unit_strategy_that_never_recomputes_is_not_applied():
     model, inputs = tiny_llama()
     (result,) = gc.check(model, inputs, strategies=[SwitchThatDoesNothing()]).results
     assert result.outcome == "not_applied", result.message
+
+
+def tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                 attention_head_dim=8)
+    generator = torch.Generator().manual_seed(1)
+    return unet, {"sample": torch.randn(2, 3, 16, 16, generator=generator), "timestep": torch.tensor([10, 20])}
+
+
+def unet_loss(output, inputs):
+    return output.sample.float().square().mean()
+
+
+def test_diffusers_own_switch_is_correct_and_judged_by_the_units_it_really_recomputed():
+    unet, inputs = tiny_unet()
+
+    def gradients(enable):
+        model = copy.deepcopy(unet).train()
+        if enable:
+            model.enable_gradient_checkpointing()
+        unet_loss(model(**inputs), inputs).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    truth, checkpointed = gradients(False), gradients(True)
+    for name in truth:  # ground truth: diffusers' checkpointing is correct here
+        torch.testing.assert_close(checkpointed[name], truth[name], rtol=1.3e-6, atol=1e-5)
+    report = gc.check(unet, inputs, loss=unet_loss, strategies=["native", "non_reentrant", "torch_wrapper"])
+    assert [r.outcome for r in report.results] == ["pass"] * 3, report.table()
+    native = report.results[0].metrics["recomputed_units"]
+    assert native and any(unit.startswith("down_blocks.") for unit in native)  # diffusers' own units, observed
+
+
+def test_automatic_units_of_a_unet_are_its_down_and_up_blocks():
+    unet, inputs = tiny_unet()
+    report = gc.check(unet, inputs, loss=unet_loss, strategies=["non_reentrant"])
+    layers = report.baseline["layers"]
+    assert {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"} <= set(layers)
+    assert "down_blocks, up_blocks" in report.baseline["layers_found_by"]
