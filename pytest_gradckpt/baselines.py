@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from pytest_gradckpt import outcomes
-from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
+from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, describe_error
 from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap
 from pytest_gradckpt.runs import Run
 from pytest_gradckpt.scenarios import Scenario
@@ -74,20 +74,16 @@ class NotJudged:
         return {"judged": False, "reason": self.reason}
 
 
-def _describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".strip()
-
-
 def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | None:
     if isinstance(first.error, StrategyNotApplicable):
         return NotJudged(outcomes.SKIPPED, str(first.error))
     if first.error is not None:
         if scenario.name == "train":
             raise GradckptUsageError(
-                f"the model fails without checkpointing ({_describe_error(first.error)}); check that the inputs "
+                f"the model fails without checkpointing ({describe_error(first.error)}); check that the inputs "
                 f"fit {model_name}.forward and that loss= returns a scalar") from first.error
         return NotJudged(outcomes.SKIPPED, f"the model itself fails under {scenario.name} without "
-                                           f"checkpointing: {_describe_error(first.error)}")
+                                           f"checkpointing: {describe_error(first.error)}")
     if first.loss is None or not math.isfinite(float(first.loss)):
         raise GradckptUsageError(
             f"baseline loss under {scenario.name} is {float(first.loss) if first.loss is not None else None}, not "
@@ -118,7 +114,7 @@ def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.
         return refused
     second = step(scenario, None)
     if second.error is not None:
-        return _not_reproducible(scenario, _describe_error(second.error))
+        return _not_reproducible(scenario, describe_error(second.error))
     baseline = Baseline(first, grad_noise=measure_noise(first.grads, second.grads),
                         loss_noise=measure_noise({"loss": first.loss}, {"loss": second.loss}),
                         output_noise=measure_noise(first.outputs, second.outputs))

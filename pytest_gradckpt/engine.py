@@ -9,7 +9,6 @@ Knows nothing of pytest. Distributed scenarios run the same step inside ranks th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -112,6 +111,11 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             ``timeout`` (60 s for all ranks together).
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
+
+    On CUDA the check runs with deterministic kernels and restores every setting after
+    (:func:`~pytest_gradckpt.isolation.deterministic_kernels`); where the baseline still
+    differs from itself by rounding noise, strategies are judged against that measured
+    noise (:mod:`pytest_gradckpt.baselines`). Gradients are compared on the device.
 
     Returns:
         A :class:`~pytest_gradckpt.report.Report`.

@@ -37,3 +37,13 @@ class StrategyNotApplicable(Exception):
 
 class StrategyTimeout(Exception):
     """Raised inside a run that outlived its time limit; reported as ``error``."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"``, the form every verdict and report uses for an exception.
+
+    Example:
+        >>> describe_error(ValueError("bad"))
+        'ValueError: bad'
+    """
+    return f"{type(exc).__name__}: {exc}".strip()

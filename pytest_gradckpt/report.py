@@ -20,8 +20,10 @@ class Result:
     ``metrics`` holds measured facts: ``max_grad_diff``, ``worst_parameter``,
     ``activation_bytes`` and ``activation_reduction`` (saved-for-backward peak
     and its drop versus the baseline), ``recomputed_layers`` and
-    ``checkpointed_layers``, ``layer_calls``, ``time_ratio``, and on CUDA
-    ``cuda_peak_bytes`` and ``cuda_reduction``.
+    ``checkpointable_layers``, ``layer_calls``, ``recomputed_units`` (the modules that really
+    ran again in backward, whoever checkpointed them), ``time_ratio`` (not on CUDA), on CUDA
+    ``cuda_peak_bytes`` and ``cuda_reduction``, and for a noisy baseline ``baseline_noise``
+    and ``within_noise``.
 
     Example:
         >>> r = Result("reentrant", "train", "silent", "layers.0.weight got no gradient")

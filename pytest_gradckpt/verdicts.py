@@ -15,7 +15,7 @@ from typing import Any
 
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.baselines import Baseline
-from pytest_gradckpt.errors import StrategyNotApplicable
+from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
 from pytest_gradckpt.probes.gradients import Comparison, Noise, compare
 from pytest_gradckpt.probes.recompute import recompute_verdict
 from pytest_gradckpt.probes.warnings import silent_warning
@@ -105,10 +105,6 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
     return evidence
 
 
-def _describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".strip()
-
-
 # --------------------------------------------------------------------------- the rules
 # Each returns the message when it fires, None otherwise.
 
@@ -122,12 +118,12 @@ def not_applicable(e: Evidence, limits: Limits) -> str | None:
 def warned_then_raised(e: Evidence, limits: Limits) -> str | None:
     if e.lost_warning and e.run.error is not None:
         return (f"torch warned '{e.lost_warning}': parameters inside that layer get no gradient; the step then "
-                f"raised {_describe_error(e.run.error)}")
+                f"raised {describe_error(e.run.error)}")
     return None
 
 
 def raised(e: Evidence, limits: Limits) -> str | None:
-    return _describe_error(e.run.error) if e.run.error is not None else None
+    return describe_error(e.run.error) if e.run.error is not None else None
 
 
 def ranks_disagree(e: Evidence, limits: Limits) -> str | None:

@@ -132,14 +132,10 @@ def test_own_unit_strategy_that_never_recomputes_is_not_applied():
 
 
 def tiny_unet():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                                 attention_head_dim=8)
-    generator = torch.Generator().manual_seed(1)
-    return unet, {"sample": torch.randn(2, 3, 16, 16, generator=generator), "timestep": torch.tensor([10, 20])}
+    pytest.importorskip("diffusers")
+    from pytest_gradckpt.zoo.diffusers_models import unet_2d
+
+    return unet_2d()
 
 
 def unet_loss(output, inputs):
@@ -171,3 +167,13 @@ def test_automatic_units_of_a_unet_are_its_down_and_up_blocks():
     layers = report.baseline["layers"]
     assert {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"} <= set(layers)
     assert "down_blocks, up_blocks" in report.baseline["layers_found_by"]
+
+
+def test_conditional_unet_native_and_per_block_strategies_pass():
+    pytest.importorskip("diffusers")
+    from pytest_gradckpt.zoo.diffusers_models import unet_2d_condition
+
+    model, inputs = unet_2d_condition()
+    report = gc.check(model, inputs, strategies=["native", "non_reentrant", "offload", "torch_wrapper"])
+    assert [r.outcome for r in report.results] == ["pass"] * 4, report.table()
+    assert report.results[0].metrics["recomputed_units"]
