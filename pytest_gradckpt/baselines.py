@@ -107,6 +107,16 @@ def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.
     """Two steps without checkpointing; the first is the baseline, the second measures noise.
 
     ``dtype`` is the compute dtype: it bounds what counts as numerical noise.
+
+    Example:
+        >>> from pytest_gradckpt.arguments import Subject
+        >>> from pytest_gradckpt.runs import Stepper
+        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), None, seed=0, timeout=None)
+        >>> baseline = whole_model(stepper.step, SCENARIOS["train"], "net", torch.float32)
+        >>> baseline.noisy, sorted(baseline.run.grads)[:2]
+        (False, ['0.bias', '0.weight'])
     """
     first = step(scenario, None)
     refused = _validate(first, scenario, model_name)

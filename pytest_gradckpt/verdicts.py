@@ -86,7 +86,17 @@ class Evidence:
 
 
 def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> Evidence:
-    """Compare ``run`` with ``baseline`` (on the device where they live)."""
+    """Compare ``run`` with ``baseline`` (on the device where they live).
+
+    Example:
+        >>> import torch
+        >>> from pytest_gradckpt.strategies import get_strategy
+        >>> base = Run(loss=torch.ones(()), grads={"w": torch.ones(3)}, calls={"0": 1}, graph_calls={"0": 1})
+        >>> lost = Run(loss=torch.ones(()), grads={"w": None}, calls={"0": 2})
+        >>> evidence = gather(get_strategy("non_reentrant"), Baseline(base), lost, Limits(1.3e-6, 1e-5))
+        >>> evidence.grads.vanished, judge(evidence, Limits(1.3e-6, 1e-5))[0]
+        (['w'], 'silent')
+    """
     evidence = Evidence(strategy, run, baseline, lost_warning=silent_warning(run.warnings))
     if run.error is not None:
         return evidence
