@@ -1,7 +1,7 @@
 """The built-in model zoo: tiny models built offline with random weights.
 
-Three families: plain torch models for the classic hazards, PEFT LoRA/QLoRA on a tiny
-Llama, and every transformers architecture the installed version offers (found from its
+Four families: plain torch models for the classic hazards, PEFT LoRA/QLoRA on a tiny
+Llama, diffusers UNets, and every transformers architecture the installed version offers (found from its
 auto mappings, never hand-listed). Entries are cheap to list; building happens on use.
 
 Example:
@@ -68,6 +68,20 @@ def _peft() -> list[ZooEntry]:
     return entries
 
 
+def _diffusers() -> list[ZooEntry]:
+    if importlib.util.find_spec("diffusers") is None:
+        return []
+    from pytest_gradckpt.zoo import diffusers_models
+
+    # UNet2DModel is not an entry: reentrant checkpointing of its down blocks crashes the process
+    # (segmentation fault, torch 2.13), which would end the pytest session; tests/test_third_party.py
+    # checks it with the strategies that do not crash.
+    return [
+        ZooEntry("unet_2d_condition", "diffusers", diffusers_models.unet_2d_condition, ("train",),
+                 "diffusers UNet2DConditionModel: cross-attention blocks, its own switch"),
+    ]
+
+
 def _transformers() -> list[ZooEntry]:
     if importlib.util.find_spec("transformers") is None:
         return []
@@ -79,13 +93,13 @@ def _transformers() -> list[ZooEntry]:
 
 def entries(include_transformers: bool = True) -> dict[str, ZooEntry]:
     """Every zoo entry by name: plain, PEFT, then every transformers architecture."""
-    found = _plain() + _peft() + (_transformers() if include_transformers else [])
+    found = _plain() + _peft() + _diffusers() + (_transformers() if include_transformers else [])
     return {e.name: e for e in found}
 
 
 def entry(name: str) -> ZooEntry:
     """One entry by name; unknown names list what is available."""
-    found = entries(include_transformers=name not in {e.name for e in _plain() + _peft()})
+    found = entries(include_transformers=name not in {e.name for e in _plain() + _peft() + _diffusers()})
     if name not in found:
         raise GradckptUsageError(f"unknown zoo model {name!r}; available: {', '.join(found)}")
     return found[name]
@@ -100,7 +114,8 @@ def select(names: list[str] | None) -> list[ZooEntry]:
     """
     wanted = list(REPRESENTATIVE) if names is None else names
     everything = wanted == ["all"]
-    available = entries(include_transformers=everything or not set(wanted) <= {e.name for e in _plain() + _peft()})
+    light = {e.name for e in _plain() + _peft() + _diffusers()}
+    available = entries(include_transformers=everything or not set(wanted) <= light)
     if everything:
         return list(available.values())
     unknown = [n for n in wanted if n not in available]
