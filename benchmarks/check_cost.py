@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest_gradckpt as gc  # noqa: E402
+from pytest_gradckpt.arguments import tensor_bytes  # noqa: E402
 from pytest_gradckpt.layers import ModelInfo, find_layers, instrument  # noqa: E402
 from pytest_gradckpt.probes.recompute import LayerCounter  # noqa: E402
 from pytest_gradckpt.strategies import get_strategy  # noqa: E402
@@ -110,8 +111,8 @@ def raw_step_seconds(model: Any, inputs: dict[str, Any], strategy: str | None, d
 
 def measure_case(case: str, model: Any, inputs: dict[str, Any], device: str, repeats: int,
                  strategies: list[str]) -> dict[str, Any]:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    weights = tensor_bytes(model.parameters())
+    trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad)
     base_seconds, base_peak = raw_step_seconds(model, inputs, None, device)
     raw = 2 * base_seconds + sum(raw_step_seconds(model, inputs, s, device)[0] for s in strategies)
     bound = base_peak + weights + trainable

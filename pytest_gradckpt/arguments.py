@@ -47,6 +47,16 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes held by the tensors in ``tensors`` (None entries skipped).
+
+    Example:
+        >>> tensor_bytes([torch.zeros(4), None, torch.zeros(2, dtype=torch.float64)])
+        32
+    """
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Floating-point tensors inside nested mappings/sequences, keyed by their path.
 
@@ -181,7 +191,8 @@ class Subject:
                     f"could not copy {type(self.model_source).__name__} ({type(exc).__name__}: {exc}); the check "
                     "never runs the caller's module itself, so pass a zero-argument factory that builds it") from exc
         else:
-            model, self._spare = (self._spare, None) if self._spare is not None else (self._build(), None)
+            model = self._spare if self._spare is not None else self._build()
+            self._spare = None
         model.to(self.device)
         for param in model.parameters():
             param.grad = None

@@ -150,6 +150,11 @@ def _describe(error: BaseException) -> dict[str, Any]:
             "not_applicable": not_applicable, "usage": isinstance(error, GradckptUsageError)}
 
 
+#: The fields of a :class:`Run` a rank sends back (its error travels separately, described).
+MEASURED = ("loss", "grads", "buffers", "calls", "graph_calls", "expected_recompute", "recomputed_units",
+            "warnings", "seconds", "activation_bytes", "outputs")
+
+
 def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any,
                results: Any) -> None:
     import torch.distributed as dist
@@ -165,11 +170,7 @@ def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy:
         payload["launch"] = False
         run = stepper.step(scenario, strategy, grad_targets, parallel=Parallel(scenario.distributed, rank, settings))
         run = run.to_host()
-        payload.update(loss=run.loss, grads=run.grads, buffers=run.buffers, calls=run.calls,
-                       graph_calls=run.graph_calls, expected_recompute=run.expected_recompute,
-                       recomputed_units=run.recomputed_units,
-                       warnings=run.warnings, seconds=run.seconds, activation_bytes=run.activation_bytes,
-                       outputs=run.outputs)
+        payload.update({key: getattr(run, key) for key in MEASURED})
         if run.error is not None:
             payload.update(_describe(run.error))
     except BaseException as error:  # noqa: BLE001 - reported to the parent, whatever it is
@@ -216,15 +217,13 @@ class Launcher:
             reason = strategy.applies_to(ModelInfo(stepper.subject.peek(), stepper.layer_names, stepper.found_by))
             if reason:
                 return Run(error=StrategyNotApplicable(reason))
-        causes = []
         for _ in range(LAUNCH_ATTEMPTS):
             run = launch(self.stepper, scenario, strategy, grad_targets)
             if not isinstance(run.error, LaunchFailure):
                 return run
-            causes.append(str(run.error))
         run.error = LaunchFailure(
             f"not judged: the distributed launch itself failed {LAUNCH_ATTEMPTS} times (a harness failure, not a "
-            f"verdict on the strategy): {causes[-1]}")
+            f"verdict on the strategy): {run.error}")
         return run
 
 
@@ -307,8 +306,7 @@ def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) ->
         run.warnings = first.get("warnings", [])
         return run
     first = payloads[0]
-    for key in ("loss", "grads", "buffers", "calls", "graph_calls", "expected_recompute", "recomputed_units",
-                "warnings", "seconds", "activation_bytes", "outputs"):
+    for key in MEASURED:
         setattr(run, key, first[key])
     run.rank_disagreement = _disagreement(payloads)
     return run

@@ -18,7 +18,7 @@ import torch.utils.checkpoint  # noqa: F401 - imported up front so its import ti
 from torch import nn
 
 from pytest_gradckpt import baselines, verdicts
-from pytest_gradckpt.arguments import Subject
+from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import Launcher, options as distributed_options
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
@@ -181,9 +181,7 @@ def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subj
     run = baseline.run
     free, _ = torch.cuda.mem_get_info(subject.device)
     free += torch.cuda.memory_reserved(subject.device) - torch.cuda.memory_allocated(subject.device)
-    weights = sum(p.numel() * p.element_size() for p in subject.peek().parameters())
-    needed = weights + (run.cuda_peak_bytes or 0) + sum(g.numel() * g.element_size()
-                                                        for g in run.grads.values() if g is not None)
+    needed = tensor_bytes(subject.peek().parameters()) + (run.cuda_peak_bytes or 0) + tensor_bytes(run.grads.values())
     if free < 1.1 * needed:
         baseline.park()
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_gradckpt.arguments import Subject, map_tensors, tensor_leaves
+from pytest_gradckpt.arguments import Subject, map_tensors, tensor_bytes, tensor_leaves
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
@@ -72,8 +72,7 @@ class Run:
 
 
 def _kept_bytes(run: Run) -> int:
-    kept = [t for t in (run.loss, *run.grads.values(), *run.outputs.values(), *run.buffers.values()) if t is not None]
-    return sum(t.numel() * t.element_size() for t in kept)
+    return tensor_bytes((run.loss, *run.grads.values(), *run.outputs.values(), *run.buffers.values()))
 
 
 def freeze_input_embeddings(model: nn.Module) -> None:
@@ -199,5 +198,4 @@ class Stepper:
         run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
         run.activation_bytes = memory.peak_bytes
         if cuda.peak_bytes is not None:
-            grad_bytes = sum(p.numel() * p.element_size() for _, p in trainable)
-            run.cuda_peak_bytes = max(0, cuda.peak_bytes - grad_bytes)
+            run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(p for _, p in trainable))
