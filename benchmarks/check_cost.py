@@ -56,18 +56,19 @@ CPU_SHAPES = [("cpu-2M", 128, 4, 344, 4, 128), ("cpu-12M", 256, 8, 688, 8, 256),
 def llama(shape: dict[str, Any], device: str, dtype: torch.dtype, **extra: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**shape, max_position_embeddings=4096, attention_dropout=0.0, **extra)
+    extra.setdefault("max_position_embeddings", 4096)
+    config = LlamaConfig(**shape, attention_dropout=0.0, **extra)
     config.use_cache = False
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
-def lora(model: Any) -> Any:
+def lora(model: Any, dropout: float = 0.0) -> Any:
     from peft import LoraConfig, get_peft_model
 
     linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=linear,
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=linear,
                                             task_type="CAUSAL_LM"))
 
 

@@ -1,5 +1,14 @@
 """Baselines: what a strategy's run is compared with.
 
+Two kinds, chosen by :func:`build`:
+
+- ``whole-model`` (:func:`whole_model`): the training step without checkpointing. Exact, and
+  the only one that can judge memory, but it needs the memory of an uncheckpointed step.
+- ``layerwise`` (:func:`layerwise`): the same gradients computed one checkpoint unit at a time
+  by the engine's own replay (:mod:`pytest_gradckpt.replay`), in about the memory of a
+  checkpointed step: for models that only fit with checkpointing. Used on request, and
+  automatically when the whole-model step runs out of device memory.
+
 The whole-model baseline is the same training step without checkpointing, run twice. The
 second run proves the model reproducible before any strategy is blamed, and measures its
 run-to-run noise: on CUDA a few kernels have no deterministic implementation, so two
@@ -12,19 +21,25 @@ generators, and nothing is judged.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 from collections.abc import Callable
 
 import torch
 
 from pytest_gradckpt import outcomes
-from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, describe_error
+from pytest_gradckpt.errors import GradckptUsageError, NotReplayable, StrategyNotApplicable, describe_error
 from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap
 from pytest_gradckpt.runs import Run
+from pytest_gradckpt.strategies import Strategy
+from pytest_gradckpt.replay import LAYER_REPLAY
 from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.settings import BASELINE_KINDS
 
 #: ``step(scenario, strategy)``: a local step or a distributed launch.
 StepFn = Callable[..., Run]
+
+AUTO, WHOLE_MODEL, LAYERWISE = BASELINE_KINDS
 
 
 @dataclasses.dataclass
@@ -32,7 +47,9 @@ class Baseline:
     """A judged baseline: the first run, and the noise measured against the second."""
 
     run: Run
-    kind: str = "whole-model"
+    kind: str = WHOLE_MODEL
+    #: why this kind was used (shown in the report)
+    why: str = ""
     grad_noise: Noise = dataclasses.field(default_factory=Noise)
     loss_noise: Noise = dataclasses.field(default_factory=Noise)
     output_noise: Noise = dataclasses.field(default_factory=Noise)
@@ -49,9 +66,21 @@ class Baseline:
     def summary(self) -> dict[str, object]:
         """What the report says of this baseline."""
         run = self.run
-        return {"judged": True, "kind": self.kind, "loss": float(run.loss), "noise": self.noise,
-                "activation_bytes": run.activation_bytes, "cuda_peak_bytes": run.cuda_peak_bytes,
-                "seconds": run.seconds}
+        summary: dict[str, object] = {
+            "judged": True, "kind": self.kind, "loss": float(run.loss), "noise": self.noise,
+            "activation_bytes": run.activation_bytes, "cuda_peak_bytes": run.cuda_peak_bytes,
+            "seconds": run.seconds}
+        if self.why:
+            summary["why"] = self.why
+        if not self.measures_cost:
+            summary["memory"] = ("not judged: the layer-local baseline has no peak or time without "
+                                 "checkpointing to compare with")
+        return summary
+
+    @property
+    def measures_cost(self) -> bool:
+        """Only a step without checkpointing says how much memory checkpointing saves, and what it costs in time."""
+        return self.kind == WHOLE_MODEL
 
     def park(self) -> None:
         """Move the kept tensors to pinned host memory, for a device too full to hold them
@@ -77,7 +106,15 @@ class NotJudged:
 def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | None:
     if isinstance(first.error, StrategyNotApplicable):
         return NotJudged(outcomes.SKIPPED, str(first.error))
+    if isinstance(first.error, NotReplayable):
+        return NotJudged(outcomes.ERROR, f"not judged: the layer-local baseline cannot replay a unit: {first.error}")
     if first.error is not None:
+        if out_of_memory(first.error):
+            raise GradckptUsageError(
+                f"the step without checkpointing ran out of memory under {scenario.name} "
+                f"({describe_error(first.error)}); pass baseline='layerwise' (or 'auto', the default) to judge "
+                "against the layer-local baseline, which needs about the memory of a checkpointed step"
+            ) from first.error
         if scenario.name == "train":
             raise GradckptUsageError(
                 f"the model fails without checkpointing ({describe_error(first.error)}); check that the inputs "
@@ -103,10 +140,63 @@ def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | No
     return None
 
 
-def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype) -> Baseline | NotJudged:
+def build(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype,
+          kind: str = AUTO) -> Baseline | NotJudged:
+    """The baseline of ``kind`` (one of :data:`~pytest_gradckpt.settings.BASELINE_KINDS`); ``auto`` falls back from whole-model to
+    layerwise when the step without checkpointing runs out of device memory.
+
+    Example:
+        >>> from pytest_gradckpt.arguments import Subject
+        >>> from pytest_gradckpt.runs import Stepper
+        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), None, seed=0, timeout=None)
+        >>> baseline = build(stepper.step, SCENARIOS["train"], "net", torch.float32, "layerwise")
+        >>> baseline.kind, baseline.why, baseline.measures_cost
+        ('layerwise', "requested (baseline='layerwise')", False)
+    """
+    if kind == LAYERWISE:
+        return layerwise(step, scenario, model_name, dtype, why=f"requested (baseline={LAYERWISE!r})")
+    baseline = whole_model(step, scenario, model_name, dtype, fall_back=kind == AUTO)
+    if isinstance(baseline, OutOfMemory):
+        return layerwise(step, scenario, model_name, dtype,
+                         why=f"automatic: the step without checkpointing ran out of memory ({baseline.detail})")
+    return baseline
+
+
+@dataclasses.dataclass
+class OutOfMemory:
+    """The whole-model step did not fit (only returned when a fallback is wanted)."""
+
+    detail: str
+
+
+def out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error`` is the device running out of memory (CUDA or another accelerator).
+
+    Example:
+        >>> out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        True
+        >>> out_of_memory(RuntimeError("shape mismatch"))
+        False
+    """
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _release(device_memory_of: Run) -> None:
+    device_memory_of.error = None
+    device_memory_of.drop_tensors()
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype,
+                fall_back: bool = False) -> Baseline | NotJudged | OutOfMemory:
     """Two steps without checkpointing; the first is the baseline, the second measures noise.
 
-    ``dtype`` is the compute dtype: it bounds what counts as numerical noise.
+    ``dtype`` is the compute dtype: it bounds what counts as numerical noise. With
+    ``fall_back``, a step that runs out of memory returns :class:`OutOfMemory` instead of failing.
 
     Example:
         >>> from pytest_gradckpt.arguments import Subject
@@ -118,14 +208,53 @@ def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.
         >>> baseline.noisy, sorted(baseline.run.grads)[:2]
         (False, ['0.bias', '0.weight'])
     """
-    first = step(scenario, None)
+    return _two_runs(step, scenario, model_name, dtype, None, WHOLE_MODEL, "", fall_back)
+
+
+def layerwise(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype,
+              why: str = "") -> Baseline | NotJudged:
+    """The no-checkpoint gradients computed one checkpoint unit at a time (two steps, as
+    :func:`whole_model`): each unit runs without a graph in forward and is replayed from its
+    recorded inputs and RNG state when its output gradient arrives
+    (:class:`~pytest_gradckpt.replay.LayerReplay`). Peak memory is about that of a checkpointed
+    step; it cannot judge memory reductions.
+
+    Example:
+        >>> from pytest_gradckpt.arguments import Subject
+        >>> from pytest_gradckpt.runs import Stepper
+        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 2))
+        >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), torch.nn.Linear, seed=0, timeout=None)
+        >>> local = layerwise(stepper.step, SCENARIOS["train"], "net", torch.float32)
+        >>> whole = whole_model(stepper.step, SCENARIOS["train"], "net", torch.float32)
+        >>> all(torch.equal(local.run.grads[n], g) for n, g in whole.run.grads.items()), local.run.calls
+        (True, {'0': 1, '2': 1})
+    """
+    # The replay runs as a strategy of the step, so local and distributed steps need nothing new.
+    baseline = _two_runs(step, scenario, model_name, dtype, LAYER_REPLAY, LAYERWISE, why, False)
+    assert not isinstance(baseline, OutOfMemory)  # no fallback was asked for
+    return baseline
+
+
+def _two_runs(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype, replay: Strategy | None,
+              kind: str, why: str, fall_back: bool) -> Baseline | NotJudged | OutOfMemory:
+    first = step(scenario, replay)
+    if fall_back and out_of_memory(first.error):
+        detail = describe_error(first.error)
+        _release(first)
+        return OutOfMemory(detail)
     refused = _validate(first, scenario, model_name)
     if refused is not None:
         return refused
-    second = step(scenario, None)
+    second = step(scenario, replay)
+    if fall_back and out_of_memory(second.error):
+        detail = describe_error(second.error)
+        _release(second)
+        _release(first)
+        return OutOfMemory(f"the second of two runs, beside the first's gradients: {detail}")
     if second.error is not None:
         return _not_reproducible(scenario, describe_error(second.error))
-    baseline = Baseline(first, grad_noise=measure_noise(first.grads, second.grads),
+    baseline = Baseline(first, kind=kind, why=why, grad_noise=measure_noise(first.grads, second.grads),
                         loss_noise=measure_noise({"loss": first.loss}, {"loss": second.loss}),
                         output_noise=measure_noise(first.outputs, second.outputs))
     cap = noise_cap(dtype)

@@ -26,7 +26,7 @@ from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario, resolve_scenarios
-from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance
+from pytest_gradckpt.settings import check_baseline, check_fraction, check_timeout, check_tolerance
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.strategies import Strategy, resolve_strategies
 
@@ -78,7 +78,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           name: str | None = None,
           cache: MutableMapping[Any, Any] | None = None,
           distributed: Mapping[str, Any] | None = None,
-          fingerprint: bool = False) -> Report:
+          fingerprint: bool = False,
+          baseline: str = "auto") -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
     Args:
@@ -109,6 +110,11 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             ``find_unused_parameters`` and ``static_graph`` (DDP, both False), ``micro_batches``
             (1; more accumulates with gradient sync only on the last: DDP ``no_sync``) and
             ``timeout`` (60 s for all ranks together).
+        baseline: what strategies are compared with: ``"whole-model"`` (the step without
+            checkpointing), ``"layerwise"`` (the same gradients computed one checkpoint unit at a
+            time, in about the memory of a checkpointed step; memory reductions are not judged),
+            or ``"auto"`` (whole-model, and layerwise when that step runs out of device memory).
+            ``report.baseline[scenario]["kind"]`` and ``["why"]`` say which was used.
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 
@@ -137,6 +143,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise GradckptUsageError(f"seed={seed!r}: pass an int")
     timeout = check_timeout(timeout)
+    baseline_kind = check_baseline(baseline)
     chosen = resolve_strategies(strategies)
     chosen_scenarios = resolve_scenarios(scenarios)
     settings = distributed_options(distributed)
@@ -156,19 +163,19 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     limits, rtol=default_rtol if limits.rtol < 0 else limits.rtol,
                     atol=default_atol if limits.atol < 0 else limits.atol)
                 key = (report.model, scenario.name, seed, str(subject.device), tuple(stepper.layer_names),
-                       tuple(sorted(settings.items())) if scenario.distributed else ())
+                       tuple(sorted(settings.items())) if scenario.distributed else (), baseline_kind)
                 if cache is not None and key in cache:
-                    baseline = cache[key]
+                    reference = cache[key]
                 else:
-                    baseline = baselines.whole_model(step, scenario, subject.name, dtype)
-                    _make_room(baseline, subject)
+                    reference = baselines.build(step, scenario, subject.name, dtype, baseline_kind)
+                    _make_room(reference, subject)
                     if cache is not None:
-                        cache[key] = baseline
-                report.baseline[scenario.name] = baseline.summary()
+                        cache[key] = reference
+                report.baseline[scenario.name] = reference.summary()
                 if determinism.note:
                     report.baseline[scenario.name]["determinism"] = determinism.note
                 for strategy in chosen:
-                    report.results.append(_judge_one(step, scenario, strategy, baseline, scenario_limits,
+                    report.results.append(_judge_one(step, scenario, strategy, reference, scenario_limits,
                                                      report.model, fingerprint))
     return report
 

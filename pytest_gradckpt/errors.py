@@ -23,6 +23,17 @@ class GradckptUsageError(ValueError):
     """
 
 
+class NotReplayable(Exception):
+    """A checkpoint unit gave other outputs when run again from the same inputs and RNG state
+    (state outside its parameters and buffers, randomness outside torch's generators): the
+    layer-local baseline, which replays every unit, cannot judge that model.
+
+    Example:
+        >>> str(NotReplayable("blocks.0: outputs differ"))
+        'blocks.0: outputs differ'
+    """
+
+
 class StrategyNotApplicable(Exception):
     """Raised by a strategy, while applying or running, when it cannot serve this model.
 

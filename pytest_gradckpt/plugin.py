@@ -45,6 +45,9 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
      "require every checkpointing strategy to cut activation memory by FRACTION (CUDA: the allocator peak)"),
     ("--gradckpt-device", "gradckpt_device", "string", {"metavar": "auto|cpu|cuda"},
      "device to run checks on (default: where the model is)"),
+    ("--gradckpt-baseline", "gradckpt_baseline", "string", {"metavar": "auto|whole-model|layerwise"},
+     "what strategies are compared with (default auto: the step without checkpointing, or the layer-local "
+     "replay when that runs out of device memory)"),
     ("--gradckpt-timeout", "gradckpt_timeout", "string", {"metavar": "SECONDS"},
      "end a run that takes longer as 'error' (default 300)"),
     ("--gradckpt-record", "gradckpt_record", "string", {"metavar": "PATH"},
@@ -102,7 +105,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "gradckpt(strategies=None, scenarios=None, layers=None, rtol=None, atol=None, min_memory_reduction=None, "
-        "min_cuda_memory_reduction=None, expect=None, seed=0, timeout=None): a gradient-checkpointing check; "
+        "min_cuda_memory_reduction=None, expect=None, seed=0, timeout=None, baseline='auto'): a gradient-checkpointing check; "
         "configures the 'gradckpt' fixture. Runs only with --gradckpt.")
     config.pluginmanager.register(GradckptReporter(config), "gradckpt-reporter")
     config.stash[factories_key] = {}
@@ -113,6 +116,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if device not in (None, "auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise _usage(GradckptUsageError(f"--gradckpt-device={device!r}; pass auto, cpu or cuda"))
     try:
+        if option(config, "gradckpt_baseline") is not None:
+            settings.check_baseline(option(config, "gradckpt_baseline"), "--gradckpt-baseline")
         settings.check_scenario_names(settings.split_names(option(config, "gradckpt_scenarios")),
                                       "--gradckpt-scenarios")
         if option(config, "gradckpt_compare"):
@@ -232,6 +237,8 @@ def check_options(config: pytest.Config, marker: dict[str, Any], strategies: lis
     if timeout is not None:
         chosen.setdefault("timeout", timeout)
     chosen["device"] = option(config, "gradckpt_device")
+    if option(config, "gradckpt_baseline") is not None:
+        chosen.setdefault("baseline", option(config, "gradckpt_baseline"))
     return chosen
 
 

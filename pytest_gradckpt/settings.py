@@ -23,7 +23,25 @@ MARKER_ARGUMENTS: dict[str, str] = {
     "expect": "{'strategy' or 'strategy/scenario': outcome} for known hazards",
     "seed": "seed for every run (default 0)",
     "timeout": "seconds one run may take before it ends as error",
+    "baseline": "auto (whole-model, layerwise if that runs out of memory), whole-model or layerwise",
 }
+
+#: What ``baseline=`` accepts. ``auto``: the step without checkpointing, and the layer-local
+#: replay when that step runs out of device memory (see :mod:`pytest_gradckpt.baselines`).
+BASELINE_KINDS = ("auto", "whole-model", "layerwise")
+
+
+def check_baseline(value: Any, where: str = "baseline") -> str:
+    """Validate a baseline kind.
+
+    Example:
+        >>> check_baseline("layerwise")
+        'layerwise'
+    """
+    if value not in BASELINE_KINDS:
+        raise GradckptUsageError(f"{where}={value!r} is not a baseline kind; pass one of {', '.join(BASELINE_KINDS)} "
+                                 "(layerwise: for models whose step only fits with checkpointing)")
+    return value
 
 
 def check_fraction(name: str, value: Any) -> float | None:
@@ -157,6 +175,8 @@ def check_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str) -
             check_fraction(name, settings[name])
     if "timeout" in settings:
         check_timeout(settings["timeout"])
+    if "baseline" in settings:
+        check_baseline(settings["baseline"], f"{where}: baseline")
     if "expect" in settings:
         settings["expect"] = check_expect(settings["expect"], where)
     if "seed" in settings and (isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int)):

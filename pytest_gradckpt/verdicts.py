@@ -73,7 +73,7 @@ class Evidence:
                        recomputed_units=run.recomputed_units, baseline=self.baseline.kind)
         # One unwarmed CUDA step says little about steady-state speed (first-call kernel
         # selection, allocator growth), so no ratio is shown there; see benchmarks/ for timings.
-        if run.cuda_peak_bytes is None and base.seconds > 0:
+        if run.cuda_peak_bytes is None and base.seconds > 0 and self.baseline.measures_cost:
             metrics["time_ratio"] = run.seconds / base.seconds
         if self.activation_reduction is not None:
             metrics["activation_reduction"] = self.activation_reduction
@@ -108,6 +108,8 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
     evidence.buffers = compare(base.buffers, run.buffers, limits.rtol, limits.atol, Noise())
     evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
         base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units == "own")
+    if not baseline.measures_cost:
+        return evidence
     if base.activation_bytes:
         evidence.activation_reduction = 1 - run.activation_bytes / base.activation_bytes
     if run.cuda_peak_bytes is not None and base.cuda_peak_bytes:
@@ -191,7 +193,7 @@ def wrong_recompute_count(e: Evidence, limits: Limits) -> str | None:
 
 def too_little_saved_memory(e: Evidence, limits: Limits) -> str | None:
     wanted, got = limits.min_memory_reduction, e.activation_reduction
-    if wanted is not None and e.checkpointable and (got is None or got < wanted):
+    if wanted is not None and e.checkpointable and e.baseline.measures_cost and (got is None or got < wanted):
         return (f"saved-activation memory fell by {0 if got is None else got:.0%}, below "
                 f"min_memory_reduction={wanted:.0%}")
     return None

@@ -109,3 +109,60 @@ def test_bf16_llama_verdicts_are_stable_under_default_cuda_settings():
 
 def test_time_ratio_is_not_shown_from_one_unwarmed_cuda_step(cuda_report):
     assert all("time_ratio" not in r.metrics for r in cuda_report.results)
+
+
+def _peak_above_now(step) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def test_a_real_cuda_out_of_memory_falls_back_to_the_layerwise_baseline():
+    """The card is capped (set_per_process_memory_fraction) between what a plain step and a
+    checkpointed step need, both measured here in plain torch: the whole-model baseline runs
+    out of CUDA memory, the check falls back and judges every strategy."""
+    import copy
+
+    model, inputs = deep_llama()
+    ids = torch.randint(0, 512, (2, 1024), generator=torch.Generator().manual_seed(1)).cuda()
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    model = model.cuda()
+    weights = sum(p.nbytes for p in model.parameters())
+
+    def plain():
+        copy.deepcopy(model)(**inputs).loss.backward()
+
+    def checkpointed():
+        copied = copy.deepcopy(model)
+        copied.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        copied(**inputs).loss.backward()
+
+    plain_peak, checkpointed_peak = _peak_above_now(plain), _peak_above_now(checkpointed)
+    assert plain_peak - checkpointed_peak > 3 * weights  # room for the engine's kept gradients
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_allocated() + weights + (plain_peak + checkpointed_peak) // 2
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        report = gc.check(model, inputs, strategies=["non_reentrant", "hf_non_reentrant", "offload"])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    summary = report.baseline["train"]
+    assert summary["kind"] == "layerwise", summary
+    assert "out of memory" in summary["why"]
+    assert [r.outcome for r in report.results] == ["pass"] * 3, [r.message for r in report.results]
+
+
+def test_layerwise_and_whole_model_verdicts_agree_on_cuda_in_bf16():
+    from tests import mutations
+
+    model, inputs = deep_llama()
+    model = model.to(torch.bfloat16)
+    strategies = PER_LAYER + [gc.Strategy.from_checkpoint_fn("off", mutations.off_by_one_percent),
+                              gc.Strategy.from_checkpoint_fn("detached", mutations.output_detached)]
+    outcomes = {kind: [r.outcome for r in gc.check(model, inputs, device="cuda", strategies=strategies,
+                                                    baseline=kind).results]
+                for kind in ("whole-model", "layerwise")}
+    assert outcomes["whole-model"] == outcomes["layerwise"] == ["pass"] * len(PER_LAYER) + ["mismatch", "silent"]

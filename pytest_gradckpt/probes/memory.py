@@ -114,7 +114,11 @@ class SavedActivationProbe:
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         self.add(tensor)
-        return tensor
+        # A detached alias, not the tensor itself: a saved *output* packed as itself holds its own
+        # grad_fn, a cycle through autograd's C++ graph that Python's collector cannot break. A
+        # step that fails before backward (out of memory, say) would then keep its whole graph,
+        # model copy's weights included, for the rest of the process.
+        return tensor.detach()
 
     def __enter__(self) -> SavedActivationProbe:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -23,16 +25,36 @@ class LayerCounter:
         self.counts: Counter[str] = Counter()
         self.graph_calls: Counter[str] = Counter()
         self.memory: Any = None
+        self._paused = 0
 
     def hit(self, name: str) -> None:
         """Record one execution of ``name``'s forward."""
-        self.counts[name] += 1
+        if not self._paused:
+            self.counts[name] += 1
 
     def saw_output(self, name: str, output: Any) -> None:
         """Count calls of ``name`` whose output joins the autograd graph: backward reaches those.
         (Calls under ``torch.no_grad()``, or of a frozen layer fed grad-free inputs, do not.)"""
-        if _any_requires_grad(output):
+        if not self._paused and _any_requires_grad(output):
             self.graph_calls[name] += 1
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Executions in the block are not counted: the engine's own replays
+        (:mod:`pytest_gradckpt.replay`) are not the model's.
+
+        Example:
+            >>> c = LayerCounter()
+            >>> with c.uncounted():
+            ...     c.hit("layers.0")
+            >>> c.counts["layers.0"]
+            0
+        """
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
 
 def _any_requires_grad(value: Any) -> bool:
