@@ -122,6 +122,7 @@ def test_each(gradckpt, gradckpt_strategy):
     ("min_memory_reduction=1.5", "*min_memory_reduction=1.5 is out of range*"),
     ('expect={"ours": "fine"}', "*expect*'fine' is not an outcome*"),
     ('"positional"', "*takes keyword arguments only*"),
+    ("baseline='per-layer'", "*baseline='per-layer' is not a baseline kind; pass one of auto, whole-model, layerwise*"),
 ])
 def test_marker_validation_is_a_usage_error(downstream, marker, message):
     downstream.makepyfile(test_bad=f'''
@@ -141,12 +142,22 @@ def test_bad(gradckpt):
     ("--gradckpt-scenarios=bogus", "*unknown scenario 'bogus'*"),
     ("--gradckpt-min-memory-reduction=2", "*out of range*"),
     ("--gradckpt-device=tpu", "*--gradckpt-device='tpu'; pass auto, cpu or cuda*"),
+    ("--gradckpt-baseline=local", "*--gradckpt-baseline='local' is not a baseline kind*"),
     ("--gradckpt-model=nowhere:factory", "*--gradckpt-model='nowhere:factory': cannot load it*"),
 ])
 def test_bad_options_are_usage_errors(downstream, option, message):
     result = downstream.runpytest_subprocess("--gradckpt", option)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_layerwise_baseline_from_the_ini_file_reaches_the_json_report(downstream):
+    downstream.makeini("[pytest]\ngradckpt_baseline = layerwise\n")
+    result = downstream.runpytest_subprocess("--gradckpt", "--gradckpt-report=report.json", "-k", "checkpointing")
+    result.assert_outcomes(failed=1)  # ours_broken is still caught against the layer-local baseline
+    results = json.loads((downstream.path / "report.json").read_text())["results"]
+    assert {r["strategy"]: (r["outcome"], r["metrics"]["baseline"]) for r in results} == {
+        "ours": ("pass", "layerwise"), "ours_broken": ("silent", "layerwise")}
 
 
 def test_generated_items_from_a_factory(downstream):
