@@ -145,6 +145,13 @@ class Subject:
             self._spare = self._build()
         return self._spare
 
+    def on_device(self, device: torch.device) -> None:
+        """Run on ``device`` from now on (a spawned rank's own GPU). A model received from the
+        parent is moved there too, so ranks do not all hold a copy on the parent's GPU."""
+        self.device = device
+        if isinstance(self.model_source, nn.Module):
+            self.model_source.to(device)
+
     def __getstate__(self) -> dict[str, Any]:
         # Spawned distributed ranks receive the subject pickled; the weak set is bookkeeping only.
         state = dict(self.__dict__)

@@ -70,6 +70,8 @@ class Baseline:
             "judged": True, "kind": self.kind, "loss": float(run.loss), "noise": self.noise,
             "activation_bytes": run.activation_bytes, "cuda_peak_bytes": run.cuda_peak_bytes,
             "seconds": run.seconds}
+        if run.rank_cuda_peak_bytes:
+            summary["rank_cuda_peak_bytes"] = run.rank_cuda_peak_bytes
         if self.why:
             summary["why"] = self.why
         if not self.measures_cost:

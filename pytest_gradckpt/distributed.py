@@ -152,7 +152,7 @@ def _describe(error: BaseException) -> dict[str, Any]:
 
 #: The fields of a :class:`Run` a rank sends back (its error travels separately, described).
 MEASURED = ("loss", "grads", "buffers", "calls", "graph_calls", "expected_recompute", "recomputed_units",
-            "warnings", "seconds", "activation_bytes", "outputs")
+            "warnings", "seconds", "activation_bytes", "outputs", "cuda_peak_bytes")
 
 
 def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any,
@@ -163,12 +163,18 @@ def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy:
     payload: dict[str, Any] = {"rank": rank}
     try:
         torch.set_num_threads(1)  # ranks share the machine's cores
-        backend = "nccl" if stepper.subject.device.type == "cuda" else "gloo"
+        cuda = stepper.subject.device.type == "cuda"
+        if cuda:  # one GPU per rank, as torchrun would give it
+            stepper.subject.on_device(torch.device("cuda", rank))
+            torch.cuda.set_device(rank)
         payload["launch"] = True  # until the ranks have met, a failure is the harness's
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=settings["world_size"], timeout=timedelta(seconds=settings["timeout"]))
         payload["launch"] = False
         run = stepper.step(scenario, strategy, grad_targets, parallel=Parallel(scenario.distributed, rank, settings))
+        payload["fingerprint"] = _fingerprint(run.grads)
+        if rank:  # rank 0 ships the gradients; the others only what proves theirs are the same
+            run.grads, run.outputs, run.buffers = {}, {}, {}
         run = run.to_host()
         payload.update({key: getattr(run, key) for key in MEASURED})
         if run.error is not None:
@@ -211,12 +217,15 @@ class Launcher:
         self.stepper = stepper
 
     def step(self, scenario: Any, strategy: Any, grad_targets: Any = None) -> Run:
-        """One distributed step; a strategy that does not apply is skipped before any rank starts."""
+        """One distributed step; a strategy that does not apply is skipped before any rank starts.
+        Under an existing launch (torchrun), the step runs on this process's rank of that group."""
         if strategy is not None:
             stepper = self.stepper
             reason = strategy.applies_to(ModelInfo(stepper.subject.peek(), stepper.layer_names, stepper.found_by))
             if reason:
                 return Run(error=StrategyNotApplicable(reason))
+        if launched_from_outside():
+            return step_in_existing_group(self.stepper, scenario, strategy, grad_targets)
         for _ in range(LAUNCH_ATTEMPTS):
             run = launch(self.stepper, scenario, strategy, grad_targets)
             if not isinstance(run.error, LaunchFailure):
@@ -227,6 +236,112 @@ class Launcher:
         return run
 
 
+def join_launch(device: str | None) -> int | None:
+    """Join the process group of an existing launch (``torchrun`` sets ``RANK`` and ``WORLD_SIZE``
+    for every process it starts) unless one is running already; return this process's rank, or
+    None outside a launch. On GPUs (``device`` cuda or auto with CUDA) each process takes the GPU
+    of its ``LOCAL_RANK`` and the group uses NCCL; on CPU, gloo.
+
+    Example:
+        >>> join_launch("cpu") is None  # not started by torchrun
+        True
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return None
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and (device == "auto" or str(device).startswith("cuda"))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
+def agreed_exit_status(status: int) -> int:
+    """The worst exit status of all ranks, so every rank of a launch exits alike (a CI job that
+    looks at any rank sees the same verdict)."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, int(status))
+    failing = [s for s in everyone if s != 0]
+    return max(failing) if failing else 0
+
+
+def leave_launch() -> None:
+    """Leave the group :func:`join_launch` joined."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def describe_ranks(settings: Mapping[str, Any], device: torch.device) -> str:
+    """Where a distributed scenario's ranks run, for the report.
+
+    Example:
+        >>> describe_ranks(DEFAULTS, torch.device("cpu"))
+        '2 ranks started by the check, gloo'
+    """
+    import torch.distributed as dist
+
+    if launched_from_outside():
+        return f"{dist.get_world_size()} ranks of the running process group (torchrun), {dist.get_backend()}"
+    backend = "nccl, one GPU each" if device.type == "cuda" else "gloo"
+    return f"{settings['world_size']} ranks started by the check, {backend}"
+
+
+def launched_from_outside() -> bool:
+    """Whether this process is a rank of a process group someone else started (torchrun, or a
+    training script that called ``init_process_group``).
+
+    Example:
+        >>> launched_from_outside()
+        False
+    """
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def step_in_existing_group(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
+    """The step on this rank of the running group; every rank calls it for the same check, in the
+    same order (as every rank of ``torchrun -m pytest`` runs the same tests), and every rank ends
+    with the same Run: full gradients, each rank's CUDA peak, and whether the ranks agree."""
+    import torch.distributed as dist
+
+    settings = dict(stepper.distributed or DEFAULTS, world_size=dist.get_world_size())
+    parallel = Parallel(scenario.distributed, dist.get_rank(), settings)
+    run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
+    # Every rank must reach the same verdict: share failures, peaks and gradient fingerprints.
+    mine = {"error": None if run.error is None else _describe(run.error), "peak": run.cuda_peak_bytes,
+            "fingerprint": _fingerprint(run.grads)}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    failed = [(rank, e["error"]) for rank, e in enumerate(everyone) if e["error"] is not None]
+    if failed and run.error is None:
+        rank, error = failed[0]
+        run.error = StrategyNotApplicable(error["error"]) if error["not_applicable"] else RankFailure(
+            f"rank {rank}: {error['error']}")
+    if run.error is None:
+        _fold_peaks(run, [e["peak"] for e in everyone])
+        run.rank_disagreement = _disagreement([e["fingerprint"] for e in everyone])
+    return run
+
+
+def _fingerprint(grads: dict[str, Any]) -> dict[str, Any]:
+    """Per gradient, numbers equal exactly when the tensors are (for practical purposes): the
+    ranks compare these instead of shipping whole gradients."""
+    found = {n: g for n, g in grads.items() if g is not None}
+    if not found:
+        return {n: None for n in grads}
+    stacked = torch.stack([torch.stack([g.double().sum(), g.double().square().sum(), g.double().abs().max()])
+                           for g in found.values()]).cpu().tolist()
+    return {n: (tuple(stacked[i]) if n in found else None)
+            for i, n in enumerate(found)} | {n: None for n in grads if n not in found}
+
+
 def _is_transport_failure(message: str) -> bool:
     return any(marker in message for marker in TRANSPORT_FAILURES)
 
@@ -234,16 +349,18 @@ def _is_transport_failure(message: str) -> bool:
 def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
     """Run one step on ``world_size`` forked ranks, once, and fold their measurements into one Run."""
     settings = stepper.distributed
-    if stepper.subject.device.type == "cuda":
+    cuda = stepper.subject.device.type == "cuda"
+    if cuda and settings["world_size"] > torch.cuda.device_count():
         raise GradckptUsageError(
-            f"{scenario.name} with a CUDA model: this launcher does not give each rank its own GPU; run "
-            "distributed scenarios on CPU (device='cpu', gloo), or on GPUs with torchrun and "
-            "benchmarks/ddp_cuda.py, which runs the same engine step on NCCL")
+            f"{scenario.name}: world_size={settings['world_size']} ranks need as many GPUs, one each, and "
+            f"{torch.cuda.device_count()} are visible; pass distributed={{'world_size': "
+            f"{torch.cuda.device_count()}}} or run on more GPUs")
     method = settings["start_method"]
     if method == "auto":
-        # Fork is cheap and needs nothing picklable, but a process whose CUDA (and so autograd's
-        # device threads) already ran cannot fork safely: then spawn, which pickles the stepper.
-        method = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+        # Fork is cheap and needs nothing picklable, but CUDA cannot be used in a forked child, and
+        # a process whose CUDA (and so autograd's device threads) already ran cannot fork safely:
+        # then spawn, which pickles the stepper.
+        method = "spawn" if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()) else "fork"
     if method == "spawn":
         try:
             pickle.dumps((stepper, scenario, strategy))
@@ -308,16 +425,29 @@ def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) ->
     first = payloads[0]
     for key in MEASURED:
         setattr(run, key, first[key])
-    run.rank_disagreement = _disagreement(payloads)
+    _fold_peaks(run, [payloads[r]["cuda_peak_bytes"] for r in sorted(payloads)])
+    run.rank_disagreement = _disagreement([payloads[r]["fingerprint"] for r in sorted(payloads)])
     return run
 
 
-def _disagreement(payloads: dict[int, dict[str, Any]]) -> str | None:
-    """Which parameter's gradient differs between ranks, if any (they must all hold the same)."""
-    reference = payloads[0]["grads"]
-    for rank, payload in sorted(payloads.items())[1:]:
-        for name, grad in reference.items():
-            other = payload["grads"].get(name)
-            if (grad is None) != (other is None) or (grad is not None and not torch.equal(grad, other)):
+def _fold_peaks(run: Run, peaks: list[int | None]) -> None:
+    """Every rank's CUDA peak is kept; the run's is the largest, so thresholds hold on every rank."""
+    if all(p is not None for p in peaks):
+        run.rank_cuda_peak_bytes = list(peaks)
+        run.cuda_peak_bytes = max(peaks)
+
+
+def _disagreement(fingerprints: list[dict[str, Any]]) -> str | None:
+    """Which parameter's gradient differs between ranks, if any (they must all hold the same).
+
+    Example:
+        >>> _disagreement([{"w": (1.0, 1.0, 1.0)}, {"w": (1.0, 1.0, 1.0)}]) is None
+        True
+        >>> _disagreement([{"w": (1.0, 1.0, 1.0)}, {"w": None}])
+        'rank 1 holds a different gradient for w than rank 0'
+    """
+    for rank, theirs in enumerate(fingerprints[1:], start=1):
+        for name, value in fingerprints[0].items():
+            if theirs.get(name) != value:
                 return f"rank {rank} holds a different gradient for {name} than rank 0"
     return None

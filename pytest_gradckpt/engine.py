@@ -19,7 +19,7 @@ from torch import nn
 
 from pytest_gradckpt import baselines, verdicts
 from pytest_gradckpt.arguments import Subject, tensor_bytes
-from pytest_gradckpt.distributed import Launcher, options as distributed_options
+from pytest_gradckpt.distributed import Launcher, describe_ranks, options as distributed_options
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.probes.gradients import default_tolerances
@@ -172,11 +172,16 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     if cache is not None:
                         cache[key] = reference
                 report.baseline[scenario.name] = reference.summary()
+                if scenario.distributed:
+                    report.baseline[scenario.name]["ranks"] = describe_ranks(settings, subject.device)
                 if determinism.note:
                     report.baseline[scenario.name]["determinism"] = determinism.note
                 for strategy in chosen:
-                    report.results.append(_judge_one(step, scenario, strategy, reference, scenario_limits,
-                                                     report.model, fingerprint))
+                    result = _judge_one(step, scenario, strategy, reference, scenario_limits, report.model,
+                                        fingerprint)
+                    if scenario.distributed:
+                        result.metrics["ranks"] = report.baseline[scenario.name]["ranks"]
+                    report.results.append(result)
     return report
 
 

@@ -25,6 +25,8 @@ FIXTURES = ("gradckpt", "gradckpt_strategy")
 
 factories_key = pytest.StashKey[dict[str, Any]]()
 baselines_key = pytest.StashKey[dict[Any, Any]]()
+#: this process's rank under ``torchrun -m pytest --gradckpt`` (absent otherwise)
+rank_key = pytest.StashKey[int]()
 golden_key = pytest.StashKey[dict[str, Any]]()
 
 # (option, ini name, ini type, addoption keywords, help)
@@ -101,7 +103,25 @@ def _check_timeout(name: str, value: float) -> float | None:
     return settings.check_timeout(value)
 
 
+def _under_launch(config: pytest.Config) -> bool:
+    return config.stash.get(rank_key, None) is not None
+
+
+def _reports_here(config: pytest.Config) -> bool:
+    """Under torchrun every rank runs the same checks to the same verdicts: rank 0 reports them."""
+    return config.stash.get(rank_key, 0) == 0
+
+
+@pytest.hookimpl(tryfirst=True)  # before junitxml opens its file: only rank 0 writes it
 def pytest_configure(config: pytest.Config) -> None:
+    if enabled(config) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pytest_gradckpt.distributed import join_launch
+
+        rank = join_launch(option(config, "gradckpt_device"))
+        if rank is not None:
+            config.stash[rank_key] = rank
+            if rank != 0:
+                config.option.xmlpath = None
     config.addinivalue_line(
         "markers",
         "gradckpt(strategies=None, scenarios=None, layers=None, rtol=None, atol=None, min_memory_reduction=None, "
@@ -126,6 +146,13 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[golden_key] = golden.load(option(config, "gradckpt_compare"))
     except GradckptUsageError as error:
         raise _usage(error) from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _under_launch(config):
+        from pytest_gradckpt.distributed import leave_launch
+
+        leave_launch()
 
 
 def _selected_strategies(config: pytest.Config, marker_settings: dict[str, Any]) -> list[str] | None:
@@ -405,7 +432,7 @@ class GradckptReporter:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         found = self.sorted_results()
-        if not found:
+        if not found or not _reports_here(self.config):
             return
         terminalreporter.write_sep("=", "gradient checkpointing")
         results = [Result(**{k: r[k] for k in ("strategy", "scenario", "outcome", "message", "metrics", "model")})
@@ -432,8 +459,12 @@ class GradckptReporter:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        if hasattr(self.config, "workerinput"):  # xdist workers: the controller writes the merged files
-            return
+        if _under_launch(self.config):
+            from pytest_gradckpt.distributed import agreed_exit_status
+
+            session.exitstatus = exitstatus = agreed_exit_status(int(exitstatus))
+        if hasattr(self.config, "workerinput") or not _reports_here(self.config):
+            return  # xdist workers: the controller writes the merged files; under torchrun, rank 0
         if option(self.config, "gradckpt_report"):
             self._write("gradckpt_report", {"versions": environment.versions(), "results": self.sorted_results()})
         if option(self.config, "gradckpt_record"):

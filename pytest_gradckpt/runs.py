@@ -49,6 +49,8 @@ class Run:
     recomputed_units: list[str] = dataclasses.field(default_factory=list)
     activation_bytes: int = 0
     cuda_peak_bytes: int | None = None
+    #: distributed runs on GPUs: each rank's peak (``cuda_peak_bytes`` is the largest)
+    rank_cuda_peak_bytes: list[int] | None = None
     seconds: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: BaseException | None = None

@@ -79,6 +79,8 @@ class Evidence:
             metrics["activation_reduction"] = self.activation_reduction
         if run.cuda_peak_bytes is not None:  # measured whatever the baseline; compared only with a whole-model one
             metrics["cuda_peak_bytes"] = run.cuda_peak_bytes
+        if run.rank_cuda_peak_bytes:
+            metrics["rank_cuda_peak_bytes"] = run.rank_cuda_peak_bytes
         if self.cuda_reduction is not None:
             metrics.update(baseline_cuda_peak_bytes=base.cuda_peak_bytes, cuda_reduction=self.cuda_reduction)
         if self.baseline.noisy:

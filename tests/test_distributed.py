@@ -141,3 +141,111 @@ def test_transport_errors_from_a_rank_count_as_launch_failures():
 
     assert distributed._is_transport_failure("RuntimeError: Gloo connectFullMesh failed with ... Connection closed by peer")
     assert not distributed._is_transport_failure("RuntimeError: Expected to mark a variable ready only once")
+
+
+# --------------------------------------------------------------------------- under torchrun
+
+LAUNCHED_TESTS = '''
+import pytest
+import pytest_gradckpt as gc
+from pytest_gradckpt.zoo import plain
+from tests.mutations import output_detached
+
+gc.register_strategy(gc.Strategy.from_checkpoint_fn("detached", output_detached), replace=True)
+
+
+@pytest.mark.gradckpt(scenarios=["ddp", "fsdp2"], strategies=["non_reentrant", "reentrant"])
+def test_dropout_net(gradckpt):
+    gradckpt.check(*plain.dropout_mask_net())
+
+
+@pytest.mark.gradckpt(scenarios=["ddp"], strategies=["reentrant"], expect={"reentrant/ddp": "error"})
+def test_reused_block(gradckpt):
+    gradckpt.check(*plain.reused_block_net())
+
+
+@pytest.mark.gradckpt(scenarios=["fsdp2"], strategies=["detached"])
+def test_broken(gradckpt):
+    gradckpt.check(*plain.dropout_mask_net())
+'''
+
+
+def _outcomes(path):
+    import json
+
+    results = json.loads(path.read_text())["results"]
+    return sorted((r["model"], r["strategy"], r["scenario"], r["outcome"]) for r in results)
+
+
+@pytest.fixture
+def launched(pytester):
+    import pathlib
+    import shutil
+
+    shutil.copytree(pathlib.Path(__file__).parent, pytester.path / "tests")
+    pytester.makepyfile(test_launched=LAUNCHED_TESTS)
+    return pytester
+
+
+def _ranks(pytester, *args, world_size=2):
+    """Start the ranks as torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and
+    return each one's exit status and output."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(pytester.path))
+        processes.append(subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--gradckpt",
+                                           *args], cwd=pytester.path, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    return [(p.wait(timeout=300), p.stdout.read()) for p in processes]
+
+
+def test_under_torchrun_rank_zero_reports_the_self_started_verdicts_and_all_ranks_agree(launched):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--gradckpt",
+                    "--gradckpt-report=self.json", "-k", "not broken", "test_launched.py"], cwd=launched.path, check=True,
+                   capture_output=True, env={**__import__("os").environ, "PYTHONPATH": str(launched.path)})
+    (status0, out0), (status1, out1) = _ranks(launched, "--gradckpt-report=launched.json",
+                                               "--junitxml=junit.xml", "-k", "not broken", "test_launched.py")
+    assert (status0, status1) == (0, 0), out0 + out1
+    assert _outcomes(launched.path / "launched.json") == _outcomes(launched.path / "self.json")
+    import json
+
+    ranks = {r["metrics"].get("ranks") for r in json.loads((launched.path / "launched.json").read_text())["results"]
+             if r["scenario"] in ("ddp", "fsdp2")}
+    assert ranks == {"2 ranks of the running process group (torchrun), gloo"}
+    assert "gradient checkpointing" in out0 and "gradient checkpointing" not in out1  # one table, rank 0's
+    assert (launched.path / "junit.xml").exists()
+
+
+def test_under_torchrun_a_failing_check_fails_every_rank(launched):
+    statuses = [status for status, _ in _ranks(launched, "-k", "broken", "test_launched.py")]
+    assert statuses == [1, 1]
+
+
+def test_torchrun_itself_runs_the_plugin():
+    """The command users type: one report, exit status 0 (torchrun returns the worst rank's)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--local-ranks-filter", "0",
+         "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--gradckpt", "-q",
+         "--gradckpt-strategies=non_reentrant", "--gradckpt-models=dropout_mask", "--gradckpt-scenarios=ddp",
+         "--pyargs", "pytest_gradckpt.suite"],
+        cwd=root, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("gradient checkpointing") == 1
