@@ -200,4 +200,6 @@ class Stepper:
         run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
         run.activation_bytes = memory.peak_bytes
         if cuda.peak_bytes is not None:
-            run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(p for _, p in trainable))
+            # A sharded (FSDP2) parameter's gradient on this rank is its local shard, not the whole.
+            local = (getattr(p, "_local_tensor", p) for _, p in trainable)
+            run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(local))
