@@ -1,7 +1,8 @@
 """The distributed scenarios on CUDA with NCCL, one process per GPU started by torchrun.
 
-The engine's CPU launcher forks its ranks, which CUDA forbids; on GPUs torchrun starts the
-ranks and each one runs the engine's own step with the engine's own DDP/FSDP2 wrapping
+(``check(..., device="cuda", scenarios=["ddp"])`` now starts one rank per GPU itself, and
+``torchrun -m pytest --gradckpt`` runs checks on torchrun's ranks; this script is the engine's
+step used directly.) Here torchrun starts the ranks and each one runs the engine's own step with the engine's own DDP/FSDP2 wrapping
 (:class:`pytest_gradckpt.distributed.Parallel`), then the engine's judge compares every
 strategy with the same distributed run without checkpointing, and ranks are checked to hold
 identical gradients.
