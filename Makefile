@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test setup clean
+.PHONY: check check-full test matrix setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ check-full: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -n 2 $(ARGS)
+
+matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
+	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json

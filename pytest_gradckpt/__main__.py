@@ -2,6 +2,7 @@
 
 Commands:
     bisect PACKAGE GOOD BAD [-- PYTEST_ARGS...]   find the release that changed a verdict
+    matrix [--releases A,B,C] [-- PYTEST_ARGS...] the packaged suite under several transformers releases
     strategies                                    list the registered strategies
 """
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from pytest_gradckpt.bisect import main as bisect
 
         return bisect(rest)
+    if command == "matrix":
+        from pytest_gradckpt.matrix import main as matrix
+
+        return matrix(rest)
     if command == "strategies":
         from pytest_gradckpt.strategies import _REGISTRY
 

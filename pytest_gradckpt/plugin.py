@@ -231,19 +231,21 @@ class Checker:
 
     def check(self, model: Any, inputs: Any, *, loss: Callable[..., Any] | None = None, layers: Any = None,
               name: str | None = None, expect: dict[str, str] | None = None, strict: bool = False,
-              **overrides: Any) -> Any:
+              reviewed: tuple[str, str] | None = None, **overrides: Any) -> Any:
         """Run the engine; fail the test unless every result passed (or matched ``expect``).
 
         ``expect`` here replaces the marker's; with ``strict=True`` every result must equal
         its expected outcome exactly (``pass`` and ``skipped`` included), as the packaged
-        suite requires.
+        suite requires; ``reviewed=(where expect was reviewed, what runs here)`` names both
+        sides of a difference.
         """
         kwargs = check_options(self._config, self.settings, self.strategies)
         kwargs.update(overrides)
         if layers is not None:
             kwargs["layers"] = layers
         return run_check(self._request.node, model, inputs, loss=loss, name=name, options=kwargs,
-                         expect=self.settings.get("expect") if expect is None else expect, strict=strict)
+                         expect=self.settings.get("expect") if expect is None else expect, strict=strict,
+                         reviewed=reviewed)
 
     def skip(self, model: str, scenario: str, reason: str) -> None:
         """Record that ``model`` could not run at all (it shows in the table and the JSON report), then skip."""
@@ -270,7 +272,8 @@ def check_options(config: pytest.Config, marker: dict[str, Any], strategies: lis
 
 
 def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[..., Any] | None, name: str | None,
-              options: dict[str, Any], expect: dict[str, str] | None = None, strict: bool = False) -> Any:
+              options: dict[str, Any], expect: dict[str, str] | None = None, strict: bool = False,
+              reviewed: tuple[str, str] | None = None) -> Any:
     """Run the engine for ``node``, record its results, and fail the test on any problem:
     a usage error, a result that is not as expected, or a change from the golden record."""
     from pytest_gradckpt.engine import check
@@ -280,7 +283,7 @@ def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[...,
     except GradckptUsageError as error:
         pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
     record(node, report.results)
-    problems = report.failures(expect, strict=strict) + golden_problems(node, report.results)
+    problems = report.failures(expect, strict=strict, reviewed=reviewed) + golden_problems(node, report.results)
     if problems:
         pytest.fail("gradient checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n"
                     + format_table(report.results), pytrace=False)

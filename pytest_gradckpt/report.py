@@ -70,23 +70,30 @@ def expected_outcome(result: Result, expect: Mapping[str, str] | None) -> str | 
     return expect.get(result.key, expect.get(result.strategy))
 
 
-def judge_against_expectation(result: Result, expect: Mapping[str, str] | None, strict: bool = False) -> str | None:
+def judge_against_expectation(result: Result, expect: Mapping[str, str] | None, strict: bool = False,
+                              reviewed: tuple[str, str] | None = None) -> str | None:
     """Why ``result`` is a problem given ``expect``, or None when it is fine.
 
     A declared outcome that did not happen is a problem too: the hazard went away
-    or changed, and the declaration must be updated (like a strict xfail).
+    or changed, and the declaration must be updated (like a strict xfail). ``reviewed``
+    (``(where the expectation was reviewed, what runs here)``) names both sides.
 
     Example:
         >>> judge_against_expectation(Result("reentrant", "train", "pass"), {"reentrant": "silent"})
         'reentrant/train: expected silent, got pass (update expect= if the hazard is gone)'
         >>> judge_against_expectation(Result("reentrant", "train", "silent"), {"reentrant": "silent"}) is None
         True
+        >>> judge_against_expectation(Result("native", "train", "silent", "lost"), {"native": "pass"}, True,
+        ...                           ("transformers 5.23.0", "transformers 4.57.6"))
+        'native/train: reviewed for transformers 5.23.0: pass; here transformers 4.57.6: silent: lost'
     """
     wanted = expected_outcome(result, expect)
     if wanted is None:
         return None if result.ok else f"{result.key}: {result.outcome}: {result.message}"
     if result.outcome == wanted or (result.outcome == outcomes.SKIPPED and not strict):
         return None
+    if strict and reviewed is not None:
+        return f"{result.key}: reviewed for {reviewed[0]}: {wanted}; here {reviewed[1]}: {result.outcome}: {result.message}"
     if strict:
         return f"{result.key}: expected {wanted}, got {result.outcome}: {result.message}"
     return f"{result.key}: expected {wanted}, got {result.outcome} (update expect= if the hazard is gone)"
@@ -113,9 +120,11 @@ class Report:
         """True when every result is ``pass`` or ``skipped``."""
         return all(r.ok for r in self.results)
 
-    def failures(self, expect: Mapping[str, str] | None = None, strict: bool = False) -> list[str]:
-        """One line per result that is a problem, honouring ``expect`` (exactly, when ``strict``)."""
-        found = (judge_against_expectation(r, expect, strict) for r in self.results)
+    def failures(self, expect: Mapping[str, str] | None = None, strict: bool = False,
+                 reviewed: tuple[str, str] | None = None) -> list[str]:
+        """One line per result that is a problem, honouring ``expect`` (exactly, when ``strict``;
+        ``reviewed`` names where the expectations come from and what runs here)."""
+        found = (judge_against_expectation(r, expect, strict, reviewed) for r in self.results)
         return [line for line in found if line]
 
     def assert_ok(self, expect: Mapping[str, str] | None = None) -> None:

@@ -26,4 +26,5 @@ def test_zoo(gradckpt, zoo_case):
         subject = lambda: entry.build()[0]  # noqa: E731
     strategies = gradckpt.strategies or available_strategies()
     expect = expectations.for_entry(entry.name, strategies, scenario)
-    gradckpt.check(subject, inputs, scenarios=[scenario], name=entry.name, expect=expect, strict=True)
+    gradckpt.check(subject, inputs, scenarios=[scenario], name=entry.name, expect=expect, strict=True,
+                   reviewed=expectations.reviewed_against())
