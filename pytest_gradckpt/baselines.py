@@ -144,8 +144,9 @@ def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | No
 
 def build(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype,
           kind: str = AUTO) -> Baseline | NotJudged:
-    """The baseline of ``kind`` (one of :data:`~pytest_gradckpt.settings.BASELINE_KINDS`); ``auto`` falls back from whole-model to
-    layerwise when the step without checkpointing runs out of device memory.
+    """The baseline of ``kind`` (one of :data:`~pytest_gradckpt.settings.BASELINE_KINDS`); ``auto``
+    falls back from whole-model to layerwise when the step without checkpointing runs out of
+    device memory.
 
     Example:
         >>> from pytest_gradckpt.arguments import Subject
