@@ -333,13 +333,11 @@ def step_in_existing_group(stepper: Stepper, scenario: Any, strategy: Any, grad_
 def _fingerprint(grads: dict[str, Any]) -> dict[str, Any]:
     """Per gradient, numbers equal exactly when the tensors are (for practical purposes): the
     ranks compare these instead of shipping whole gradients."""
-    found = {n: g for n, g in grads.items() if g is not None}
-    if not found:
-        return {n: None for n in grads}
-    stacked = torch.stack([torch.stack([g.double().sum(), g.double().square().sum(), g.double().abs().max()])
-                           for g in found.values()]).cpu().tolist()
-    return {n: (tuple(stacked[i]) if n in found else None)
-            for i, n in enumerate(found)} | {n: None for n in grads if n not in found}
+    found = [(n, g.double()) for n, g in grads.items() if g is not None]
+    numbers = torch.stack([torch.stack([g.sum(), g.square().sum(), g.abs().max()]) for _, g in found]).cpu().tolist() \
+        if found else []  # one transfer for all of them
+    summary = {n: tuple(row) for (n, _), row in zip(found, numbers)}
+    return {n: summary.get(n) for n in grads}
 
 
 def _is_transport_failure(message: str) -> bool:
@@ -347,7 +345,8 @@ def _is_transport_failure(message: str) -> bool:
 
 
 def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
-    """Run one step on ``world_size`` forked ranks, once, and fold their measurements into one Run."""
+    """Run one step on ``world_size`` ranks started here (forked, or spawned where CUDA is
+    involved), once, and fold their measurements into one Run."""
     settings = stepper.distributed
     cuda = stepper.subject.device.type == "cuda"
     if cuda and settings["world_size"] > torch.cuda.device_count():
