@@ -3,12 +3,13 @@
 The layer-local baseline (:func:`pytest_gradckpt.baselines.layerwise`) needs the gradients a
 training step *without* checkpointing would give, for a model whose step without
 checkpointing does not fit. :class:`LayerReplay` gets them with one unit's activations at a
-time: in forward, each unit runs without building a graph and keeps only what it needs to be
-replayed alone (its positional and keyword inputs, the RNG state it started from, the autocast
-state); in backward, when the gradient of its output arrives, the unit is replayed from exactly
-those inputs and that RNG state, with a graph, and the gradient is back-propagated through the
-replay to its parameters and inputs. The arithmetic of every unit is the plain, uncheckpointed
-forward and backward; only *when* it happens changes.
+time: in forward, each unit runs as in a plain step (same grad mode, same requires_grad flags,
+so the same kernels), its graph is dropped at once, and only what it needs to be replayed alone
+is kept (its positional and keyword inputs, saved as a checkpoint saves them, the RNG state it
+started from, the autocast state); in backward, when the gradient of its output arrives, the
+unit is replayed from exactly those inputs and that RNG state, and the gradient is
+back-propagated through the replay to its parameters and inputs. The arithmetic of every unit
+is the plain, uncheckpointed forward and backward; only *when* it happens changes.
 
 What it deliberately does differently from the checkpoint functions under test:
 
@@ -18,11 +19,11 @@ What it deliberately does differently from the checkpoint functions under test:
   ``loss.backward()`` and ``torch.autograd.grad`` of the whole model;
 - buffers the replay changes (BatchNorm running statistics) are put back, so the baseline's
   buffers are those of one forward;
-- replays are not counted as layer executions, so recompute counts are judged as usual.
-
-Its limits, shared by every recompute: a unit whose forward has effects outside its buffers and
-its outputs (a Python counter, a cache object it appends to), or draws randomness outside torch's
-generators, runs twice here too, so faults of that kind are invisible to this baseline.
+- replays are not counted as layer executions, so recompute counts are judged as usual;
+- the replay's outputs are compared with the first call's: a unit that gives other outputs when
+  run again (state outside its parameters and buffers, randomness outside torch's generators)
+  raises :class:`~pytest_gradckpt.errors.NotReplayable`, and the baseline says "not judged"
+  instead of computing gradients that are not the step's.
 """
 
 from __future__ import annotations
