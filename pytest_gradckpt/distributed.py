@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pickle
 import queue as queue_module
+import signal
 import tempfile
 import time
 from collections.abc import Mapping
@@ -167,11 +168,14 @@ def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy:
         if cuda:  # one GPU per rank, as torchrun would give it
             stepper.subject.on_device(torch.device("cuda", rank))
             torch.cuda.set_device(rank)
-        payload["launch"] = True  # until the ranks have met, a failure is the harness's
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
-                                world_size=settings["world_size"], timeout=timedelta(seconds=settings["timeout"]))
-        payload["launch"] = False
-        run = stepper.step(scenario, strategy, grad_targets, parallel=Parallel(scenario.distributed, rank, settings))
+        parallel = None  # an isolated local step: one process, no group
+        if scenario.distributed:
+            payload["launch"] = True  # until the ranks have met, a failure is the harness's
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
+                                    world_size=settings["world_size"], timeout=timedelta(seconds=settings["timeout"]))
+            payload["launch"] = False
+            parallel = Parallel(scenario.distributed, rank, settings)
+        run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
         payload["fingerprint"] = _fingerprint(run.grads)
         if rank:  # rank 0 ships the gradients; the others only what proves theirs are the same
             run.grads, run.outputs, run.buffers = {}, {}, {}
@@ -202,6 +206,16 @@ TRANSPORT_FAILURES = ("connectFullMesh", "Connection closed by peer", "Connectio
                       "Connection refused", "DistNetworkError", "Socket Timeout", "rendezvous")
 
 
+class RaisedInChild(Exception):
+    """An isolated step raised in its own process; ``str`` is the original ``Type: message``."""
+
+    already_described = True
+
+
+class StepCrashed(RankFailure):
+    """The process running the step died of a crash signal (a fault in native code)."""
+
+
 class LaunchFailure(RankFailure):
     """The harness could not run the step (ranks did not meet, a transport broke, a rank was
     killed from outside): the strategy is not to blame."""
@@ -224,7 +238,7 @@ class Launcher:
             reason = strategy.applies_to(ModelInfo(stepper.subject.peek(), stepper.layer_names, stepper.found_by))
             if reason:
                 return Run(error=StrategyNotApplicable(reason))
-        if launched_from_outside():
+        if scenario.distributed and launched_from_outside():
             return step_in_existing_group(self.stepper, scenario, strategy, grad_targets)
         for _ in range(LAUNCH_ATTEMPTS):
             run = launch(self.stepper, scenario, strategy, grad_targets)
@@ -346,8 +360,12 @@ def _is_transport_failure(message: str) -> bool:
 
 def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
     """Run one step on ``world_size`` ranks started here (forked, or spawned where CUDA is
-    involved), once, and fold their measurements into one Run."""
-    settings = stepper.distributed
+    involved), once, and fold their measurements into one Run. A scenario that is not
+    distributed runs in one child process: a step isolated from this one."""
+    settings = dict(stepper.distributed or DEFAULTS)
+    if not scenario.distributed:  # an isolated step: the check's own per-run limit applies inside it
+        settings["world_size"] = 1
+        settings["timeout"] = 30 + 1.5 * (stepper.timeout or 3600)
     cuda = stepper.subject.device.type == "cuda"
     if cuda and settings["world_size"] > torch.cuda.device_count():
         raise GradckptUsageError(
@@ -392,9 +410,7 @@ def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) ->
                 except queue_module.Empty:
                     dead = [r for r, p in enumerate(ranks) if r not in payloads and p.exitcode not in (None, 0)]
                     if dead:
-                        code = ranks[dead[0]].exitcode
-                        failure = LaunchFailure if code is not None and code < 0 else RankFailure
-                        raise failure(f"rank {dead[0]} died with exit code {code}") from None
+                        raise _death(dead[0], ranks[dead[0]].exitcode, len(ranks)) from None
         except RankFailure as failure:
             run.error = failure
             return run
@@ -417,6 +433,8 @@ def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) ->
             run.error = StrategyNotApplicable(first["error"])
         elif first.get("launch") or _is_transport_failure(first["error"]):
             run.error = LaunchFailure(f"rank {first['rank']}: {first['error']}")
+        elif len(ranks) == 1:
+            run.error = RaisedInChild(first["error"])
         else:
             run.error = RankFailure(f"rank {first['rank']}: {first['error']}")
         run.warnings = first.get("warnings", [])
@@ -427,6 +445,29 @@ def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) ->
     _fold_peaks(run, [payloads[r]["cuda_peak_bytes"] for r in sorted(payloads)])
     run.rank_disagreement = _disagreement([payloads[r]["fingerprint"] for r in sorted(payloads)])
     return run
+
+
+#: Signals a process sends itself when native code fails: the step's own doing. Others (SIGKILL,
+#: SIGTERM) come from outside (the OOM killer, a CI runner) and say nothing about the step.
+CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+
+
+def _death(rank: int, code: int | None, ranks: int) -> RankFailure:
+    """What a rank's death means: a crash of the step (a verdict) or the launch failing (retried).
+
+    Example:
+        >>> str(_death(0, -11, 1))
+        'the step crashed its process: SIGSEGV (a fault in native code)'
+        >>> type(_death(1, -9, 2)).__name__
+        'LaunchFailure'
+    """
+    if code is not None and code < 0:
+        sig = signal.Signals(-code)
+        if sig in CRASH_SIGNALS:
+            where = "the step crashed its process" if ranks == 1 else f"rank {rank} crashed"
+            return StepCrashed(f"{where}: {sig.name} (a fault in native code)")
+        return LaunchFailure(f"rank {rank} was killed by {sig.name}")
+    return RankFailure(f"rank {rank} died with exit code {code}")
 
 
 def _fold_peaks(run: Run, peaks: list[int | None]) -> None:

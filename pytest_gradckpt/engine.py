@@ -79,7 +79,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           cache: MutableMapping[Any, Any] | None = None,
           distributed: Mapping[str, Any] | None = None,
           fingerprint: bool = False,
-          baseline: str = "auto") -> Report:
+          baseline: str = "auto",
+          isolate: bool = False) -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
     Args:
@@ -115,6 +116,9 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             time, in about the memory of a checkpointed step; memory reductions are not judged),
             or ``"auto"`` (whole-model, and layerwise when that step runs out of device memory).
             ``report.baseline[scenario]["kind"]`` and ``["why"]`` say which was used.
+        isolate: run every step in a child process, so a step that crashes the interpreter (a
+            segmentation fault in native code) ends as ``error`` (``the step crashed its process:
+            SIGSEGV``) instead of ending the caller's process. Costs a process start per run.
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 
@@ -144,6 +148,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         raise GradckptUsageError(f"seed={seed!r}: pass an int")
     timeout = check_timeout(timeout)
     baseline_kind = check_baseline(baseline)
+    if not isinstance(isolate, bool):
+        raise GradckptUsageError(f"isolate={isolate!r}: pass True or False")
     chosen = resolve_strategies(strategies)
     chosen_scenarios = resolve_scenarios(scenarios)
     settings = distributed_options(distributed)
@@ -156,7 +162,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         report.baseline["layers_found_by"] = stepper.found_by  # which units were chosen, and why
         with deterministic_kernels(subject.device) as determinism:
             for scenario in chosen_scenarios:
-                step = determinism.retrying(_step_function(stepper, scenario))
+                step = determinism.retrying(_step_function(stepper, scenario, isolate))
                 dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
                 default_rtol, default_atol = default_tolerances(dtype)
                 scenario_limits = dataclasses.replace(
@@ -198,9 +204,10 @@ def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subj
         baseline.park()
 
 
-def _step_function(stepper: Stepper, scenario: Scenario) -> Callable[..., Run]:
-    """``step(scenario, strategy, grad_targets=None) -> Run``: here, or on the ranks of a distributed launch."""
-    if not scenario.distributed:
+def _step_function(stepper: Stepper, scenario: Scenario, isolate: bool) -> Callable[..., Run]:
+    """``step(scenario, strategy, grad_targets=None) -> Run``: here, on the ranks of a distributed
+    launch, or (``isolate``) in a child process that may crash without taking this one along."""
+    if not scenario.distributed and not isolate:
         return stepper.step
     return Launcher(stepper).step
 

@@ -57,4 +57,6 @@ def describe_error(exc: BaseException) -> str:
         >>> describe_error(ValueError("bad"))
         'ValueError: bad'
     """
+    if getattr(exc, "already_described", False):  # raised elsewhere and carried here as its description
+        return str(exc)
     return f"{type(exc).__name__}: {exc}".strip()

@@ -24,6 +24,7 @@ MARKER_ARGUMENTS: dict[str, str] = {
     "seed": "seed for every run (default 0)",
     "timeout": "seconds one run may take before it ends as error",
     "baseline": "auto (whole-model, layerwise if that runs out of memory), whole-model or layerwise",
+    "isolate": "run every step in a child process, so a crash in native code is an error verdict (default False)",
 }
 
 #: What ``baseline=`` accepts. ``auto``: the step without checkpointing, and the layer-local

@@ -249,3 +249,25 @@ def test_torchrun_itself_runs_the_plugin():
         cwd=root, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("gradient checkpointing") == 1
+
+
+def _segfaults(function, *args):
+    import ctypes
+
+    ctypes.string_at(0)  # reads address 0: the interpreter dies of SIGSEGV, as with a fault in native code
+
+
+def test_isolate_turns_a_crash_of_the_interpreter_into_an_error_verdict():
+    model, features = plain.tanh_net()
+    crashing = gc.Strategy.from_checkpoint_fn("segfaults", _segfaults)
+    report = gc.check(model, features, strategies=["non_reentrant", crashing], isolate=True)
+    assert [(r.strategy, r.outcome) for r in report.results] == [("non_reentrant", "pass"), ("segfaults", "error")]
+    assert report.results[1].message == "StepCrashed: the step crashed its process: SIGSEGV (a fault in native code)"
+
+
+def test_a_rank_that_crashes_is_the_strategys_verdict_not_a_launch_failure():
+    model, inputs = plain.dropout_mask_net()
+    crashing = gc.Strategy.from_checkpoint_fn("segfaults", _segfaults)
+    (result,) = gc.check(model, inputs, strategies=[crashing], scenarios=["ddp"]).results
+    assert result.outcome == "error"
+    assert "crashed: SIGSEGV" in result.message and "not judged" not in result.message

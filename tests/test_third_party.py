@@ -177,3 +177,55 @@ def test_conditional_unet_native_and_per_block_strategies_pass():
     report = gc.check(model, inputs, strategies=["native", "non_reentrant", "offload", "torch_wrapper"])
     assert [r.outcome for r in report.results] == ["pass"] * 4, report.table()
     assert report.results[0].metrics["recomputed_units"]
+
+
+UNET_REENTRANT = """
+import functools, torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+from pytest_gradckpt.zoo.diffusers_models import unet_2d
+model, inputs = unet_2d()
+blocks = (*model.down_blocks, *model.up_blocks)
+{apply}
+model.train()(**inputs).sample.float().square().mean().backward()
+"""
+
+#: Plain torch, no engine: reentrant checkpointing of the UNet's blocks, two ways.
+UNET_PLAIN_REENTRANT = {
+    # torch.utils.checkpoint(use_reentrant=True) per block, called as transformers calls its
+    # checkpoint function: keyword arguments bound in a partial, positional ones passed on
+    "reentrant": """
+def checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=True)
+for block in blocks:
+    block.forward = functools.partial(checkpointed, block.forward)
+""",
+    # torch's own wrapper, as torchtitan applies it
+    "torch_wrapper_reentrant": """
+apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(
+    checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT), check_fn=lambda m: any(m is b for b in blocks))
+""",
+}
+
+
+@pytest.mark.parametrize("strategy", list(UNET_PLAIN_REENTRANT))
+def test_unet2d_reentrant_hazards_match_plain_torch_and_never_end_the_session(strategy):
+    """Ground truth in a separate interpreter (one of them crashes it): plain reentrant
+    checkpointing of UNet2DModel's blocks segfaults, and torch's reentrant wrapper raises; the
+    isolated check reports each as its verdict and this process goes on."""
+    import subprocess
+    import sys
+
+    tiny_unet()
+    plain = subprocess.run([sys.executable, "-c", UNET_REENTRANT.format(apply=UNET_PLAIN_REENTRANT[strategy])],
+                           capture_output=True, text=True, timeout=120)
+    unet, inputs = tiny_unet()
+    (result,) = gc.check(unet, inputs, strategies=[strategy], isolate=True).results
+    assert result.outcome == "error"
+    if strategy == "reentrant":
+        assert plain.returncode == -11, plain.stderr[-2000:]  # SIGSEGV: plain torch crashes the interpreter
+        assert result.message == "StepCrashed: the step crashed its process: SIGSEGV (a fault in native code)"
+    else:
+        assert plain.returncode == 1, plain.stderr[-2000:]
+        last = plain.stderr.strip().splitlines()[-1]
+        assert result.message.startswith(last[:60]), (result.message, last)

@@ -27,4 +27,4 @@ def test_zoo(gradckpt, zoo_case):
     strategies = gradckpt.strategies or available_strategies()
     expect = expectations.for_entry(entry.name, strategies, scenario)
     gradckpt.check(subject, inputs, scenarios=[scenario], name=entry.name, expect=expect, strict=True,
-                   reviewed=expectations.reviewed_against())
+                   reviewed=expectations.reviewed_against(), isolate=entry.isolate)

@@ -31,6 +31,8 @@ class ZooEntry:
     build: Callable[[], tuple[Any, Any]]
     scenarios: tuple[str, ...]
     description: str = ""
+    #: run each step in a child process: some strategy crashes the interpreter on this model
+    isolate: bool = False
 
 
 #: What ``make check`` runs by default: one of each kind of hazard, a few minutes at most.
@@ -73,12 +75,13 @@ def _diffusers() -> list[ZooEntry]:
         return []
     from pytest_gradckpt.zoo import diffusers_models
 
-    # UNet2DModel is not an entry: reentrant checkpointing of its down blocks crashes the process
-    # (segmentation fault, torch 2.13), which would end the pytest session; tests/test_third_party.py
-    # checks it with the strategies that do not crash.
     return [
         ZooEntry("unet_2d_condition", "diffusers", diffusers_models.unet_2d_condition, ("train",),
                  "diffusers UNet2DConditionModel: cross-attention blocks, its own switch"),
+        # Reentrant checkpointing of its down blocks crashes the interpreter (segmentation fault,
+        # torch 2.13): each step runs in a child process, so the crash is that strategy's verdict.
+        ZooEntry("unet_2d", "diffusers", diffusers_models.unet_2d, ("train",),
+                 "diffusers UNet2DModel: resnet and attention blocks, its own switch", isolate=True),
     ]
 
 

@@ -13,6 +13,18 @@ from typing import Any
 import torch
 
 
+def _diffusers(name: str) -> Any:
+    """A diffusers model class; an installed diffusers that cannot be imported beside these
+    versions (e.g. transformers 4.57 pins an older huggingface_hub) makes the entry skip with why."""
+    try:
+        import diffusers
+    except ImportError as error:
+        from pytest_gradckpt.zoo.transformers_models import NotTiny
+
+        raise NotTiny(f"diffusers cannot be imported beside the installed packages: {error}") from None
+    return getattr(diffusers, name)
+
+
 def unet_2d() -> tuple[Any, dict[str, Any]]:
     """``UNet2DModel`` (unconditional), 2 down and 2 up blocks, one with attention.
 
@@ -21,7 +33,7 @@ def unet_2d() -> tuple[Any, dict[str, Any]]:
         >>> model(**inputs).sample.shape
         torch.Size([2, 3, 16, 16])
     """
-    from diffusers import UNet2DModel
+    UNet2DModel = _diffusers("UNet2DModel")
 
     torch.manual_seed(0)
     model = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
@@ -39,7 +51,7 @@ def unet_2d_condition() -> tuple[Any, dict[str, Any]]:
         >>> model(**inputs).sample.shape
         torch.Size([2, 4, 16, 16])
     """
-    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel = _diffusers("UNet2DConditionModel")
 
     torch.manual_seed(0)
     model = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
