@@ -217,8 +217,8 @@ def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.
 def layerwise(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype,
               why: str = "") -> Baseline | NotJudged:
     """The no-checkpoint gradients computed one checkpoint unit at a time (two steps, as
-    :func:`whole_model`): each unit runs without a graph in forward and is replayed from its
-    recorded inputs and RNG state when its output gradient arrives
+    :func:`whole_model`): each unit's forward graph is dropped at once, and the unit is replayed
+    from its recorded inputs and RNG state when its output gradient arrives
     (:class:`~pytest_gradckpt.replay.LayerReplay`). Peak memory is about that of a checkpointed
     step; it cannot judge memory reductions.
 

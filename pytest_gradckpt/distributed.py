@@ -165,7 +165,8 @@ def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy:
     try:
         torch.set_num_threads(1)  # ranks share the machine's cores
         cuda = stepper.subject.device.type == "cuda"
-        if cuda:  # one GPU per rank, as torchrun would give it
+        # One GPU per rank, as torchrun would give it; an isolated local step keeps the check's device.
+        if cuda and scenario.distributed:
             stepper.subject.on_device(torch.device("cuda", rank))
             torch.cuda.set_device(rank)
         parallel = None  # an isolated local step: one process, no group
