@@ -152,7 +152,7 @@ def _describe(error: BaseException) -> dict[str, Any]:
 
 
 #: The fields of a :class:`Run` a rank sends back (its error travels separately, described).
-MEASURED = ("loss", "grads", "buffers", "calls", "graph_calls", "expected_recompute", "recomputed_units",
+MEASURED = ("loss", "grads", "buffers", "calls", "graph_calls", "reached_calls", "expected_recompute", "recomputed_units",
             "warnings", "seconds", "activation_bytes", "outputs", "cuda_peak_bytes")
 
 

@@ -22,6 +22,7 @@ from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import Launcher, describe_ranks, options as distributed_options
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
+from pytest_gradckpt.layers import unit_stacks
 from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
@@ -160,6 +161,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         report = Report(model=name or subject.name, versions=versions())
         report.baseline["layers"] = stepper.layer_names
         report.baseline["layers_found_by"] = stepper.found_by  # which units were chosen, and why
+        report.baseline["unit_stacks"] = unit_stacks(stepper.layer_names)  # per tower / stack
         with deterministic_kernels(subject.device) as determinism:
             for scenario in chosen_scenarios:
                 step = determinism.retrying(_step_function(stepper, scenario, isolate))

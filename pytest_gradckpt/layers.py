@@ -91,6 +91,22 @@ def _repeated_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], str
             f"repeated blocks: the blocks of {lists} ({share:.0%} of the parameters)")
 
 
+def unit_stacks(names: list[str]) -> dict[str, int]:
+    """How many checkpoint units each stack holds: a unit's stack is its name without the
+    trailing index (a vision tower's blocks and a language model's layers count apart).
+
+    Example:
+        >>> unit_stacks(["model.vision_tower.layers.0", "model.vision_tower.layers.1", "model.language_model.layers.0"])
+        {'model.vision_tower.layers': 2, 'model.language_model.layers': 1}
+    """
+    stacks: dict[str, int] = {}
+    for name in names:
+        stack, _, last = name.rpartition(".")
+        key = stack if last.isdigit() and stack else name
+        stacks[key] = stacks.get(key, 0) + 1
+    return stacks
+
+
 def find_layers(model: nn.Module, spec: Any = None, *, reference: nn.Module | None = None
                 ) -> tuple[list[str], str]:
     """Resolve ``spec`` to checkpoint-unit names inside ``model``, and say how they were found.

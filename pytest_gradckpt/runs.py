@@ -44,6 +44,8 @@ class Run:
     buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     calls: dict[str, int] = dataclasses.field(default_factory=dict)
     graph_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: calls whose output backward really reached (a gradient arrived); None: not measured
+    reached_calls: dict[str, int] | None = None
     expected_recompute: dict[str, bool] = dataclasses.field(default_factory=dict)
     #: outermost modules that really ran again during backward, whoever checkpointed them
     recomputed_units: list[str] = dataclasses.field(default_factory=list)
@@ -196,6 +198,7 @@ class Stepper:
         run.buffers = {buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
         run.calls = dict(counter.counts)
         run.graph_calls = dict(counter.graph_calls)
+        run.reached_calls = dict(counter.reached_calls)
         original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
         run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
         run.activation_bytes = memory.peak_bytes

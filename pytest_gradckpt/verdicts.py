@@ -110,7 +110,8 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
                                limits.atol, baseline.output_noise)
     evidence.buffers = compare(base.buffers, run.buffers, limits.rtol, limits.atol, Noise())
     evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
-        base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units == "own")
+        base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units == "own",
+        reached_calls=base.reached_calls)
     if not baseline.measures_cost:
         return evidence
     if base.activation_bytes:

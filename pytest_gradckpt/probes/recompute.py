@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 
 class LayerCounter:
     """Per-layer execution counts, filled by instrumented layers.
@@ -24,6 +26,7 @@ class LayerCounter:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.graph_calls: Counter[str] = Counter()
+        self.reached_calls: Counter[str] = Counter()
         self.memory: Any = None
         self._paused = 0
 
@@ -35,8 +38,22 @@ class LayerCounter:
     def saw_output(self, name: str, output: Any) -> None:
         """Count calls of ``name`` whose output joins the autograd graph: backward reaches those.
         (Calls under ``torch.no_grad()``, or of a frozen layer fed grad-free inputs, do not.)"""
-        if not self._paused and _any_requires_grad(output):
-            self.graph_calls[name] += 1
+        if self._paused or not _any_requires_grad(output):
+            return
+        self.graph_calls[name] += 1
+        # ... and whether backward really reaches it: an output nothing downstream uses (LLaVA's
+        # last vision layer, whose hidden state is not the one taken) joins the graph but never
+        # gets a gradient, so it is never recomputed either.
+        reached = [False]
+
+        def count_once(gradient: torch.Tensor) -> None:
+            if not reached[0]:
+                reached[0] = True
+                self.reached_calls[name] += 1
+
+        for tensor in _tensors(output):
+            if tensor.requires_grad:
+                tensor.register_hook(count_once)
 
     @contextlib.contextmanager
     def uncounted(self) -> Iterator[None]:
@@ -57,6 +74,16 @@ class LayerCounter:
             self._paused -= 1
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
 def _any_requires_grad(value: Any) -> bool:
     if getattr(value, "requires_grad", False) is True:
         return True
@@ -68,9 +95,11 @@ def _any_requires_grad(value: Any) -> bool:
 
 
 def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected: dict[str, bool],
-                      graph_calls: dict[str, int], own_units: bool = False) -> tuple[int, int, list[str]]:
+                      graph_calls: dict[str, int], own_units: bool = False,
+                      reached_calls: dict[str, int] | None = None) -> tuple[int, int, list[str]]:
     """Compare counts with the rules, where ``b`` is a layer's run count without checkpointing
-    and ``g`` how many of those runs joined the autograd graph:
+    and ``g`` how many of those runs backward reached (joined the autograd graph and, where
+    ``reached_calls`` says so, got a gradient):
 
     - a layer the strategy checkpoints runs ``b + g`` times: every call backward reaches is
       recomputed once (``2b`` for a plain layer);
@@ -99,6 +128,8 @@ def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected
                                 "strategy keeps activations instead of recomputing)")
             continue
         reached = graph_calls.get(name, 0)
+        if reached_calls is not None:
+            reached = min(reached, reached_calls.get(name, 0))
         if own_units:
             required += reached > 0
             if got not in ((runs, runs + reached) if reached else (runs, 2 * runs)):

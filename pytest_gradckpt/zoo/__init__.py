@@ -37,7 +37,7 @@ class ZooEntry:
 
 #: What ``make check`` runs by default: one of each kind of hazard, a few minutes at most.
 REPRESENTATIVE = ("dropout_mask", "batchnorm", "reused_block", "lora", "lora_modules_to_save", "qlora",
-                  "llama", "gpt2", "bert", "t5", "mistral", "qwen2")
+                  "llama", "gpt2", "bert", "t5", "mistral", "qwen2", "qwen2_vl", "llava", "qwen2_vl_lora")
 
 
 def _plain() -> list[ZooEntry]:
@@ -64,6 +64,12 @@ def _peft() -> list[ZooEntry]:
         ZooEntry("lora_modules_to_save", "peft", lambda: peft_models.llama_lora(modules_to_save=True), ("train",),
                  "LoRA with a trainable LM head: reentrant loses every LoRA gradient with no error"),
     ]
+    if importlib.util.find_spec("transformers") is not None:
+        entries += [ZooEntry(f"{model_type}_lora", "peft",
+                             lambda model_type=model_type: peft_models.vision_language_lora(model_type),
+                             ("train", "accumulate", "autograd_grad"),
+                             f"LoRA on a tiny {model_type}'s language model, its vision tower frozen")
+                    for model_type in ("qwen2_vl", "llava")]
     if importlib.util.find_spec("bitsandbytes") is not None:
         entries.append(ZooEntry("qlora", "peft", peft_models.llama_qlora, ("train",),
                                 "bitsandbytes 4-bit nf4 base, prepare_model_for_kbit_training, LoRA"))
@@ -91,7 +97,7 @@ def _transformers() -> list[ZooEntry]:
     from pytest_gradckpt.zoo import transformers_models as tm
 
     return [ZooEntry(a.model_type, "transformers", lambda a=a: tm.build(a), ("train",),
-                     f"{a.class_name} ({a.task}), tiny random weights") for a in tm.architectures()]
+                     a.describe()) for a in tm.architectures()]
 
 
 def entries(include_transformers: bool = True) -> dict[str, ZooEntry]:

@@ -80,3 +80,26 @@ def llama_qlora() -> tuple[Any, dict[str, Any]]:
     # Checkpointing is the engine's to switch on, per strategy: do not let PEFT do it here.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, _lora_config(layers_to_transform=None)), llama_inputs()
+
+
+def vision_language_lora(model_type: str) -> tuple[Any, dict[str, Any]]:
+    """LoRA on the language model of a tiny vision-language model, its vision tower frozen:
+    the fine-tuning recipe of LLaMA-Factory and TRL for Qwen2-VL or LLaVA. The vision tower's
+    blocks then run on grad-free pixels with no trainable parameter, so a strategy that skips
+    frozen layers must skip a whole stack while checkpointing the other.
+
+    Example:
+        >>> model, inputs = vision_language_lora("llava")
+        >>> any("vision_tower" in n for n, p in model.named_parameters() if p.requires_grad)
+        False
+    """
+    from peft import get_peft_model
+
+    from pytest_gradckpt.zoo.transformers_models import architectures, build
+
+    architecture = next(a for a in architectures() if a.model_type == model_type)
+    model, inputs = build(architecture)
+    # Only the language model's attention gets adapters; get_peft_model freezes the rest,
+    # the vision tower and projector included.
+    config = _lora_config(target_modules=r".*language_model.*\.(q_proj|v_proj)", layers_to_transform=None)
+    return get_peft_model(model, config), inputs
