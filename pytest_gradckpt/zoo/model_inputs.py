@@ -176,8 +176,9 @@ def _feature_count(features: Any, width: int) -> int:
     raise NotTiny(f"get_image_features returns {type(features).__name__}: placeholder count unknown")
 
 
-def _image_token_id(config: Any) -> int | None:
-    for name in ("image_token_id", "image_token_index"):
+def _token_id(config: Any, kind: str) -> int | None:
+    """The placeholder id of ``kind`` ("image", "audio") the config names, if any."""
+    for name in (f"{kind}_token_id", f"{kind}_token_index"):
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -236,7 +237,7 @@ def _image_text(model: Any) -> dict[str, Any]:
     config = model.config
     pixels = _pixels(model)
     parameters = _parameters(model)
-    token = _image_token_id(config)
+    token = _token_id(config, "image")
     if token is not None:
         pixels = _pixel_extras(model, pixels)
     text = _text_ids(below=SPECIAL_BASE)  # below the special ids: no placeholder appears by accident
@@ -280,14 +281,6 @@ def _audio_features(model: Any) -> torch.Tensor:
     return torch.randn(BATCH, frames, width, generator=_generator())
 
 
-def _audio_token_id(config: Any) -> int | None:
-    for name in ("audio_token_id", "audio_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
 def _audio_text(model: Any) -> dict[str, Any]:
     """Audio features plus text holding one placeholder per audio feature (Qwen2-Audio,
     Voxtral): the audio tower's features are spliced into the text."""
@@ -299,7 +292,7 @@ def _audio_text(model: Any) -> dict[str, Any]:
     for mask in ("feature_attention_mask", "input_features_mask"):
         if mask in wanted:
             features[mask] = torch.ones(BATCH, frames, dtype=torch.long)
-    token = _audio_token_id(model.config)
+    token = _token_id(model.config, "audio")
     if token is None:
         raise NotTiny("the config names no audio token id")
     count = _placeholder_count(model, features, "audio")

@@ -234,15 +234,3 @@ def _all_parts(config: Any) -> list[Any]:
         if _is_config(sub):
             parts += _all_parts(sub)
     return parts
-
-
-def special_token_ids(config: Any) -> set[int]:
-    """Every special id the tiny config uses (random text must avoid them)."""
-    found = set()
-    for part in _all_parts(config):
-        for name in vars(part):
-            if name.endswith("_token_id") or name.endswith("_token_index"):
-                value = getattr(part, name)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    found.add(value)
-    return found
