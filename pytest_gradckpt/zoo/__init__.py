@@ -37,7 +37,7 @@ class ZooEntry:
 
 #: What ``make check`` runs by default: one of each kind of hazard, a few minutes at most.
 REPRESENTATIVE = ("dropout_mask", "batchnorm", "reused_block", "lora", "lora_modules_to_save", "qlora",
-                  "llama", "gpt2", "bert", "t5", "mistral", "qwen2", "qwen2_vl", "llava", "qwen2_vl_lora")
+                  "llama", "gpt2", "bert", "t5", "mistral", "qwen2", "qwen2_vl", "llava")
 
 
 def _plain() -> list[ZooEntry]:
