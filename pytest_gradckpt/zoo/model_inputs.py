@@ -326,7 +326,16 @@ BUILDERS: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 def inputs_for(model: Any, task: str) -> dict[str, Any]:
     """Training inputs (labels included) for ``model`` built for ``task``; a composite model
-    that takes images gets them whatever mapping it came from."""
+    that takes images gets them whatever mapping it came from.
+
+    Example:
+        >>> import transformers
+        >>> from pytest_gradckpt.zoo.tiny_configs import tiny_config
+        >>> model = transformers.BertForSequenceClassification(tiny_config("bert"))
+        >>> inputs = inputs_for(model, "sequence_classification")
+        >>> inputs["input_ids"].shape, inputs["labels"].shape
+        (torch.Size([2, 16]), torch.Size([2]))
+    """
     parameters = _parameters(model)
     if task in ("causal_lm", "seq2seq"):
         if "pixel_values" in parameters and hasattr(model.config, "vision_config"):
