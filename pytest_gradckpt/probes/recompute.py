@@ -38,7 +38,8 @@ class LayerCounter:
     def saw_output(self, name: str, output: Any) -> None:
         """Count calls of ``name`` whose output joins the autograd graph: backward reaches those.
         (Calls under ``torch.no_grad()``, or of a frozen layer fed grad-free inputs, do not.)"""
-        if self._paused or not _any_requires_grad(output):
+        tracked = [t for t in _tensors(output) if t.requires_grad]
+        if self._paused or not tracked:
             return
         self.graph_calls[name] += 1
         # ... and whether backward really reaches it: an output nothing downstream uses (LLaVA's
@@ -51,9 +52,8 @@ class LayerCounter:
                 reached[0] = True
                 self.reached_calls[name] += 1
 
-        for tensor in _tensors(output):
-            if tensor.requires_grad:
-                tensor.register_hook(count_once)
+        for tensor in tracked:
+            tensor.register_hook(count_once)
 
     @contextlib.contextmanager
     def uncounted(self) -> Iterator[None]:
@@ -82,16 +82,6 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for v in value.values() for t in _tensors(v)]
     return []
-
-
-def _any_requires_grad(value: Any) -> bool:
-    if getattr(value, "requires_grad", False) is True:
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_any_requires_grad(v) for v in value)
-    if isinstance(value, dict):
-        return any(_any_requires_grad(v) for v in value.values())
-    return False
 
 
 def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected: dict[str, bool],

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -64,16 +65,11 @@ def _language_modeling(model: Any) -> dict[str, Any]:
     return _with_common(model, {"input_ids": ids, "labels": ids.clone()})
 
 
-def _sequence_classification(model: Any) -> dict[str, Any]:
-    ids = _text_ids()
-    labels = torch.randint(0, model.config.num_labels, (BATCH,), generator=_generator())
-    return _with_common(model, {"input_ids": ids, "labels": labels})
-
-
-def _token_classification(model: Any) -> dict[str, Any]:
-    ids = _text_ids()
-    labels = torch.randint(0, model.config.num_labels, (BATCH, SEQUENCE), generator=_generator())
-    return _with_common(model, {"input_ids": ids, "labels": labels})
+def _classification(model: Any, per_token: bool = False) -> dict[str, Any]:
+    """Text with a class label per sequence, or per token."""
+    shape = (BATCH, SEQUENCE) if per_token else (BATCH,)
+    labels = torch.randint(0, model.config.num_labels, shape, generator=_generator())
+    return _with_common(model, {"input_ids": _text_ids(), "labels": labels})
 
 
 # ----------------------------------------------------------------------------- images
@@ -317,8 +313,8 @@ BUILDERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "seq2seq": _language_modeling,
     "masked_lm": _language_modeling,
     "image_text_to_text": _image_text,
-    "sequence_classification": _sequence_classification,
-    "token_classification": _token_classification,
+    "sequence_classification": _classification,
+    "token_classification": functools.partial(_classification, per_token=True),
     "image_classification": _image_classification,
     "speech_seq2seq": _speech_seq2seq,
 }

@@ -46,14 +46,6 @@ class Architecture:
     model_type: str
     heads: tuple[tuple[str, str], ...]
 
-    @property
-    def class_name(self) -> str:
-        return self.heads[0][0]
-
-    @property
-    def task(self) -> str:  # a task of MAPPINGS: "causal_lm", "image_text_to_text", ...
-        return self.heads[0][1]
-
     def describe(self) -> str:
         heads = " or ".join(f"{name} ({task})" for name, task in self.heads)
         return f"{heads}, tiny random weights" + (": the first that runs" if len(self.heads) > 1 else "")
