@@ -11,13 +11,13 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test matrix setup clean
+.PHONY: check check-full test matrix setup clean docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# constraints.txt pins torch==2.13.0 first: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,dev,docs]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -36,5 +36,8 @@ test: $(STAMP)
 matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
 	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
 
+docs: $(STAMP)  ## the reference site (docs/, API pages from the docstrings) into site/; the same strict build runs in `make test`
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json
+	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json site

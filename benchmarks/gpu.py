@@ -19,7 +19,7 @@ Two parts, run where each belongs:
     allocated before it (the weights), the fastest step time (and the median), and the ratio to no
     checkpointing. Merges the CPU prediction and writes ``results/<device>-<date>.json``.
 
-``python benchmarks/gpu.py chart RESULT.json``  draws the PNG and prints the README table.
+``python benchmarks/gpu.py chart RESULT.json``  draws the PNG and prints the table of docs/gpu.md.
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         layers: the checkpoint units: None (automatic), a dotted path, a module class,
             or a list of the model's modules.
         scenarios: names from :data:`pytest_gradckpt.scenarios.SCENARIOS`; None = ``("train",)``.
-        rtol, atol: tolerances; None = per compute dtype (float32: 1.3e-6 / 1e-5,
-            bf16: 1.6e-2 / 1e-5, fp16: 1e-3 / 1e-5).
+        rtol: relative tolerance; None = per compute dtype (float32: 1.3e-6, bf16: 1.6e-2, fp16: 1e-3).
+        atol: absolute tolerance; None = per compute dtype (1e-5 for float32, bf16 and fp16).
         min_memory_reduction: fraction in [0, 1): every checkpointing strategy must cut
             the saved-activation peak by at least this much, else ``not_applied``.
         seed: reseeds torch before every run so all runs draw the same numbers.

@@ -1,7 +1,7 @@
 """CUDA-only checks: the allocator-peak probe and its thresholds, measured on a real GPU.
 
 CI has no GPU: these skip there with the reason. They were run on an NVIDIA H100
-(see benchmarks/results/ and the README); thresholds below come from that run.
+(see benchmarks/results/ and docs/gpu.md); thresholds below come from that run.
 """
 
 from __future__ import annotations
