@@ -6,6 +6,7 @@ Every rule about acceptable input lives here.
 from __future__ import annotations
 
 import copy
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.materialise import to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
@@ -122,6 +124,7 @@ class Subject:
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.reference = model if isinstance(model, nn.Module) else None
         self._spare: nn.Module | None = None
+        self.build_seconds = 0.0  # how long the factory took here: distributed time limits scale with it
         sample = self.peek()
         self.device = self._resolve_device(device, sample)
         self.name = type(sample).__name__
@@ -144,6 +147,11 @@ class Subject:
         if self._spare is None:
             self._spare = self._build()
         return self._spare
+
+    def drop_spare(self) -> None:
+        """Let go of the model :meth:`peek` built, when this process will not train it (the ranks
+        build their own): a factory that builds on a GPU would otherwise hold it there all along."""
+        self._spare = None
 
     def on_device(self, device: torch.device) -> None:
         """Run on ``device`` from now on (a spawned rank's own GPU). A model received from the
@@ -168,7 +176,8 @@ class Subject:
         if device in (None, "auto"):
             if device == "auto" and torch.cuda.is_available():
                 return torch.device("cuda")
-            return model_device(model)
+            where = model_device(model)
+            return torch.device("cpu") if where.type == "meta" else where  # a meta model is materialised there
         try:
             resolved = torch.device(device)
         except (RuntimeError, TypeError):
@@ -178,7 +187,9 @@ class Subject:
         return resolved
 
     def _build(self) -> nn.Module:
+        started = time.perf_counter()
         model = self.model_source()
+        self.build_seconds = max(self.build_seconds, time.perf_counter() - started)
         if not isinstance(model, nn.Module):
             raise GradckptUsageError(
                 f"model factory {getattr(self.model_source, '__name__', self.model_source)!r} returned "
@@ -200,7 +211,7 @@ class Subject:
         else:
             model = self._spare if self._spare is not None else self._build()
             self._spare = None
-        model.to(self.device)
+        model = to_device(model, self.device)
         for param in model.parameters():
             param.grad = None
         return model
