@@ -123,10 +123,10 @@ class Launcher:
             raise GradckptUsageError(
                 f"world_size={world_size} ranks need as many GPUs, one each, and {torch.cuda.device_count()} are "
                 f"visible; pass distributed={{'world_size': {torch.cuda.device_count()}}} or run on more GPUs")
+        subject.share_build()  # a CPU (or meta) build made here is what the ranks copy: one build per check
+        subject.drop_spare()  # one built on a GPU must not sit there beside the ranks' own
         group = RankGroup(self.stepper, self.catalog, world_size, distributed, self.settings)
         group.start()
-        if subject.device.type == "cuda":
-            subject.drop_spare()  # the ranks build their own: the one built here must not sit on a GPU
         self.groups[distributed] = group
         self.limits[distributed] = TimeLimit(self.settings["timeout"], subject.build_seconds)
         self.launches += 1

@@ -86,6 +86,14 @@ class TimeLimit:
                f"{FLOOR:g} s"
 
 
+class _Picklability(pickle.Pickler):
+    """Pickles everything but tensors' data: whether spawning can hand the ranks what they
+    need, without serialising a billion weights to find out (they travel as shared memory)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return id(obj) if isinstance(obj, torch.Tensor) else None
+
+
 def start_method(chosen: str, cuda: bool) -> str:
     """``fork`` where it is safe (cheap, and nothing needs pickling), else ``spawn``.
 
@@ -125,7 +133,7 @@ class RankGroup:
         method = start_method(self.settings["start_method"], cuda)
         if method == "spawn":
             try:
-                pickle.dumps((self.stepper, self.catalog))
+                _Picklability(io.BytesIO()).dump((self.stepper, self.catalog))
             except Exception as error:  # noqa: BLE001
                 raise GradckptUsageError(
                     f"ranks must be spawned here (this process already used CUDA), which needs a picklable model, "

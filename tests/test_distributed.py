@@ -165,6 +165,19 @@ def test_reused_block(gradckpt):
     gradckpt.check(*plain.reused_block_net())
 
 
+def meta_factory():
+    import torch
+    from pytest_gradckpt.zoo.plain import TanhNet
+
+    with torch.device("meta"):
+        return TanhNet()
+
+
+@pytest.mark.gradckpt(scenarios=["ddp", "fsdp2"], strategies=["non_reentrant"])
+def test_meta_factory(gradckpt):
+    gradckpt.check(meta_factory, plain.tanh_net()[1])
+
+
 @pytest.mark.gradckpt(scenarios=["fsdp2"], strategies=["detached"])
 def test_broken(gradckpt):
     gradckpt.check(*plain.dropout_mask_net())
