@@ -97,8 +97,11 @@ class Launcher:
         distributed = bool(scenario.distributed)
         group = self._group(distributed)
         limit = self.limits[distributed]
-        determinism = (torch.are_deterministic_algorithms_enabled(),
-                       torch.is_deterministic_algorithms_warn_only_enabled())
+        from torch.utils import deterministic
+
+        # The caller's kernel settings as they are now (a check on CUDA switches them; a retry relaxes them).
+        determinism = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                       deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
         command = (self._ref(scenario), self._ref(strategy), grad_targets, determinism)
         what = (f"the step of {strategy.name!r}" if strategy is not None else "the step without checkpointing") + \
             f" under {scenario.name}"

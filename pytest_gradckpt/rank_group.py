@@ -215,8 +215,14 @@ def serve(rank: int, world_size: int, store: str, stepper: Stepper, catalog: lis
         if cuda and store:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
             stepper.subject.on_device(torch.device("cuda", rank))
             torch.cuda.set_device(rank)
+        parent = os.getppid()
         while True:
-            item = commands.get()
+            try:
+                item = commands.get(timeout=5)
+            except queue_module.Empty:
+                if os.getppid() != parent:  # the checking process is gone: do not outlive it
+                    break
+                continue
             if item is None:
                 break
             sequence, command = item
@@ -245,7 +251,7 @@ def _answer(rank: int, world_size: int, store: str, stepper: Stepper, catalog: l
     try:
         scenario_ref, strategy_ref, grad_targets, determinism = command
         scenario, strategy = _resolve(catalog, scenario_ref), _resolve(catalog, strategy_ref)
-        torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])  # as the caller's, now
+        _follow(determinism)
         parallel = None
         if store:
             if not dist.is_initialized():
@@ -267,6 +273,15 @@ def _answer(rank: int, world_size: int, store: str, stepper: Stepper, catalog: l
         payload.update(describe_exception(error))
     payload["wall"] = time.perf_counter() - started
     return payload
+
+
+def _follow(determinism: tuple[bool, bool, bool, bool]) -> None:
+    """Use the kernel settings the checking process uses now (spawned ranks start without them)."""
+    from torch.utils import deterministic
+
+    torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
+    deterministic.fill_uninitialized_memory = determinism[2]  # type: ignore[attr-defined]
+    torch.backends.cudnn.benchmark = determinism[3]
 
 
 def _resolve(catalog: list[Any], ref: Any) -> Any:
