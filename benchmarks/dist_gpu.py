@@ -49,12 +49,15 @@ import pytest_gradckpt as gc  # noqa: E402
 from pytest_gradckpt.distributed import join_launch, leave_launch  # noqa: E402
 
 GIB = 2 ** 30
+#: ``--tiny``: the same cases on a two-layer Llama, to try the script itself (CPU and gloo with ``--device cpu``).
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=32000)
 
 
 def build(shape: str, adapters: bool, where: str) -> Any:
     """Module level (spawned ranks call it by name): the Llama shape, bf16, built ``where``."""
     device = {"cpu": "cpu", "meta": "meta"}.get(where) or f"cuda:{torch.cuda.current_device()}"
-    model = llama(SHAPES[shape], device, torch.bfloat16)
+    model = llama(TINY if shape == "tiny" else SHAPES[shape], device, torch.bfloat16)
     return lora(model) if adapters else model
 
 
@@ -67,13 +70,18 @@ def gib(values: Any) -> Any:
     return None if values is None else [round(v / GIB, 2) for v in values]
 
 
-def one_check(case: str, factory: str, world_size: int, strategies: list[str]) -> tuple[float, Any]:
+def one_check(case: str, args: Any) -> tuple[float, Any]:
     shape, adapters, scenario, _ = CASES[case]
     started = time.perf_counter()
-    report = gc.check(functools.partial(build, shape, adapters, factory), tokens(world_size, 2048, 32000, "cpu"),
-                      device="cuda", scenarios=[scenario], strategies=strategies, timeout=None,
-                      distributed={"world_size": world_size}, min_cuda_memory_reduction=0.3 if not adapters else None)
-    return time.perf_counter() - started, report
+    cuda = args.device == "cuda"
+    report = gc.check(functools.partial(build, "tiny" if args.tiny else shape, adapters, args.factory),
+                      tokens(args.world_size, 64 if args.tiny else 2048, 32000, "cpu"), device=args.device,
+                      scenarios=[scenario], strategies=args.strategies.split(","), timeout=None,
+                      distributed={"world_size": args.world_size},
+                      min_cuda_memory_reduction=0.3 if cuda and not adapters else None)
+    seconds = time.perf_counter() - started
+    print(f"{case}: {seconds:.1f} s, {[(r.strategy, r.outcome) for r in report.results]}", flush=True)
+    return seconds, report
 
 
 def row(case: str, launch: str, factory: str, checks: list[tuple[float, Any]]) -> dict[str, Any]:
@@ -94,30 +102,32 @@ def row(case: str, launch: str, factory: str, checks: list[tuple[float, Any]]) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--launch", choices=["self", "torchrun"], required=True)
-    parser.add_argument("--world-size", type=int, default=torch.cuda.device_count())
+    parser.add_argument("--world-size", type=int, default=max(torch.cuda.device_count(), 2))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--factory", choices=["cpu", "gpu", "meta"], default="cpu")
     parser.add_argument("--cases", default="")
     parser.add_argument("--strategies", default=",".join(PER_LAYER))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a two-layer Llama instead of the real shapes")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rank = join_launch("cuda") if args.launch == "torchrun" else None
+    rank = join_launch(args.device) if args.launch == "torchrun" else None
     if args.launch == "torchrun":
         if rank is None:
             parser.error("--launch torchrun: start this script with torchrun --nproc-per-node N (N >= 2)")
         args.world_size = torch.distributed.get_world_size()
     cases = [c for c in (args.cases.split(",") if args.cases else CASES) if CASES[c][3] <= args.world_size]
-    device = torch.cuda.get_device_name().replace(" ", "-")
+    device = torch.cuda.get_device_name().replace(" ", "-") if args.device == "cuda" else "cpu"
+    device += "-tiny" if args.tiny else ""
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     path = out / f"dist-{device}-x{args.world_size}-{datetime.date.today().isoformat()}.json"
     for case in cases:
-        checks = [one_check(case, args.factory, args.world_size, args.strategies.split(","))
-                  for _ in range(args.repeats)]
+        checks = [one_check(case, args) for _ in range(args.repeats)]
         if rank in (None, 0):
             import transformers
 
             found = json.loads(path.read_text()) if path.exists() else {
-                "device": torch.cuda.get_device_name(), "gpus": args.world_size, "torch": torch.__version__,
+                "device": device, "gpus": args.world_size, "torch": torch.__version__,
                 "transformers": transformers.__version__, "rows": []}
             found["rows"].append(row(case, args.launch, args.factory, checks))
             out.mkdir(parents=True, exist_ok=True)
