@@ -23,7 +23,8 @@ Appends one row per case and launch to ``dist-<device>-x<N>-<date>.json`` in ``$
 The gate of issue 21, as a user writes it, is ``benchmarks/dist_gate.py``::
 
     torchrun --nproc-per-node 2 -m pytest -p no:cacheprovider -o addopts= --gradckpt benchmarks/dist_gate.py
-    GATE_FACTORY=gpu torchrun --nproc-per-node 2 -m pytest -p no:cacheprovider -o addopts= --gradckpt benchmarks/dist_gate.py
+    GATE_FACTORY=gpu torchrun --nproc-per-node 2 -m pytest -p no:cacheprovider -o addopts= --gradckpt \
+        benchmarks/dist_gate.py
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             ``report.baseline[scenario]["kind"]`` and ``["why"]`` say which was used.
         isolate: run every step in a child process, so a step that crashes the interpreter (a
             segmentation fault in native code) ends as ``error`` (``the step crashed its process:
-            SIGSEGV``) instead of ending the caller's process. One child serves the whole check (a new one after a crash).
+            SIGSEGV``) instead of ending the caller's process. One child serves the whole check
+            (a new one after a crash).
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 

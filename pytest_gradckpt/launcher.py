@@ -46,7 +46,8 @@ class Launcher:
         >>> stepper = Stepper(Subject(net, torch.ones(2, 4), None, None), None, seed=0, timeout=None)
         >>> with Launcher(stepper, [SCENARIOS["ddp"]]) as launcher:
         ...     runs = [launcher.step(SCENARIOS["ddp"], None) for _ in range(2)]
-        >>> [r.error for r in runs], launcher.launches, torch.equal(runs[0].grads["0.weight"], runs[1].grads["0.weight"])
+        >>> same = torch.equal(runs[0].grads["0.weight"], runs[1].grads["0.weight"])
+        >>> [r.error for r in runs], launcher.launches, same
         ([None, None], 1, True)
     """
 
@@ -100,7 +101,8 @@ class Launcher:
         from torch.utils import deterministic
 
         # The caller's kernel settings as they are now (a check on CUDA switches them; a retry relaxes them).
-        determinism = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+        determinism = (torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled(),
                        deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
         command = (self._ref(scenario), self._ref(strategy), grad_targets, determinism)
         what = (f"the step of {strategy.name!r}" if strategy is not None else "the step without checkpointing") + \
