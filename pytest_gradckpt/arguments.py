@@ -6,6 +6,7 @@ Every rule about acceptable input lives here.
 from __future__ import annotations
 
 import copy
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.materialise import to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
@@ -122,6 +124,8 @@ class Subject:
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.reference = model if isinstance(model, nn.Module) else None
         self._spare: nn.Module | None = None
+        self._template: nn.Module | None = None  # see share_build
+        self.build_seconds = 0.0  # how long the factory took here: distributed time limits scale with it
         sample = self.peek()
         self.device = self._resolve_device(device, sample)
         self.name = type(sample).__name__
@@ -141,9 +145,34 @@ class Subject:
         """
         if self.reference is not None:
             return self.reference
+        if self._spare is None and self._template is not None:
+            return self._template  # read only, like the rest: runs get copies of it
         if self._spare is None:
             self._spare = self._build()
         return self._spare
+
+    def drop_spare(self) -> None:
+        """Let go of the model :meth:`peek` built, when this process will not train it (the ranks
+        build their own): a factory that builds on a GPU would otherwise hold it there all along."""
+        self._spare = None
+
+    def share_build(self) -> None:
+        """For processes started from here (ranks): the factory's product built here, when it is
+        on the CPU or the meta device, becomes the template every later run copies, in shared
+        memory, so ranks neither wait for a CPU build per step nor build at all.
+
+        Example:
+            >>> subject = Subject(lambda: torch.nn.Linear(2, 2), torch.ones(1, 2), None, None)
+            >>> subject.share_build()
+            >>> a, b = subject.fresh_model(), subject.fresh_model()
+            >>> a is not b and torch.equal(a.weight, b.weight)
+            True
+        """
+        spare = self._spare if self.reference is None else None
+        if spare is None or model_device(spare).type not in ("cpu", "meta"):
+            return
+        # Shared memory: spawned ranks receive the weights as handles, not as a pickled copy.
+        self._template, self._spare = (spare if model_device(spare).type == "meta" else spare.share_memory()), None
 
     def on_device(self, device: torch.device) -> None:
         """Run on ``device`` from now on (a spawned rank's own GPU). A model received from the
@@ -168,7 +197,8 @@ class Subject:
         if device in (None, "auto"):
             if device == "auto" and torch.cuda.is_available():
                 return torch.device("cuda")
-            return model_device(model)
+            where = model_device(model)
+            return torch.device("cpu") if where.type == "meta" else where  # a meta model is materialised there
         try:
             resolved = torch.device(device)
         except (RuntimeError, TypeError):
@@ -178,7 +208,9 @@ class Subject:
         return resolved
 
     def _build(self) -> nn.Module:
+        started = time.perf_counter()
         model = self.model_source()
+        self.build_seconds = max(self.build_seconds, time.perf_counter() - started)
         if not isinstance(model, nn.Module):
             raise GradckptUsageError(
                 f"model factory {getattr(self.model_source, '__name__', self.model_source)!r} returned "
@@ -187,6 +219,14 @@ class Subject:
             model = copy.deepcopy(model)
         self._seen.add(model)
         return model
+
+    def _from_template(self) -> nn.Module:
+        if self._template is not None:
+            try:
+                return copy.deepcopy(self._template)
+            except Exception:  # noqa: BLE001 - not copyable: build each run, as without a template
+                self._template = None
+        return self._build()
 
     def fresh_model(self) -> nn.Module:
         """A private copy of the model (a deep copy, or a new factory product) on the check's device."""
@@ -198,9 +238,9 @@ class Subject:
                     f"could not copy {type(self.model_source).__name__} ({type(exc).__name__}: {exc}); the check "
                     "never runs the caller's module itself, so pass a zero-argument factory that builds it") from exc
         else:
-            model = self._spare if self._spare is not None else self._build()
+            model = self._spare if self._spare is not None else self._from_template()
             self._spare = None
-        model.to(self.device)
+        model = to_device(model, self.device)
         for param in model.parameters():
             param.grad = None
         return model
@@ -231,7 +271,9 @@ class Subject:
             raise GradckptUsageError(
                 f"inputs={describe(inputs)}: expected a mapping of keyword arguments, a tuple/list of positional "
                 "arguments, a single tensor, or a zero-argument callable returning one of those")
-        if not any(isinstance(v, torch.Tensor) for v in values):
+        found: list[torch.Tensor] = []
+        map_tensors(values, lambda t: found.append(t) or t)  # at any depth: nested inputs are inputs too
+        if not found:
             raise GradckptUsageError(
                 f"inputs contain no tensor ({', '.join(type(v).__name__ for v in values) or 'empty'}); "
                 "checkpointing needs tensor inputs, e.g. {'input_ids': torch.randint(0, vocab, (2, 16))}")

@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 
 from pytest_gradckpt import outcomes
-from pytest_gradckpt.errors import GradckptUsageError, NotReplayable, StrategyNotApplicable, describe_error
+from pytest_gradckpt.errors import (
+    GradckptUsageError, HarnessFailure, NotReplayable, StrategyNotApplicable, describe_error)
 from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap
 from pytest_gradckpt.runs import Run
 from pytest_gradckpt.strategies import Strategy
@@ -108,6 +109,8 @@ class NotJudged:
 def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | None:
     if isinstance(first.error, StrategyNotApplicable):
         return NotJudged(outcomes.SKIPPED, str(first.error))
+    if isinstance(first.error, HarnessFailure):  # a hung or unlaunchable rank judged nothing: never skipped
+        return NotJudged(outcomes.ERROR, describe_error(first.error))
     if isinstance(first.error, NotReplayable):
         return NotJudged(outcomes.ERROR, f"not judged: the layer-local baseline cannot replay a unit: {first.error}")
     if first.error is not None:
@@ -255,6 +258,8 @@ def _two_runs(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dt
         _release(second)
         _release(first)
         return OutOfMemory(f"the second of two runs, beside the first's gradients: {detail}")
+    if isinstance(second.error, HarnessFailure):
+        return NotJudged(outcomes.ERROR, describe_error(second.error))
     if second.error is not None:
         return _not_reproducible(scenario, describe_error(second.error))
     baseline = Baseline(first, kind=kind, why=why, grad_noise=measure_noise(first.grads, second.grads),

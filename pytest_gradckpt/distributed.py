@@ -1,12 +1,10 @@
 """Distributed scenarios (``ddp``, ``fsdp2``) on torch.distributed itself, never an imitation.
 
-The launcher forks ``world_size`` ranks (default 2), or spawns them when this process
-has already used CUDA (autograd's device threads do not survive a fork). They meet through a file store in a
-fresh temporary directory, so no port has to be found or can be raced for. Each rank
-runs the engine's ordinary step on its shard of the global batch, with the model wrapped
-in ``DistributedDataParallel`` or ``fully_shard`` (after the strategy is applied, as in
-training), and sends back what it measured. The parent waits with a deadline; a rank that
-fails or hangs ends the run as ``error`` and every rank is killed, so none is left behind.
+What one rank does: :class:`Parallel` wraps the model in ``DistributedDataParallel`` or
+``fully_shard`` (after the strategy is applied, as in training), gives the rank its shard of the
+global batch and gathers full gradients. The ranks are started once per check by
+:mod:`pytest_gradckpt.launcher` (which runs every step in them, see :mod:`pytest_gradckpt.rank_group`),
+or are those of a launch someone else started (torchrun): :func:`step_in_existing_group`.
 
 The judge compares against the same distributed setup without checkpointing (same ranks,
 same seeds, so dropout masks match) and requires every rank to hold the same gradients.
@@ -15,28 +13,21 @@ same seeds, so dropout masks match) and requires every rank to hold the same gra
 from __future__ import annotations
 
 import contextlib
-import io
-import multiprocessing
+import math
 import os
-import pickle
-import queue as queue_module
 import signal
-import tempfile
-import time
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 import torch
 
 from pytest_gradckpt.arguments import map_tensors, model_device
-from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
-from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.errors import GradckptUsageError, HarnessFailure, StrategyNotApplicable
 from pytest_gradckpt.runs import Run, Stepper
 
 #: Settable through ``check(..., distributed={...})``.
 DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
-                            "micro_batches": 1, "timeout": 60.0, "start_method": "auto"}
+                            "micro_batches": 1, "timeout": None, "start_method": "auto"}
 START_METHODS = ("auto", "fork", "spawn")
 
 
@@ -58,6 +49,10 @@ def options(given: Mapping[str, Any] | None) -> dict[str, Any]:
     for name in ("world_size", "micro_batches"):
         if isinstance(chosen[name], bool) or not isinstance(chosen[name], int) or chosen[name] < 1:
             raise GradckptUsageError(f"distributed: {name}={chosen[name]!r}; pass an int >= 1")
+    limit = chosen["timeout"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise GradckptUsageError(f"distributed: timeout={limit!r}; pass seconds > 0 per step, or None (the default: "
+                                 "a limit that scales with the measured model build and step times)")
     return chosen
 
 
@@ -96,11 +91,18 @@ class Parallel:
         return max(scenario.micro_batches, self.settings["micro_batches"])
 
     def shard(self, inputs: Any) -> Any:
-        """This rank's slice of the global batch (dimension 0 of every batch-sized tensor)."""
-        tensors = _tensors(inputs)
-        if not tensors:
+        """This rank's slice of the global batch: dimension 0 of every tensor, at any depth of
+        nested mappings and sequences, whose first dimension is the batch (the first tensor's).
+
+        Example:
+            >>> ranks = [Parallel("ddp", rank, DEFAULTS) for rank in (0, 1)]
+            >>> [r.shard({"x": {"ids": torch.arange(4)}, "n": [torch.zeros(4, 2)]})["x"]["ids"].tolist()
+            ...  for r in ranks]
+            [[0, 1], [2, 3]]
+        """
+        batch = _batch_size(inputs)
+        if batch is None:
             return inputs
-        batch = tensors[0].shape[0] if tensors[0].dim() else 1
         if batch % self.world_size:
             raise GradckptUsageError(f"{self.kind}: the global batch of {batch} does not split evenly over "
                                      f"{self.world_size} ranks; pass a batch divisible by world_size")
@@ -124,7 +126,17 @@ class Parallel:
 
     @staticmethod
     def full_tensor(grad: Any) -> torch.Tensor:
-        return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        """The whole of a (sharded) gradient on every rank. FSDP2's dimension-0 shards are
+        gathered with a plain ``all_gather``, not ``DTensor.full_tensor()``: that goes through
+        functional collectives (``AsyncCollectiveTensor``), which need nothing here and are
+        what the issue-21 crash (SIGSEGV in ``AsyncCollectiveTensor.__new__``) came through."""
+        placements = getattr(grad, "placements", None)
+        if placements is None:
+            return grad
+        local = getattr(grad, "_local_tensor", None)
+        if local is None or len(placements) != 1 or not placements[0].is_shard(0) or grad.dim() == 0:
+            return grad.full_tensor()  # other layouts: torch's general path
+        return _gather_dim0(local, tuple(grad.shape), grad.device_mesh.get_group())
 
 
 @contextlib.contextmanager
@@ -135,17 +147,42 @@ def _restore_sync(runner: Any) -> Any:
         runner.set_requires_gradient_sync(True)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [v for v in value.values() if isinstance(v, torch.Tensor)]
-    if isinstance(value, (list, tuple)):
-        return [v for v in value if isinstance(v, torch.Tensor)]
-    return []
+def _batch_size(inputs: Any) -> int | None:
+    """The first dimension of the first tensor found (depth first, as :func:`map_tensors` walks).
+
+    Example:
+        >>> _batch_size({"kwargs": {"x": torch.zeros(6, 2)}}), _batch_size({"n": 3})
+        (6, None)
+    """
+    found: list[torch.Tensor] = []
+    map_tensors(inputs, lambda t: found.append(t) or t)
+    if not found:
+        return None
+    return found[0].shape[0] if found[0].dim() else 1
 
 
-def _describe(error: BaseException) -> dict[str, Any]:
+def _gather_dim0(local: torch.Tensor, shape: tuple[int, ...], group: Any) -> torch.Tensor:
+    """The full tensor of ``shape`` from every rank's ``torch.chunk`` piece along dimension 0
+    (FSDP2's sharding): pieces are padded to the largest chunk, gathered, and trimmed."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size(group)
+    chunk = math.ceil(shape[0] / world_size)
+    sizes = [max(0, min(chunk, shape[0] - rank * chunk)) for rank in range(world_size)]
+    padded = local.new_zeros((chunk, *shape[1:]))
+    padded[:local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+
+def describe_exception(error: BaseException) -> dict[str, Any]:
+    """How a rank reports an exception to the process that judges.
+
+    Example:
+        >>> describe_exception(ValueError("bad"))
+        {'error': 'ValueError: bad', 'not_applicable': False, 'usage': False}
+    """
     not_applicable = isinstance(error, StrategyNotApplicable)
     return {"error": str(error) if not_applicable else f"{type(error).__name__}: {error}",
             "not_applicable": not_applicable, "usage": isinstance(error, GradckptUsageError)}
@@ -154,49 +191,6 @@ def _describe(error: BaseException) -> dict[str, Any]:
 #: The fields of a :class:`Run` a rank sends back (its error travels separately, described).
 MEASURED = ("loss", "grads", "buffers", "calls", "graph_calls", "reached_calls", "expected_recompute", "recomputed_units",
             "warnings", "seconds", "activation_bytes", "outputs", "cuda_peak_bytes")
-
-
-def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any,
-               results: Any) -> None:
-    import torch.distributed as dist
-
-    settings = stepper.distributed
-    payload: dict[str, Any] = {"rank": rank}
-    try:
-        torch.set_num_threads(1)  # ranks share the machine's cores
-        cuda = stepper.subject.device.type == "cuda"
-        # One GPU per rank, as torchrun would give it; an isolated local step keeps the check's device.
-        if cuda and scenario.distributed:
-            stepper.subject.on_device(torch.device("cuda", rank))
-            torch.cuda.set_device(rank)
-        parallel = None  # an isolated local step: one process, no group
-        if scenario.distributed:
-            payload["launch"] = True  # until the ranks have met, a failure is the harness's
-            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
-                                    world_size=settings["world_size"], timeout=timedelta(seconds=settings["timeout"]))
-            payload["launch"] = False
-            parallel = Parallel(scenario.distributed, rank, settings)
-        run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
-        payload["fingerprint"] = _fingerprint(run.grads)
-        if rank:  # rank 0 ships the gradients; the others only what proves theirs are the same
-            run.grads, run.outputs, run.buffers = {}, {}, {}
-        run = run.to_host()
-        payload.update({key: getattr(run, key) for key in MEASURED})
-        if run.error is not None:
-            payload.update(_describe(run.error))
-    except BaseException as error:  # noqa: BLE001 - reported to the parent, whatever it is
-        payload.update(_describe(error))
-    finally:
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        results.put(buffer.getvalue())
-        results.close()
-        results.join_thread()  # put() hands off to a feeder thread: let it finish before _exit
-        with contextlib.suppress(Exception):
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        if multiprocessing.get_start_method(allow_none=True) != "spawn":
-            os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
 
 
 #: Attempts at one distributed step when the launch itself fails (rendezvous, transport, a rank
@@ -217,38 +211,13 @@ class StepCrashed(RankFailure):
     """The process running the step died of a crash signal (a fault in native code)."""
 
 
-class LaunchFailure(RankFailure):
+class LaunchFailure(RankFailure, HarnessFailure):
     """The harness could not run the step (ranks did not meet, a transport broke, a rank was
     killed from outside): the strategy is not to blame."""
 
 
-class Launcher:
-    """Runs :meth:`Stepper.step` on ``world_size`` ranks and folds their measurements into one Run.
-
-    ``step`` has the local step's signature, so the engine treats both alike.
-    """
-
-    def __init__(self, stepper: Stepper):
-        self.stepper = stepper
-
-    def step(self, scenario: Any, strategy: Any, grad_targets: Any = None) -> Run:
-        """One distributed step; a strategy that does not apply is skipped before any rank starts.
-        Under an existing launch (torchrun), the step runs on this process's rank of that group."""
-        if strategy is not None:
-            stepper = self.stepper
-            reason = strategy.applies_to(ModelInfo(stepper.subject.peek(), stepper.layer_names, stepper.found_by))
-            if reason:
-                return Run(error=StrategyNotApplicable(reason))
-        if scenario.distributed and launched_from_outside():
-            return step_in_existing_group(self.stepper, scenario, strategy, grad_targets)
-        for _ in range(LAUNCH_ATTEMPTS):
-            run = launch(self.stepper, scenario, strategy, grad_targets)
-            if not isinstance(run.error, LaunchFailure):
-                return run
-        run.error = LaunchFailure(
-            f"not judged: the distributed launch itself failed {LAUNCH_ATTEMPTS} times (a harness failure, not a "
-            f"verdict on the strategy): {run.error}")
-        return run
+class RankTimeout(RankFailure, HarnessFailure):
+    """A rank outlived its time limit: nothing was judged (``error: not judged: ...``)."""
 
 
 def join_launch(device: str | None) -> int | None:
@@ -330,8 +299,8 @@ def step_in_existing_group(stepper: Stepper, scenario: Any, strategy: Any, grad_
     parallel = Parallel(scenario.distributed, dist.get_rank(), settings)
     run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
     # Every rank must reach the same verdict: share failures, peaks and gradient fingerprints.
-    mine = {"error": None if run.error is None else _describe(run.error), "peak": run.cuda_peak_bytes,
-            "fingerprint": _fingerprint(run.grads)}
+    mine = {"error": None if run.error is None else describe_exception(run.error), "peak": run.cuda_peak_bytes,
+            "fingerprint": fingerprint(run.grads)}
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     failed = [(rank, e["error"]) for rank, e in enumerate(everyone) if e["error"] is not None]
@@ -340,14 +309,19 @@ def step_in_existing_group(stepper: Stepper, scenario: Any, strategy: Any, grad_
         run.error = StrategyNotApplicable(error["error"]) if error["not_applicable"] else RankFailure(
             f"rank {rank}: {error['error']}")
     if run.error is None:
-        _fold_peaks(run, [e["peak"] for e in everyone])
-        run.rank_disagreement = _disagreement([e["fingerprint"] for e in everyone])
+        fold_peaks(run, [e["peak"] for e in everyone])
+        run.rank_disagreement = disagreement([e["fingerprint"] for e in everyone])
     return run
 
 
-def _fingerprint(grads: dict[str, Any]) -> dict[str, Any]:
+def fingerprint(grads: dict[str, Any]) -> dict[str, Any]:
     """Per gradient, numbers equal exactly when the tensors are (for practical purposes): the
-    ranks compare these instead of shipping whole gradients."""
+    ranks compare these instead of shipping whole gradients.
+
+    Example:
+        >>> fingerprint({"w": torch.tensor([1.0, -2.0]), "frozen": None})
+        {'w': (-1.0, 5.0, 2.0), 'frozen': None}
+    """
     found = [(n, g.double()) for n, g in grads.items() if g is not None]
     numbers = torch.stack([torch.stack([g.sum(), g.square().sum(), g.abs().max()]) for _, g in found]).cpu().tolist() \
         if found else []  # one transfer for all of them
@@ -359,107 +333,18 @@ def _is_transport_failure(message: str) -> bool:
     return any(marker in message for marker in TRANSPORT_FAILURES)
 
 
-def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
-    """Run one step on ``world_size`` ranks started here (forked, or spawned where CUDA is
-    involved), once, and fold their measurements into one Run. A scenario that is not
-    distributed runs in one child process: a step isolated from this one."""
-    settings = dict(stepper.distributed or DEFAULTS)
-    if not scenario.distributed:  # an isolated step: the check's own per-run limit applies inside it
-        settings["world_size"] = 1
-        settings["timeout"] = 30 + 1.5 * (stepper.timeout or 3600)
-    cuda = stepper.subject.device.type == "cuda"
-    if cuda and settings["world_size"] > torch.cuda.device_count():
-        raise GradckptUsageError(
-            f"{scenario.name}: world_size={settings['world_size']} ranks need as many GPUs, one each, and "
-            f"{torch.cuda.device_count()} are visible; pass distributed={{'world_size': "
-            f"{torch.cuda.device_count()}}} or run on more GPUs")
-    method = settings["start_method"]
-    if method == "auto":
-        # Fork is cheap and needs nothing picklable, but CUDA cannot be used in a forked child, and
-        # a process whose CUDA (and so autograd's device threads) already ran cannot fork safely:
-        # then spawn, which pickles the stepper.
-        method = "spawn" if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()) else "fork"
-    if method == "spawn":
-        try:
-            pickle.dumps((stepper, scenario, strategy))
-        except Exception as error:  # noqa: BLE001
-            raise GradckptUsageError(
-                f"{scenario.name}: ranks must be spawned here (this process already used CUDA), which needs a "
-                f"picklable model, inputs, loss and strategy: {type(error).__name__}: {error}. Define them at module "
-                "level (no lambdas or local classes), or run distributed checks in a process that has not used "
-                "CUDA") from None
-    context = multiprocessing.get_context(method)
-    results = context.Queue()
-    run = Run()
-    with tempfile.TemporaryDirectory(prefix="gradckpt-dist-") as folder:
-        store = os.path.join(folder, "store")
-        ranks = [context.Process(target=_rank_main, daemon=True,
-                                 args=(rank, store, stepper, scenario, strategy, grad_targets, results))
-                 for rank in range(settings["world_size"])]
-        for process in ranks:
-            process.start()
-        payloads: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + settings["timeout"]
-        try:
-            while len(payloads) < len(ranks):
-                if time.monotonic() > deadline:
-                    missing = sorted(set(range(len(ranks))) - set(payloads))
-                    raise RankFailure(f"rank(s) {missing} did not finish within {settings['timeout']:g} s (hung)")
-                try:
-                    payload = torch.load(io.BytesIO(results.get(timeout=0.2)), weights_only=False)
-                    payloads[payload["rank"]] = payload
-                except queue_module.Empty:
-                    dead = [r for r, p in enumerate(ranks) if r not in payloads and p.exitcode not in (None, 0)]
-                    if dead:
-                        raise _death(dead[0], ranks[dead[0]].exitcode, len(ranks)) from None
-        except RankFailure as failure:
-            run.error = failure
-            return run
-        finally:
-            for process in ranks:
-                process.join(timeout=2)
-                if process.is_alive():
-                    process.terminate()
-                    process.join(timeout=2)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-    failed = [p for p in payloads.values() if "error" in p]
-    usage = [p for p in failed if p.get("usage")]
-    if usage:  # bad input is the caller's to fix, in any process
-        raise GradckptUsageError(usage[0]["error"].partition(": ")[2])
-    if failed:
-        first = min(failed, key=lambda p: p["rank"])
-        if first.get("not_applicable"):
-            run.error = StrategyNotApplicable(first["error"])
-        elif first.get("launch") or _is_transport_failure(first["error"]):
-            run.error = LaunchFailure(f"rank {first['rank']}: {first['error']}")
-        elif len(ranks) == 1:
-            run.error = RaisedInChild(first["error"])
-        else:
-            run.error = RankFailure(f"rank {first['rank']}: {first['error']}")
-        run.warnings = first.get("warnings", [])
-        return run
-    first = payloads[0]
-    for key in MEASURED:
-        setattr(run, key, first[key])
-    _fold_peaks(run, [payloads[r]["cuda_peak_bytes"] for r in sorted(payloads)])
-    run.rank_disagreement = _disagreement([payloads[r]["fingerprint"] for r in sorted(payloads)])
-    return run
-
-
 #: Signals a process sends itself when native code fails: the step's own doing. Others (SIGKILL,
 #: SIGTERM) come from outside (the OOM killer, a CI runner) and say nothing about the step.
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
-def _death(rank: int, code: int | None, ranks: int) -> RankFailure:
+def death(rank: int, code: int | None, ranks: int) -> RankFailure:
     """What a rank's death means: a crash of the step (a verdict) or the launch failing (retried).
 
     Example:
-        >>> str(_death(0, -11, 1))
+        >>> str(death(0, -11, 1))
         'the step crashed its process: SIGSEGV (a fault in native code)'
-        >>> type(_death(1, -9, 2)).__name__
+        >>> type(death(1, -9, 2)).__name__
         'LaunchFailure'
     """
     if code is not None and code < 0:
@@ -471,20 +356,20 @@ def _death(rank: int, code: int | None, ranks: int) -> RankFailure:
     return RankFailure(f"rank {rank} died with exit code {code}")
 
 
-def _fold_peaks(run: Run, peaks: list[int | None]) -> None:
+def fold_peaks(run: Run, peaks: list[int | None]) -> None:
     """Every rank's CUDA peak is kept; the run's is the largest, so thresholds hold on every rank."""
     if all(p is not None for p in peaks):
         run.rank_cuda_peak_bytes = list(peaks)
         run.cuda_peak_bytes = max(peaks)
 
 
-def _disagreement(fingerprints: list[dict[str, Any]]) -> str | None:
+def disagreement(fingerprints: list[dict[str, Any]]) -> str | None:
     """Which parameter's gradient differs between ranks, if any (they must all hold the same).
 
     Example:
-        >>> _disagreement([{"w": (1.0, 1.0, 1.0)}, {"w": (1.0, 1.0, 1.0)}]) is None
+        >>> disagreement([{"w": (1.0, 1.0, 1.0)}, {"w": (1.0, 1.0, 1.0)}]) is None
         True
-        >>> _disagreement([{"w": (1.0, 1.0, 1.0)}, {"w": None}])
+        >>> disagreement([{"w": (1.0, 1.0, 1.0)}, {"w": None}])
         'rank 1 holds a different gradient for w than rank 0'
     """
     for rank, theirs in enumerate(fingerprints[1:], start=1):

@@ -19,9 +19,10 @@ from torch import nn
 
 from pytest_gradckpt import baselines, verdicts
 from pytest_gradckpt.arguments import Subject, tensor_bytes
-from pytest_gradckpt.distributed import Launcher, describe_ranks, options as distributed_options
+from pytest_gradckpt.distributed import describe_ranks, options as distributed_options
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
+from pytest_gradckpt.launcher import Launcher
 from pytest_gradckpt.layers import unit_stacks
 from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.report import Report, Result
@@ -111,7 +112,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         distributed: settings for the ``ddp``/``fsdp2`` scenarios: ``world_size`` (2),
             ``find_unused_parameters`` and ``static_graph`` (DDP, both False), ``micro_batches``
             (1; more accumulates with gradient sync only on the last: DDP ``no_sync``) and
-            ``timeout`` (60 s for all ranks together).
+            ``timeout`` (seconds per step on the ranks; None, the default, scales with the measured model
+            build and step times: see ``docs/multi-gpu.md``). The ranks start once per check.
         baseline: what strategies are compared with: ``"whole-model"`` (the step without
             checkpointing), ``"layerwise"`` (the same gradients computed one checkpoint unit at a
             time, in about the memory of a checkpointed step; memory reductions are not judged),
@@ -119,7 +121,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             ``report.baseline[scenario]["kind"]`` and ``["why"]`` say which was used.
         isolate: run every step in a child process, so a step that crashes the interpreter (a
             segmentation fault in native code) ends as ``error`` (``the step crashed its process:
-            SIGSEGV``) instead of ending the caller's process. Costs a process start per run.
+            SIGSEGV``) instead of ending the caller's process. One child serves the whole check
+            (a new one after a crash).
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 
@@ -162,9 +165,11 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         report.baseline["layers"] = stepper.layer_names
         report.baseline["layers_found_by"] = stepper.found_by  # which units were chosen, and why
         report.baseline["unit_stacks"] = unit_stacks(stepper.layer_names)  # per tower / stack
-        with deterministic_kernels(subject.device) as determinism:
+        # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
+        launcher = Launcher(stepper, [*chosen, *chosen_scenarios])
+        with deterministic_kernels(subject.device) as determinism, launcher:
             for scenario in chosen_scenarios:
-                step = determinism.retrying(_step_function(stepper, scenario, isolate))
+                step = determinism.retrying(_step_function(stepper, launcher, scenario, isolate))
                 dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
                 default_rtol, default_atol = default_tolerances(dtype)
                 scenario_limits = dataclasses.replace(
@@ -206,12 +211,12 @@ def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subj
         baseline.park()
 
 
-def _step_function(stepper: Stepper, scenario: Scenario, isolate: bool) -> Callable[..., Run]:
+def _step_function(stepper: Stepper, launcher: Launcher, scenario: Scenario, isolate: bool) -> Callable[..., Run]:
     """``step(scenario, strategy, grad_targets=None) -> Run``: here, on the ranks of a distributed
     launch, or (``isolate``) in a child process that may crash without taking this one along."""
     if not scenario.distributed and not isolate:
         return stepper.step
-    return Launcher(stepper).step
+    return launcher.step
 
 
 def _judge_one(step: Callable[..., Run], scenario: Scenario, strategy: Strategy,

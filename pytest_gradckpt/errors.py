@@ -46,6 +46,19 @@ class StrategyNotApplicable(Exception):
     """
 
 
+class HarnessFailure(Exception):
+    """The harness itself could not run a step (ranks that never met or ran past their time
+    limit, a launch killed from outside): nothing was judged. Reported as ``error`` with a
+    message that starts ``not judged:``, never as ``skipped`` and never as the strategy's verdict.
+
+    Example:
+        >>> describe_error(HarnessFailure("not judged: rank(s) [1] did not finish within 5 s"))
+        'not judged: rank(s) [1] did not finish within 5 s'
+    """
+
+    already_described = True  # the message itself says what happened, in the verdict's words
+
+
 class StrategyTimeout(Exception):
     """Raised inside a run that outlived its time limit; reported as ``error``."""
 

@@ -61,7 +61,7 @@ def test_a_hanging_rank_ends_as_error_and_leaves_no_process():
     (result,) = gc.check(model, inputs, scenarios=["ddp"], strategies=[strategy], timeout=None,
                          distributed={"timeout": 8}).results
     assert result.outcome == "error"
-    assert "did not finish within 8 s" in result.message
+    assert result.message.startswith("not judged: rank(s) [0, 1] did not finish the step of 'hangs' under ddp within 8 s")
     assert time.monotonic() - started < 60
     assert multiprocessing.active_children() == []
 
@@ -96,11 +96,11 @@ def test_spawn_needs_a_picklable_model():
 
 
 def test_strategy_that_does_not_apply_is_skipped_before_any_rank_starts(monkeypatch):
-    from pytest_gradckpt import distributed
+    from pytest_gradckpt.launcher import Launcher
 
     started = []
-    real_launch = distributed.launch
-    monkeypatch.setattr(distributed, "launch", lambda *a, **k: started.append(a[2]) or real_launch(*a, **k))
+    real_on_ranks = Launcher._on_ranks
+    monkeypatch.setattr(Launcher, "_on_ranks", lambda self, *a: started.append(a[1]) or real_on_ranks(self, *a))
     model, inputs = plain.reused_block_net()
     report = gc.check(model, inputs, strategies=["hf_reentrant", "non_reentrant"], scenarios=["ddp"])
     assert [r.outcome for r in report.results] == ["skipped", "pass"]
@@ -110,22 +110,23 @@ def test_strategy_that_does_not_apply_is_skipped_before_any_rank_starts(monkeypa
 
 def test_a_failing_launch_is_retried_and_then_reported_as_the_harness_not_the_strategy(monkeypatch):
     from pytest_gradckpt import distributed
+    from pytest_gradckpt.launcher import Launcher
     from pytest_gradckpt.runs import Run
 
     attempts = []
-    real_launch = distributed.launch
+    real_on_ranks = Launcher._on_ranks
 
-    def flaky(stepper, scenario, strategy, grad_targets):
+    def flaky(self, scenario, strategy, grad_targets):
         if strategy is None:
-            return real_launch(stepper, scenario, strategy, grad_targets)
+            return real_on_ranks(self, scenario, strategy, grad_targets)
         attempts.append(strategy.name)
         if strategy.name == "non_reentrant" and attempts.count("non_reentrant") == 1:
             return Run(error=distributed.LaunchFailure("rank 0: RuntimeError: Gloo connectFullMesh failed"))
         if strategy.name == "reentrant":
             return Run(error=distributed.LaunchFailure("rank 1 died with exit code -9"))
-        return real_launch(stepper, scenario, strategy, grad_targets)
+        return real_on_ranks(self, scenario, strategy, grad_targets)
 
-    monkeypatch.setattr(distributed, "launch", flaky)
+    monkeypatch.setattr(Launcher, "_on_ranks", flaky)
     model, inputs = plain.reused_block_net()
     report = gc.check(model, inputs, strategies=["non_reentrant", "reentrant"], scenarios=["ddp"],
                       distributed={"static_graph": True})
@@ -162,6 +163,19 @@ def test_dropout_net(gradckpt):
 @pytest.mark.gradckpt(scenarios=["ddp"], strategies=["reentrant"], expect={"reentrant/ddp": "error"})
 def test_reused_block(gradckpt):
     gradckpt.check(*plain.reused_block_net())
+
+
+def meta_factory():
+    import torch
+    from pytest_gradckpt.zoo.plain import TanhNet
+
+    with torch.device("meta"):
+        return TanhNet()
+
+
+@pytest.mark.gradckpt(scenarios=["ddp", "fsdp2"], strategies=["non_reentrant"])
+def test_meta_factory(gradckpt):
+    gradckpt.check(meta_factory, plain.tanh_net()[1])
 
 
 @pytest.mark.gradckpt(scenarios=["fsdp2"], strategies=["detached"])

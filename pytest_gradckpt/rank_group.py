@@ -1,0 +1,291 @@
+"""Rank processes that live for a whole check.
+
+The ranks start once, meet once (a file store in a fresh temporary directory, so no port has
+to be found or can be raced for), and then run every step the check asks for (the two
+baseline runs and every strategy, under every distributed scenario) as commands, each
+answered with what the rank measured. Ranks are forked, or spawned when CUDA is involved
+(a process whose CUDA already ran cannot fork safely, and a forked child cannot use CUDA).
+
+Each command has a time limit (:class:`TimeLimit`): the caller's fixed one, or one that
+scales with what was measured. A rank that outlives it, dies, or fails in a way that may
+leave its peers inside a collective ends the group: every rank is killed, none is left
+behind, and the next command starts a fresh group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import multiprocessing
+import os
+import pickle
+import queue as queue_module
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from pytest_gradckpt.distributed import (
+    MEASURED, Parallel, RankFailure, RankTimeout, death, describe_exception, fingerprint)
+from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.runs import Stepper
+
+#: The first command's limit covers starting the ranks, importing, meeting and building the
+#: model: this many seconds, plus BUILD_FACTOR times the model's build measured here.
+FIRST_FLOOR = 300.0
+BUILD_FACTOR = 10.0
+#: Later commands: STEP_FACTOR times the slowest command so far (build and step), at least FLOOR.
+FLOOR = 120.0
+STEP_FACTOR = 5.0
+#: After one rank reported a failure, the others get this long (at least) to report theirs
+#: before they are taken to be stuck in a collective the failed rank never joined.
+GRACE = 10.0
+
+
+@dataclasses.dataclass
+class TimeLimit:
+    """How long a command may take: ``fixed`` (the caller's ``distributed={"timeout": s}``), or
+    a limit that scales with what was measured.
+
+    Example:
+        >>> limit = TimeLimit(fixed=None, build_seconds=2.0)
+        >>> limit.seconds()
+        320.0
+        >>> limit.measured(100.0); limit.seconds()
+        500.0
+        >>> TimeLimit(fixed=8.0, build_seconds=2.0).explain()
+        "distributed={'timeout': 8}"
+    """
+
+    fixed: float | None
+    build_seconds: float
+    slowest: float = 0.0  # the slowest command so far, on its slowest rank
+
+    def measured(self, seconds: float) -> None:
+        self.slowest = max(self.slowest, seconds)
+
+    def seconds(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        if not self.slowest:
+            return FIRST_FLOOR + BUILD_FACTOR * self.build_seconds
+        return max(FLOOR, STEP_FACTOR * self.slowest)
+
+    def explain(self) -> str:
+        if self.fixed is not None:
+            return f"distributed={{'timeout': {self.fixed:g}}}"
+        if not self.slowest:
+            return (f"the first step's limit: {FIRST_FLOOR:g} s for starting the ranks plus {BUILD_FACTOR:g} x the "
+                    f"model's build here ({self.build_seconds:.1f} s)")
+        return f"{STEP_FACTOR:g} x the slowest step so far ({self.slowest:.1f} s, model build included), at least " \
+               f"{FLOOR:g} s"
+
+
+class _Picklability(pickle.Pickler):
+    """Pickles everything but tensors' data: whether spawning can hand the ranks what they
+    need, without serialising a billion weights to find out (they travel as shared memory)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return id(obj) if isinstance(obj, torch.Tensor) else None
+
+
+def start_method(chosen: str, cuda: bool) -> str:
+    """``fork`` where it is safe (cheap, and nothing needs pickling), else ``spawn``.
+
+    Example:
+        >>> start_method("auto", cuda=False), start_method("auto", cuda=True), start_method("spawn", cuda=False)
+        ('fork', 'spawn', 'spawn')
+    """
+    if chosen != "auto":
+        return chosen
+    # Autograd's device threads do not survive a fork once CUDA ran in this process.
+    return "spawn" if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()) else "fork"
+
+
+class RankGroup:
+    """``world_size`` processes that each hold the stepper and run commands until closed.
+
+    ``catalog``: the scenarios and strategies the check will use, handed over when the ranks
+    start (so with fork nothing needs to be picklable); a command names them by position.
+    ``forms_group``: whether the ranks join one process group (distributed scenarios), or run
+    alone (a step isolated from the caller's process).
+    """
+
+    def __init__(self, stepper: Stepper, catalog: Sequence[Any], world_size: int, forms_group: bool,
+                 settings: dict[str, Any]):
+        self.stepper, self.catalog, self.world_size = stepper, list(catalog), world_size
+        self.forms_group, self.settings = forms_group, settings
+        self.processes: list[Any] = []
+        self.sequence = 0
+        self.folder = ""
+
+    @property
+    def running(self) -> bool:
+        return bool(self.processes)
+
+    def start(self) -> None:
+        cuda = self.stepper.subject.device.type == "cuda"
+        method = start_method(self.settings["start_method"], cuda)
+        if method == "spawn":
+            try:
+                _Picklability(io.BytesIO()).dump((self.stepper, self.catalog))
+            except Exception as error:  # noqa: BLE001
+                raise GradckptUsageError(
+                    f"ranks must be spawned here (this process already used CUDA), which needs a picklable model, "
+                    f"inputs, loss and strategies: {type(error).__name__}: {error}. Define them at module level (no "
+                    "lambdas or local classes), or run distributed checks in a process that has not used CUDA"
+                ) from None
+        context = multiprocessing.get_context(method)
+        self.results = context.Queue()
+        self.commands = [context.Queue() for _ in range(self.world_size)]
+        self.folder = tempfile.mkdtemp(prefix="gradckpt-dist-")
+        store = os.path.join(self.folder, "store") if self.forms_group else ""
+        self.processes = [context.Process(target=serve, daemon=True,
+                                          args=(rank, self.world_size, store, self.stepper, self.catalog,
+                                                self.commands[rank], self.results, self.settings, method == "fork"))
+                          for rank in range(self.world_size)]
+        for process in self.processes:
+            process.start()
+
+    def run(self, command: tuple[Any, ...], limit: TimeLimit, what: str) -> dict[int, dict[str, Any]]:
+        """Every rank's payload for ``command``; raises :class:`RankFailure` (the group is then
+        unusable: close it) when a rank dies or outlives ``limit``."""
+        self.sequence += 1
+        for commands in self.commands:
+            commands.put((self.sequence, command))
+        seconds = limit.seconds()
+        deadline = time.monotonic() + seconds
+        payloads: dict[int, dict[str, Any]] = {}
+        while len(payloads) < self.world_size:
+            if time.monotonic() > deadline:
+                if any("error" in p for p in payloads.values()):
+                    break  # a failed rank left the others waiting in a collective: its error is the news
+                missing = sorted(set(range(self.world_size)) - set(payloads))
+                raise RankTimeout(f"not judged: rank(s) {missing} did not finish {what} within {seconds:g} s (hung; "
+                                  f"the limit is {limit.explain()}). A harness failure, not a verdict: raise the "
+                                  "limit with distributed={'timeout': seconds} if the model needs longer")
+            try:
+                payload = torch.load(io.BytesIO(self.results.get(timeout=0.2)), weights_only=False)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(self.processes) if r not in payloads and p.exitcode is not None]
+                if dead:
+                    raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size) from None
+                continue
+            if payload["sequence"] != self.sequence:
+                continue  # an answer to an earlier command (cannot happen while groups are closed on failure)
+            payloads[payload["rank"]] = payload
+            if "error" in payload and not payload.get("not_applicable"):
+                deadline = min(deadline, time.monotonic() + max(GRACE, 2 * limit.slowest))
+        return payloads
+
+    def close(self, wait: bool = True) -> None:
+        """Stop every rank (asked to finish, then by force; at once without ``wait``, for a
+        group that failed) and remove the store; no process is left."""
+        for commands in getattr(self, "commands", []):
+            with contextlib.suppress(Exception):
+                commands.put(None)
+        for process in self.processes:
+            process.join(timeout=5 if wait else 0.1)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=2)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.processes = []
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = ""
+
+
+def serve(rank: int, world_size: int, store: str, stepper: Stepper, catalog: list[Any], commands: Any,
+          results: Any, settings: dict[str, Any], forked: bool) -> None:
+    """A rank's life: set up once, then run steps until told to stop (None)."""
+    import torch.distributed as dist
+
+    try:
+        cuda = stepper.subject.device.type == "cuda"
+        # CPU ranks share the machine's cores; GPU ranks get a share each, for building the model.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size) if cuda else 1)
+        if cuda and store:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
+            stepper.subject.on_device(torch.device("cuda", rank))
+            torch.cuda.set_device(rank)
+        parent = os.getppid()
+        while True:
+            try:
+                item = commands.get(timeout=5)
+            except queue_module.Empty:
+                if os.getppid() != parent:  # the checking process is gone: do not outlive it
+                    break
+                continue
+            if item is None:
+                break
+            sequence, command = item
+            payload = _answer(rank, world_size, store, stepper, catalog, command, settings)
+            payload["sequence"] = sequence
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            results.put(buffer.getvalue())
+    finally:
+        results.close()
+        results.join_thread()  # put() hands off to a feeder thread: let it finish before _exit
+        with contextlib.suppress(Exception):
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if forked:
+            os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
+
+
+def _answer(rank: int, world_size: int, store: str, stepper: Stepper, catalog: list[Any],
+            command: tuple[Any, ...], settings: dict[str, Any]) -> dict[str, Any]:
+    """One step on this rank, as a payload: what was measured, or what went wrong."""
+    import torch.distributed as dist
+
+    payload: dict[str, Any] = {"rank": rank, "pid": os.getpid()}
+    started = time.perf_counter()
+    try:
+        scenario_ref, strategy_ref, grad_targets, determinism = command
+        scenario, strategy = _resolve(catalog, scenario_ref), _resolve(catalog, strategy_ref)
+        _follow(determinism)
+        parallel = None
+        if store:
+            if not dist.is_initialized():
+                payload["launch"] = True  # until the ranks have met, a failure is the harness's
+                backend = "nccl" if stepper.subject.device.type == "cuda" else "gloo"
+                dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
+                                        timeout=timedelta(seconds=settings["group_timeout"]))
+                payload["launch"] = False
+            parallel = Parallel(scenario.distributed, rank, dict(settings, world_size=world_size))
+        run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
+        payload["fingerprint"] = fingerprint(run.grads)
+        if rank:  # rank 0 ships the gradients; the others only what proves theirs are the same
+            run.grads, run.outputs, run.buffers = {}, {}, {}
+        run = run.to_host()
+        payload.update({key: getattr(run, key) for key in MEASURED})
+        if run.error is not None:
+            payload.update(describe_exception(run.error))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, whatever it is
+        payload.update(describe_exception(error))
+    payload["wall"] = time.perf_counter() - started
+    return payload
+
+
+def _follow(determinism: tuple[bool, bool, bool, bool]) -> None:
+    """Use the kernel settings the checking process uses now (spawned ranks start without them)."""
+    from torch.utils import deterministic
+
+    torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
+    deterministic.fill_uninitialized_memory = determinism[2]  # type: ignore[attr-defined]
+    torch.backends.cudnn.benchmark = determinism[3]
+
+
+def _resolve(catalog: list[Any], ref: Any) -> Any:
+    kind, value = ref
+    if kind == "catalog":
+        return catalog[value]
+    return pickle.loads(value) if kind == "pickled" else None
