@@ -224,6 +224,8 @@ def _judge_one(step: Callable[..., Run], scenario: Scenario, strategy: Strategy,
     evidence = verdicts.gather(strategy, baseline, run, limits)
     outcome, message = verdicts.judge(evidence, limits)
     metrics = evidence.metrics()
+    if run.compiled is not None:
+        metrics["compiled"] = run.compiled
     if fingerprint:
         metrics["fingerprint"] = _fingerprint(run, scenario)
     run.drop_tensors()
