@@ -33,6 +33,14 @@ from pytest_gradckpt.errors import GradckptUsageError
 
 WHOLE, PER_BLOCK, REGIONAL = "whole", "per_block", "regional"
 
+#: Where a strategy's checkpoint sits relative to the compiled code of a block (torchtitan supports both):
+#: ``compile_outside``: the module at each compiled name is compiled after the strategy ran, wrapper
+#: included (checkpoint regions inside compiled code: dynamo traces them, the partitioner recomputes);
+#: ``checkpoint_outside``: the block's own forward is compiled, and the checkpoint around it runs eager
+#: (recompute reruns the compiled forward).
+COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE = "compile_outside", "checkpoint_outside"
+ORDERS = (COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE)
+
 #: Counters of :data:`torch._dynamo.utils.counters` reported per run.
 _FRAMES, _BREAKS = "frames", "graph_break"
 
@@ -77,6 +85,19 @@ class Compilation:
     kind: str
     #: module name -> the dynamo context that compiled it ("" is the whole model)
     blocks: dict[str, Any]
+    order: str = COMPILE_OUTSIDE
+
+    def ordered(self, order: str | None) -> Compilation:
+        """This compilation with checkpoints placed by ``order`` (one of :data:`ORDERS`; None keeps it)."""
+        if order is None:
+            return self
+        if order not in ORDERS:
+            raise GradckptUsageError(f"compile_order={order!r}: pass one of {', '.join(ORDERS)}")
+        if order == CHECKPOINT_OUTSIDE and self.kind == WHOLE:
+            raise GradckptUsageError(
+                "compile_order='checkpoint_outside' needs compiled blocks (block.compile() or "
+                "torch.compile(block)); the whole model is compiled here, so every checkpoint is inside it")
+        return dataclasses.replace(self, order=order)
 
     @staticmethod
     def of(model: nn.Module) -> Compilation | None:
@@ -105,12 +126,46 @@ class Compilation:
         name = getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None)
         return str(name or type(backend).__name__)
 
-    def apply(self, modules: dict[str, nn.Module]) -> None:
-        """Compile the engine's copies: ``modules`` maps each name of :attr:`blocks` to the copy's
-        module of that name (looked up before a strategy renamed anything)."""
+    def targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The engine copy's modules at the compiled names (taken before a strategy renames any)."""
+        return {name: model.get_submodule(name) for name in self.blocks}
+
+    def apply(self, model: nn.Module, before: dict[str, nn.Module]) -> None:
+        """Compile the engine's copy after the strategy ran. ``before``: :meth:`targets` taken
+        before the strategy. Checkpoint outside: the blocks' own forwards are compiled (an engine
+        checkpoint unit's body, below the checkpoint the strategy installed in its forward);
+        compile outside: whatever module now sits at each name (a checkpoint wrapper included)."""
         for name, ctx in self.blocks.items():
-            module = modules[name]
-            module._compiled_call_impl = ctx(module._call_impl)
+            if self.order == CHECKPOINT_OUTSIDE:
+                _compile_body(before[name], ctx)
+            else:
+                module = _sitting_at(model, name, before[name])
+                module._compiled_call_impl = ctx(module._call_impl)
+
+
+def _sitting_at(model: nn.Module, name: str, original: nn.Module) -> nn.Module:
+    """The module at ``name`` now, or ``original`` if a wrapper moved it elsewhere (e.g. into a
+    CheckpointWrapper's ``_checkpoint_wrapped_module``: then the wrapper sits at ``name``)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return original
+
+
+def _compile_body(module: nn.Module, ctx: Any) -> None:
+    """Compile ``module``'s forward body only. An engine-instrumented unit keeps its counting and
+    the strategy's checkpoint eager, around the compiled body; other modules compile their call."""
+    if "_gradckpt_name" not in module.__dict__:
+        module._compiled_call_impl = ctx(module._call_impl)
+        return
+    inner = module.__dict__.get("_gradckpt_inner_forward")
+    eager_forward = inner if inner is not None else type(module).__mro__[1].forward.__get__(module)
+
+    def body(*args: Any, **kwargs: Any) -> Any:
+        return eager_forward(*args, **kwargs)
+
+    module.__dict__["_gradckpt_inner_forward"] = ctx(body)
+    module.__dict__["_gradckpt_compiled_body"] = True
 
 
 def _eager_named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -149,6 +204,21 @@ def strip(model: nn.Module) -> nn.Module:
     return model
 
 
+def with_order(compilation: Compilation | None, order: str | None) -> Compilation | None:
+    """``check(compile_order=...)`` applied to the subject's compilation.
+
+    Example:
+        >>> with_order(None, None) is None
+        True
+    """
+    if compilation is None:
+        if order is not None:
+            raise GradckptUsageError(f"compile_order={order!r}: the model is not compiled; leave compile_order out "
+                                     "or compile the model (torch.compile(model) or block.compile())")
+        return None
+    return compilation.ordered(order)
+
+
 def eager_view(model: nn.Module) -> nn.Module:
     """The caller's own eager module under a top-level ``OptimizedModule`` (not a copy: the
     engine reads facts from it, never trains it); other models unchanged."""
@@ -176,27 +246,126 @@ def _counts() -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def compiled_run(compilation: Compilation, report: dict[str, Any]) -> Iterator[None]:
+def compiled_run(compilation: Compilation, report: dict[str, Any],
+                 requests: dict[str, Any] | None = None) -> Iterator[None]:
     """Run one step's compiled code from a clean dynamo cache, with dynamo's recompile limits
     lifted (each run compiles a fresh copy; past the limit dynamo would silently run eager),
     and fill ``report`` with what was compiled for it: frames and graph breaks.
 
+    ``requests``: the run's strategy state; an ``activation_memory_budget`` there (``compile_budget``)
+    is set in torch._functorch.config while the step compiles.
+
     The step raises :class:`CompilationDropped` when no frame was compiled: its model ran eager.
     """
     import torch._dynamo
+    import torch._functorch.config as functorch_config
 
     torch._dynamo.reset()
     before = _counts()
-    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
+    budget = (requests or {}).get("activation_memory_budget")
+    budgeted = (functorch_config.patch(activation_memory_budget=budget) if budget is not None
+                else contextlib.nullcontext())
+    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20), budgeted:
         yield
     after = _counts()
-    report.update(kind=compilation.kind, backend=compilation.backend(), blocks=sorted(compilation.blocks),
+    if budget is not None:
+        report["activation_memory_budget"] = budget
+    report.update(kind=compilation.kind, order=compilation.order, backend=compilation.backend(), blocks=sorted(compilation.blocks),
                   **{key: after[key] - before[key] for key in after})
     if report["frames"] == 0:
         raise CompilationDropped(
-            f"the caller's model is compiled ({compilation.kind}, {len(compilation.blocks)} place(s)), yet this "
-            "run compiled no frame: its copy ran eager, so it was not checked; report this as a pytest-gradckpt bug")
+            f"the caller's model is compiled ({compilation.kind}, {len(compilation.blocks)} place(s)), yet dynamo "
+            "compiled no frame in this run: it ran the copy eager (as it does under an active TorchDispatchMode, "
+            "e.g. eager selective checkpointing around compiled code), so the compiled program was not checked")
 
 
 class CompilationDropped(RuntimeError):
     """A run of a compiled subject executed no compiled frame."""
+
+
+# --------------------------------------------------------------------------- judgement under compile
+
+
+@dataclasses.dataclass
+class CompileDistance:
+    """How far the compiled step without checkpointing is from the eager step, per tensor
+    (relative error norm), measured with random ops drawn as eager draws them."""
+
+    grads: dict[str, float]
+    loss: dict[str, float]
+    outputs: dict[str, float]
+
+    @property
+    def largest(self) -> float:
+        return max((*self.grads.values(), *self.loss.values(), *self.outputs.values()), default=0.0)
+
+
+@contextlib.contextmanager
+def _eager_random() -> Iterator[None]:
+    """Inductor draws random numbers its own way; with ``fallback_random`` it calls the eager
+    ops, which draw what eager draws from the same seed (compile then differs by rounding only)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
+def measure_distance(step: Any, subject: Any, scenario: Any, compiled_first: Any) -> CompileDistance:
+    """Compile's own distance from eager: one eager step without checkpointing against a compiled
+    one that draws random numbers as eager does (``compiled_first``, the baseline's first run, when
+    it already did: another backend than inductor, or ``fallback_random`` set by the caller).
+
+    ``step(scenario, None)`` runs the subject; ``subject.compilation`` is set aside for the eager run.
+    """
+    from pytest_gradckpt.probes.gradients import measure_noise
+
+    import torch._inductor.config as inductor_config
+
+    compilation = subject.compilation
+    if compilation.backend() == "inductor" and not inductor_config.fallback_random:
+        with _eager_random():
+            compiled_run_ = step(scenario, None)
+    else:
+        compiled_run_ = compiled_first
+    subject.compilation = None
+    try:
+        eager = step(scenario, None)
+    finally:
+        subject.compilation = compilation
+    for run in (compiled_run_, eager):
+        if run.error is not None:
+            raise RuntimeError(f"measuring compile's distance from eager: a step failed: {run.error}") from run.error
+    return CompileDistance(
+        grads=measure_noise(eager.grads, compiled_run_.grads).rel_norm,
+        loss=measure_noise({"loss": eager.loss}, {"loss": compiled_run_.loss}).rel_norm,
+        outputs=measure_noise(eager.outputs, compiled_run_.outputs).rel_norm)
+
+
+def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> None:
+    """Let each tensor of a strategy's compiled program differ from the compiled baseline by up to
+    compile's own distance from eager on that tensor (at most ``cap``, the dtype's noise cap): a
+    checkpointed program is another compilation of the same math (other fusions, other rounding),
+    and compiled-vs-eager is a measured pair of two such compilations. The baseline's noise is
+    tolerated up to :data:`~pytest_gradckpt.probes.gradients.NOISE_FACTOR` times, so the distance
+    enters divided by it."""
+    from pytest_gradckpt.probes.gradients import NOISE_FACTOR
+
+    for noise, measured in ((baseline.grad_noise, distance.grads), (baseline.loss_noise, distance.loss),
+                            (baseline.output_noise, distance.outputs)):
+        for name, rel_norm in measured.items():
+            noise.rel_norm[name] = max(noise.rel_norm.get(name, 0.0), min(rel_norm, cap) / NOISE_FACTOR)
+
+
+def recompute_unobserved(evidence: Any, limits: Any) -> str | None:
+    """Verdict rule for compiled runs: a checkpoint inside compiled code is recomputed inside the
+    compiled backward, where no Python runs and no recompute can be counted. What remains
+    observable is memory: the saved activations (autograd still packs what the compiled forward
+    saves) must fall below the baseline's, else no checkpointing took effect."""
+    run = evidence.run
+    if run.compiled is None or not evidence.strategy.recomputes or evidence.checkpointable or run.recomputed_units:
+        return None
+    reduction = evidence.activation_reduction
+    if reduction is None or reduction > 0:
+        return None
+    return (f"saved activations fell by {reduction:.0%} under compile: no checkpointing took effect (the recompute "
+            "runs inside the compiled backward, where it cannot be counted, so memory is the evidence)")

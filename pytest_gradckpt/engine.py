@@ -17,13 +17,13 @@ import torch
 import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
-from pytest_gradckpt import baselines, verdicts
+from pytest_gradckpt import baselines, compiled, verdicts
 from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import Launcher, describe_ranks, options as distributed_options
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.layers import unit_stacks
-from pytest_gradckpt.probes.gradients import default_tolerances
+from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario, resolve_scenarios
@@ -81,7 +81,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           distributed: Mapping[str, Any] | None = None,
           fingerprint: bool = False,
           baseline: str = "auto",
-          isolate: bool = False) -> Report:
+          isolate: bool = False,
+          compile_order: str | None = None) -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
     Args:
@@ -120,6 +121,10 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         isolate: run every step in a child process, so a step that crashes the interpreter (a
             segmentation fault in native code) ends as ``error`` (``the step crashed its process:
             SIGSEGV``) instead of ending the caller's process. Costs a process start per run.
+        compile_order: for a model with compiled blocks, where checkpoints sit: ``"compile_outside"``
+            (default: each compiled name is compiled after the strategy, its checkpoint wrapper included)
+            or ``"checkpoint_outside"`` (the blocks' own forwards are compiled, checkpoints run eager
+            around them). See docs/compile.md.
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 
@@ -157,6 +162,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
     with preserved_global_state():
         _warm_up()
         subject = Subject(model, inputs, loss, device)
+        subject.compilation = compiled.with_order(subject.compilation, compile_order)
         stepper = Stepper(subject, layers, seed, timeout, settings)
         report = Report(model=name or subject.name, versions=versions())
         report.baseline["layers"] = stepper.layer_names
@@ -176,6 +182,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     reference = cache[key]
                 else:
                     reference = baselines.build(step, scenario, subject.name, dtype, baseline_kind)
+                    if subject.compilation is not None and isinstance(reference, baselines.Baseline):
+                        _judge_under_compile(step, subject, scenario, reference, dtype)
                     _make_room(reference, subject)
                     if cache is not None:
                         cache[key] = reference
@@ -191,6 +199,16 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                         result.metrics["ranks"] = report.baseline[scenario.name]["ranks"]
                     report.results.append(result)
     return report
+
+
+def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: Scenario,
+                         reference: baselines.Baseline, dtype: torch.dtype) -> None:
+    """Compiled strategies are compared with the compiled baseline, within compile's own measured
+    distance from eager (docs/compile.md)."""
+    distance = compiled.measure_distance(step, subject, scenario, reference.run)
+    compiled.tolerate_distance(reference, distance, noise_cap(dtype))
+    reference.why = (f"compiled ({subject.compilation.kind}); compile's distance from eager: "  # type: ignore[union-attr]
+                     f"relative error norm up to {distance.largest:.3g}")
 
 
 def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subject) -> None:

@@ -196,7 +196,10 @@ def _instrumented_class(base: type) -> type:
         counter.hit(self._gradckpt_name)
         inner = self.__dict__.get("_gradckpt_inner_forward")
         run = inner if inner is not None else functools.partial(base.forward, self)
-        if counter.memory is not None and torch._C._current_graph_task_id() != -1:
+        # A compiled body (compile_order='checkpoint_outside') must recompute as it ran forward: under
+        # a dispatch mode dynamo would trace another program, and checkpoint would reject its saves.
+        if (counter.memory is not None and torch._C._current_graph_task_id() != -1
+                and "_gradckpt_compiled_body" not in self.__dict__):
             with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
                 return run(*args, **kwargs)
         return run(*args, **kwargs)

@@ -144,8 +144,9 @@ class Stepper:
         module_names = {id(m): n for n, m in model.named_modules()}
         compilation = subject.compilation
         # Looked up before the strategy runs: a wrapper may rename the modules that were compiled.
-        compiled_modules = {} if compilation is None else {n: model.get_submodule(n) for n in compilation.blocks}
+        compiled_modules = {} if compilation is None else compilation.targets(model)
         info = ModelInfo(model, self.layer_names, self.found_by)
+        info.state["compilation"] = compilation  # strategies that apply to compiled models only ask
         counter = LayerCounter()
         for name, layer in zip(info.layer_names, info.layers):
             instrument(layer, name, counter)
@@ -157,7 +158,7 @@ class Stepper:
             run.expected_recompute = {n: strategy.expects_recompute(info, layer)
                                       for n, layer in zip(info.layer_names, info.layers)}
         if compilation is not None:
-            compilation.apply(compiled_modules)
+            compilation.apply(model, compiled_modules)
             run.compiled = {}
         # After the strategy and before wrapping for parallelism: FSDP2 swaps parameter objects
         # but keeps their names, a checkpoint wrapper keeps the objects but renames them.
@@ -174,7 +175,7 @@ class Stepper:
         seed_everything(self.seed, device)
         grads: dict[str, torch.Tensor | None] = {n: None for n, _ in trainable}
         compiling = (contextlib.nullcontext() if compilation is None
-                     else compiled.compiled_run(compilation, run.compiled))  # type: ignore[arg-type]
+                     else compiled.compiled_run(compilation, run.compiled, info.state))  # type: ignore[arg-type]
         with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as cuda, \
                 BackwardCalls(module_names) as backward_calls, compiling:
             started = time.perf_counter()

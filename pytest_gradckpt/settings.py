@@ -112,7 +112,7 @@ def check_strategy_names(names: Iterable[str] | None, where: str) -> list[str] |
 
     if names is None:
         return None
-    known = available_strategies()
+    known = available_strategies(opt_in=True)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise GradckptUsageError(f"{where}: unknown strategy {', '.join(map(repr, unknown))}; available: "
