@@ -119,9 +119,9 @@ class Compilation:
 
     def backend(self) -> str:
         """The compiler backend's name, e.g. ``inductor`` or ``aot_eager``."""
-        from torch._dynamo.eval_frame import innermost_backend
-
-        backend = innermost_backend(next(iter(self.blocks.values())).callback)
+        backend = next(iter(self.blocks.values())).callback
+        while hasattr(backend, "_torchdynamo_orig_backend"):  # unwrap dynamo's wrappers (as innermost_backend does)
+            backend = backend._torchdynamo_orig_backend
         backend = getattr(backend, "compiler_fn", backend)  # a backend with options wraps the function
         name = getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None)
         return str(name or type(backend).__name__)
@@ -265,7 +265,9 @@ def compiled_run(compilation: Compilation, report: dict[str, Any],
     budget = (requests or {}).get("activation_memory_budget")
     budgeted = (functorch_config.patch(activation_memory_budget=budget) if budget is not None
                 else contextlib.nullcontext())
-    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20), budgeted:
+    limits = {key: 1 << 20 for key in ("recompile_limit", "accumulated_recompile_limit", "cache_size_limit",
+                                       "accumulated_cache_size_limit") if hasattr(torch._dynamo.config, key)}
+    with torch._dynamo.config.patch(**limits), budgeted:
         yield
     after = _counts()
     if budget is not None:

@@ -188,6 +188,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     if cache is not None:
                         cache[key] = reference
                 report.baseline[scenario.name] = reference.summary()
+                if hasattr(reference, "compile_distance"):
+                    report.baseline[scenario.name]["compile_distance"] = reference.compile_distance
                 if scenario.distributed:
                     report.baseline[scenario.name]["ranks"] = describe_ranks(settings, subject.device)
                 if determinism.note:
@@ -207,6 +209,7 @@ def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: S
     distance from eager (docs/compile.md)."""
     distance = compiled.measure_distance(step, subject, scenario, reference.run)
     compiled.tolerate_distance(reference, distance, noise_cap(dtype))
+    reference.compile_distance = distance.largest  # type: ignore[attr-defined]
     reference.why = (f"compiled ({subject.compilation.kind}); compile's distance from eager: "  # type: ignore[union-attr]
                      f"relative error norm up to {distance.largest:.3g}")
 
@@ -243,7 +246,9 @@ def _judge_one(step: Callable[..., Run], scenario: Scenario, strategy: Strategy,
     outcome, message = verdicts.judge(evidence, limits)
     metrics = evidence.metrics()
     if run.compiled is not None:
-        metrics["compiled"] = run.compiled
+        compared = [d.rel_norm for c in (evidence.loss, evidence.outputs, evidence.grads) if c is not None
+                    for d in c.diffs.values()]
+        metrics["compiled"] = {**run.compiled, "max_rel_err": max(compared, default=None)}
     if fingerprint:
         metrics["fingerprint"] = _fingerprint(run, scenario)
     run.drop_tensors()
