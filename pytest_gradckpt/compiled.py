@@ -204,13 +204,19 @@ def strip(model: nn.Module) -> nn.Module:
     return model
 
 
-def with_order(compilation: Compilation | None, order: str | None) -> Compilation | None:
-    """``check(compile_order=...)`` applied to the subject's compilation.
+def with_order(compilation: Compilation | None, order: str | None, elsewhere: bool = False) -> Compilation | None:
+    """``check(compile_order=...)`` applied to the subject's compilation. ``elsewhere``: the check
+    would run steps in other processes (distributed scenarios, ``isolate=True``), where the
+    caller's dynamo contexts cannot travel.
 
     Example:
         >>> with_order(None, None) is None
         True
     """
+    if compilation is not None and elsewhere:
+        raise GradckptUsageError(
+            f"the model is compiled ({compilation.kind}); compiled models are checked in this process only: "
+            "leave out the ddp/fsdp2 scenarios and isolate=True")
     if compilation is None:
         if order is not None:
             raise GradckptUsageError(f"compile_order={order!r}: the model is not compiled; leave compile_order out "

@@ -162,7 +162,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
     with preserved_global_state():
         _warm_up()
         subject = Subject(model, inputs, loss, device)
-        subject.compilation = compiled.with_order(subject.compilation, compile_order)
+        subject.compilation = compiled.with_order(subject.compilation, compile_order, elsewhere=isolate or any(
+            s.distributed for s in chosen_scenarios))
         stepper = Stepper(subject, layers, seed, timeout, settings)
         report = Report(model=name or subject.name, versions=versions())
         report.baseline["layers"] = stepper.layer_names
