@@ -12,7 +12,7 @@ caller built: backend, mode, options). Three forms are recognised:
 - ``regional``: submodules replaced by ``torch.compile(block)`` (``OptimizedModule`` children).
 
 Every compiled run resets dynamo first and counts what dynamo compiled for it
-(:class:`CompiledRun`), so a run that executed no compiled frame is an error, never a silent
+(:func:`compiled_run`), so a run that executed no compiled frame is an error, never a silent
 check of the eager model. See docs/compile.md for the judgement under compile.
 """
 

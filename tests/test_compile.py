@@ -52,6 +52,9 @@ def subject(how: str, backend: str) -> tuple[torch.nn.Module, torch.Tensor]:
     model = DropoutNet()
     if how == "whole":
         model = torch.compile(model, backend=backend)
+    elif how == "regional":
+        for index, block in enumerate(model.blocks):
+            model.blocks[index] = torch.compile(block, backend=backend)
     else:
         for block in model.blocks:
             block.compile(backend=backend)
@@ -89,7 +92,7 @@ def plain_grads(model: torch.nn.Module, inputs: torch.Tensor, wrap=None, compile
 # --------------------------------------------------------------------------- make test (aot_eager)
 
 
-@pytest.mark.parametrize("how", ["whole", "per_block"])
+@pytest.mark.parametrize("how", ["whole", "per_block", "regional"])
 def test_every_run_executes_compiled_code(how):
     model, inputs = subject(how, "aot_eager")
     kept = copy.deepcopy(compiled.eager_view(model).state_dict())
