@@ -6,6 +6,7 @@ what saving everything would keep; 1.0 = the default, no rematerialization beyon
 The strategy asks for a budget; the compiled run (:func:`pytest_gradckpt.compiled.compiled_run`)
 sets it while the step compiles and restores it after. It applies to compiled models only, and
 is opt-in (not in the default set of strategies): name it, e.g. ``strategies=["compile_budget"]``.
+Importing this module registers it (the engine and the plugin's name check do).
 
 torch is imported only inside functions, as in :mod:`pytest_gradckpt.strategies`.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.strategies import Strategy
+from pytest_gradckpt.strategies import Strategy, available_strategies, register_strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_gradckpt.layers import ModelInfo
@@ -33,6 +34,8 @@ class CompileBudget(Strategy):
         >>> s = CompileBudget(0.5)
         >>> s.name, s.opt_in, s.budget
         ('compile_budget', True, 0.5)
+        >>> "compile_budget" in available_strategies(), "compile_budget" in available_strategies(opt_in=True)
+        (False, True)
     """
 
     units = "own"
@@ -58,3 +61,6 @@ class CompileBudget(Strategy):
         # The partitioner recomputes inside the compiled backward, where no layer's Python runs:
         # nothing observable runs twice. Memory is the evidence (compiled.recompute_unobserved).
         return False
+
+
+register_strategy(CompileBudget())

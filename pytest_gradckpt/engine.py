@@ -17,7 +17,7 @@ import torch
 import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
-from pytest_gradckpt import baselines, compiled, verdicts
+from pytest_gradckpt import baselines, compile_budget, compiled, verdicts  # noqa: F401 - compile_budget registers
 from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import Launcher, describe_ranks, options as distributed_options
 from pytest_gradckpt.environment import versions

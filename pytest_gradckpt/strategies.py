@@ -537,8 +537,6 @@ def available_strategies(opt_in: bool = False) -> list[str]:
     Example:
         >>> available_strategies()[:4]
         ['reentrant', 'non_reentrant', 'hf_reentrant', 'hf_non_reentrant']
-        >>> "compile_budget" in available_strategies(), "compile_budget" in available_strategies(opt_in=True)
-        (False, True)
     """
     return [n for n, s in _REGISTRY.items() if opt_in or not getattr(s, "opt_in", False)]
 
@@ -595,9 +593,6 @@ def _register_builtins() -> tuple[str, ...]:
         TorchWrapper("torch_offload_wrapper", "offload"),
         NativeSwitch(),
     ]
-    from pytest_gradckpt.compile_budget import CompileBudget  # a room of its own; opt-in
-
-    builtins.append(CompileBudget())
     for strategy in builtins:
         register_strategy(strategy)
     return tuple(s.name for s in builtins)

@@ -174,23 +174,37 @@ def test_usage_errors_name_the_fix():
 def test_correct_strategies_pass_with_dropout(how):
     results = outcomes(how, FULL_BACKEND, ["non_reentrant", "reentrant", "sac", "torch_wrapper", "compile_budget"])
     for name, result in results.items():
-        assert result.outcome == "pass", (name, result.message)
         assert result.metrics["compiled"]["backend"] == FULL_BACKEND
+        if name == "compile_budget" and FULL_BACKEND == "inductor":
+            continue  # torch's own fault, below
+        assert result.outcome == "pass", (name, result.message)
     # Ground truth: compiled with checkpointing equals compiled without, dropout included
     # (the compiled program replays its random numbers in recompute).
     model, inputs = subject("per_block", FULL_BACKEND)
     eager_model = compiled.eager_copy(model)
-    whole = [torch.compile(eager_model, backend=FULL_BACKEND)]
+    assert torch.equal(_compiled_step(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False))[1],
+                       _compiled_step(eager_model, inputs, None)[1])
+    if FULL_BACKEND == "inductor":
+        # Inductor with activation_memory_budget=0.5 rematerialises dropout in backward with new numbers
+        # (its own RNG; with fallback_random it does not): same loss, other gradients. The check says so.
+        assert results["compile_budget"].outcome == "mismatch", results["compile_budget"].message
+        loss, plain = _compiled_step(eager_model, inputs, None)
+        budget_loss, budget = _compiled_step(eager_model, inputs, None, budget=0.5)
+        assert torch.equal(loss, budget_loss) and not torch.allclose(plain, budget, rtol=1e-3)
 
-    def grads(wrap):
-        torch._dynamo.reset()
-        target = copy.deepcopy(eager_model)
-        step = torch.compile(lambda x: _blocks(target, x, wrap), backend=FULL_BACKEND)
-        torch.manual_seed(0)
-        step(inputs.detach().requires_grad_()).square().mean().backward()
-        return torch.cat([p.grad.flatten() for p in target.parameters()])
 
-    assert whole and torch.equal(grads(lambda f, x: checkpoint(f, x, use_reentrant=False)), grads(None))
+def _compiled_step(model: torch.nn.Module, inputs: torch.Tensor, wrap, budget: float = 1.0):
+    """Plain torch: the blocks compiled as one program, each called through ``wrap``; (loss, gradients)."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    step = torch.compile(lambda x: _blocks(target, x, wrap), backend=FULL_BACKEND)
+    torch.manual_seed(0)
+    with functorch_config.patch(activation_memory_budget=budget):
+        loss = step(inputs.detach().requires_grad_()).square().mean()
+        loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in target.parameters()])
 
 
 def _blocks(model: torch.nn.Module, hidden: torch.Tensor, wrap) -> torch.Tensor:
