@@ -245,5 +245,8 @@ def test_transformers_llama_bf16_with_dropout():
     report = gc.check(model, {"input_ids": ids, "labels": ids},
                       strategies=["non_reentrant", "hf_non_reentrant", "sac", "compile_budget"])
     for result in report.results:
-        assert result.outcome == "pass", (result.strategy, result.message)
+        # compile_budget: inductor redraws the rematerialised attention dropout (ground truth in
+        # test_correct_strategies_pass_with_dropout); seen here at a relative error norm of 0.3.
+        broken = result.strategy == "compile_budget" and FULL_BACKEND == "inductor"
+        assert result.outcome == ("mismatch" if broken else "pass"), (result.strategy, result.message)
     assert report.baseline["train"]["compile_distance"] < 0.125  # bf16's noise cap
