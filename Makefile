@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test matrix setup clean docs
+.PHONY: check check-full test test-compile matrix setup clean docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ check-full: $(STAMP)
 		--gradckpt-models=all --gradckpt-report=gradckpt-report.json $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -n 2 $(ARGS)
+	$(BIN)/pytest -n 2 -m "not compile_full" $(ARGS)
+
+test-compile: $(STAMP)  ## every torch.compile test (inductor where a C++ compiler is present)
+	$(BIN)/pytest -n 2 -p no:cacheprovider tests/test_compile.py $(ARGS)
 
 matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
 	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)

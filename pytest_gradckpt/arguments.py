@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_gradckpt import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.materialise import to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
@@ -122,7 +123,9 @@ class Subject:
         self.inputs_source = inputs
         self.loss_fn = loss or default_loss
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        self.reference = model if isinstance(model, nn.Module) else None
+        # A compiled model is checked compiled: copies are made of the eager modules and compiled again.
+        self.compilation = compiled.Compilation.of(model) if isinstance(model, nn.Module) else None
+        self.reference = compiled.eager_view(model) if isinstance(model, nn.Module) else None
         self._spare: nn.Module | None = None
         self._template: nn.Module | None = None  # see share_build
         self.build_seconds = 0.0  # how long the factory took here: distributed time limits scale with it
@@ -183,6 +186,10 @@ class Subject:
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned distributed ranks receive the subject pickled; the weak set is bookkeeping only.
+        if self.compilation is not None:
+            raise GradckptUsageError(
+                f"{self.name} is compiled ({self.compilation.kind}); compiled models are checked in this process "
+                "only: leave out the ddp/fsdp2 scenarios and isolate=True")
         state = dict(self.__dict__)
         state["_seen"] = None
         state["_spare"] = None
@@ -218,7 +225,9 @@ class Subject:
         if model in self._seen:  # a factory that hands out one shared instance: never touch it
             model = copy.deepcopy(model)
         self._seen.add(model)
-        return model
+        if self.compilation is None:
+            self.compilation = compiled.Compilation.of(model)
+        return compiled.strip(model)
 
     def _from_template(self) -> nn.Module:
         if self._template is not None:
@@ -232,7 +241,7 @@ class Subject:
         """A private copy of the model (a deep copy, or a new factory product) on the check's device."""
         if isinstance(self.model_source, nn.Module):
             try:
-                model = copy.deepcopy(self.model_source)
+                model = compiled.eager_copy(self.model_source)
             except Exception as exc:  # noqa: BLE001 - any failure gets the same advice
                 raise GradckptUsageError(
                     f"could not copy {type(self.model_source).__name__} ({type(exc).__name__}: {exc}); the check "

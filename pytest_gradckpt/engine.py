@@ -17,14 +17,14 @@ import torch
 import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
-from pytest_gradckpt import baselines, verdicts
+from pytest_gradckpt import baselines, compile_budget, compiled, verdicts  # noqa: F401 - compile_budget registers
 from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import describe_ranks, options as distributed_options
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.launcher import Launcher
 from pytest_gradckpt.layers import unit_stacks
-from pytest_gradckpt.probes.gradients import default_tolerances
+from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario, resolve_scenarios
@@ -82,7 +82,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           distributed: Mapping[str, Any] | None = None,
           fingerprint: bool = False,
           baseline: str = "auto",
-          isolate: bool = False) -> Report:
+          isolate: bool = False,
+          compile_order: str | None = None) -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
     Args:
@@ -123,6 +124,10 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             segmentation fault in native code) ends as ``error`` (``the step crashed its process:
             SIGSEGV``) instead of ending the caller's process. One child serves the whole check
             (a new one after a crash).
+        compile_order: for a model with compiled blocks, where checkpoints sit: ``"compile_outside"``
+            (default: each compiled name is compiled after the strategy, its checkpoint wrapper included)
+            or ``"checkpoint_outside"`` (the blocks' own forwards are compiled, checkpoints run eager
+            around them). See docs/compile.md.
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 
@@ -160,6 +165,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
     with preserved_global_state():
         _warm_up()
         subject = Subject(model, inputs, loss, device)
+        subject.compilation = compiled.with_order(subject.compilation, compile_order, elsewhere=isolate or any(
+            s.distributed for s in chosen_scenarios))
         stepper = Stepper(subject, layers, seed, timeout, settings)
         report = Report(model=name or subject.name, versions=versions())
         report.baseline["layers"] = stepper.layer_names
@@ -181,10 +188,14 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                     reference = cache[key]
                 else:
                     reference = baselines.build(step, scenario, subject.name, dtype, baseline_kind)
+                    if subject.compilation is not None and isinstance(reference, baselines.Baseline):
+                        _judge_under_compile(step, subject, scenario, reference, dtype)
                     _make_room(reference, subject)
                     if cache is not None:
                         cache[key] = reference
                 report.baseline[scenario.name] = reference.summary()
+                if hasattr(reference, "compile_distance"):
+                    report.baseline[scenario.name]["compile_distance"] = reference.compile_distance
                 if scenario.distributed:
                     report.baseline[scenario.name]["ranks"] = describe_ranks(settings, subject.device)
                 if determinism.note:
@@ -196,6 +207,17 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                         result.metrics["ranks"] = report.baseline[scenario.name]["ranks"]
                     report.results.append(result)
     return report
+
+
+def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: Scenario,
+                         reference: baselines.Baseline, dtype: torch.dtype) -> None:
+    """Compiled strategies are compared with the compiled baseline, within compile's own measured
+    distance from eager (docs/compile.md)."""
+    distance = compiled.measure_distance(step, subject, scenario, reference.run)
+    compiled.tolerate_distance(reference, distance, noise_cap(dtype))
+    reference.compile_distance = distance.largest  # type: ignore[attr-defined]
+    reference.why = (f"compiled ({subject.compilation.kind}); compile's distance from eager: "  # type: ignore[union-attr]
+                     f"relative error norm up to {distance.largest:.3g}")
 
 
 def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subject) -> None:
@@ -229,6 +251,10 @@ def _judge_one(step: Callable[..., Run], scenario: Scenario, strategy: Strategy,
     evidence = verdicts.gather(strategy, baseline, run, limits)
     outcome, message = verdicts.judge(evidence, limits)
     metrics = evidence.metrics()
+    if run.compiled is not None:
+        compared = [d.rel_norm for c in (evidence.loss, evidence.outputs, evidence.grads) if c is not None
+                    for d in c.diffs.values()]
+        metrics["compiled"] = {**run.compiled, "max_rel_err": max(compared, default=None)}
     if fingerprint:
         metrics["fingerprint"] = _fingerprint(run, scenario)
     run.drop_tensors()

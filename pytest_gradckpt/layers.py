@@ -176,6 +176,10 @@ def _instrumented_class(base: type) -> type:
     """
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # Traced by dynamo: the probes' Python side effects would break the graph (and a checkpoint
+            # around them would fall back to eager). The compiled program is the caller's, untouched.
+            return _compiled_forward(self, base, args, kwargs)
         probe = self._gradckpt_counter.memory
         if probe is not None:
             probe.hold(args, kwargs)
@@ -192,7 +196,10 @@ def _instrumented_class(base: type) -> type:
         counter.hit(self._gradckpt_name)
         inner = self.__dict__.get("_gradckpt_inner_forward")
         run = inner if inner is not None else functools.partial(base.forward, self)
-        if counter.memory is not None and torch._C._current_graph_task_id() != -1:
+        # A compiled body (compile_order='checkpoint_outside') must recompute as it ran forward: under
+        # a dispatch mode dynamo would trace another program, and checkpoint would reject its saves.
+        if (counter.memory is not None and torch._C._current_graph_task_id() != -1
+                and "_gradckpt_compiled_body" not in self.__dict__):
             with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
                 return run(*args, **kwargs)
         return run(*args, **kwargs)
@@ -200,6 +207,14 @@ def _instrumented_class(base: type) -> type:
     namespace = {"forward": forward, "_gradckpt_forward": _gradckpt_forward,
                  "__module__": base.__module__, "__qualname__": base.__qualname__}
     return type(base.__name__, (base,), namespace)
+
+
+def _compiled_forward(layer: nn.Module, base: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """An instrumented layer's forward as dynamo sees it: the strategy's call, no counting."""
+    inner = layer.__dict__.get("_gradckpt_inner_forward")
+    run = inner if inner is not None else functools.partial(base.forward, layer)
+    call = layer.__dict__.get("_gradckpt_call")
+    return run(*args, **kwargs) if call is None else call(run, args, kwargs)
 
 
 def instrument(layer: nn.Module, name: str, counter: LayerCounter) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_gradckpt import compiled
 from pytest_gradckpt.arguments import Subject, map_tensors, tensor_bytes, tensor_leaves
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, seed_everything
@@ -57,6 +58,8 @@ class Run:
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: BaseException | None = None
     rank_disagreement: str | None = None  # distributed runs: ranks must hold the same gradients
+    #: a compiled subject's run: what dynamo compiled for it (:func:`pytest_gradckpt.compiled.compiled_run`)
+    compiled: dict[str, Any] | None = None
 
     def to_host(self) -> Run:
         """This run with every tensor copied to host memory (for sending between processes).
@@ -139,7 +142,11 @@ class Stepper:
         param_names = {id(p): n for n, p in model.named_parameters()}
         buffer_names = {id(b): n for n, b in model.named_buffers()}
         module_names = {id(m): n for n, m in model.named_modules()}
+        compilation = subject.compilation
+        # Looked up before the strategy runs: a wrapper may rename the modules that were compiled.
+        compiled_modules = {} if compilation is None else compilation.targets(model)
         info = ModelInfo(model, self.layer_names, self.found_by)
+        info.state["compilation"] = compilation  # strategies that apply to compiled models only ask
         counter = LayerCounter()
         for name, layer in zip(info.layer_names, info.layers):
             instrument(layer, name, counter)
@@ -150,6 +157,9 @@ class Stepper:
             strategy.apply(info)
             run.expected_recompute = {n: strategy.expects_recompute(info, layer)
                                       for n, layer in zip(info.layer_names, info.layers)}
+        if compilation is not None:
+            compilation.apply(model, compiled_modules)
+            run.compiled = {}
         # After the strategy and before wrapping for parallelism: FSDP2 swaps parameter objects
         # but keeps their names, a checkpoint wrapper keeps the objects but renames them.
         renamed = {n: param_names.get(id(p), n) for n, p in model.named_parameters()}
@@ -164,8 +174,10 @@ class Stepper:
                     else contextlib.nullcontext())
         seed_everything(self.seed, device)
         grads: dict[str, torch.Tensor | None] = {n: None for n, _ in trainable}
+        compiling = (contextlib.nullcontext() if compilation is None
+                     else compiled.compiled_run(compilation, run.compiled, info.state))  # type: ignore[arg-type]
         with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as cuda, \
-                BackwardCalls(module_names) as backward_calls:
+                BackwardCalls(module_names) as backward_calls, compiling:
             started = time.perf_counter()
             with memory:
                 micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)

@@ -108,11 +108,12 @@ def split_names(value: str | Iterable[str] | None) -> list[str] | None:
 
 def check_strategy_names(names: Iterable[str] | None, where: str) -> list[str] | None:
     """Every name must be registered; the message lists what is."""
+    import pytest_gradckpt.compile_budget  # noqa: F401 - registers the opt-in strategy
     from pytest_gradckpt.strategies import available_strategies
 
     if names is None:
         return None
-    known = available_strategies()
+    known = available_strategies(opt_in=True)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise GradckptUsageError(f"{where}: unknown strategy {', '.join(map(repr, unknown))}; available: "

@@ -216,6 +216,7 @@ def offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
 
 
 #: Ops whose outputs ``sac`` keeps: matrix products, the expensive part to redo.
+@functools.lru_cache(maxsize=1)
 def _sac_saved_ops() -> frozenset[Any]:
     import torch
 
@@ -226,22 +227,39 @@ def _sac_saved_ops() -> frozenset[Any]:
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
-def sac_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
-    """Selective activation checkpointing: save matmul outputs, recompute the rest."""
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+def sac_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """``sac``'s policy: keep matmul outputs, recompute the rest. A module-level function (as
+    ``context_fn`` is), so dynamo can trace a checkpoint that uses it.
+
+    Example:
+        >>> import torch
+        >>> sac_policy(None, torch.ops.aten.mm.default).name, sac_policy(None, torch.ops.aten.relu.default).name
+        ('MUST_SAVE', 'PREFER_RECOMPUTE')
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _sac_saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def sac_contexts() -> tuple[Any, Any]:
+    """``sac``'s ``context_fn``. In eager code the forward context also shows the memory probe the
+    outputs SAC keeps; under torch.compile the partitioner reads the policy from the plain contexts."""
+    import torch
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     from pytest_gradckpt.probes.memory import note_sac_saved_outputs
 
-    saved_ops = _sac_saved_ops()
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(sac_policy)
+    if torch.compiler.is_compiling():
+        return forward_ctx, recompute_ctx
+    return note_sac_saved_outputs(forward_ctx, _sac_saved_ops()), recompute_ctx
 
-    def policy(ctx: Any, op: Any, *op_args: Any, **op_kwargs: Any) -> Any:
-        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
 
-    def contexts() -> Any:
-        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
-        return note_sac_saved_outputs(forward_ctx, saved_ops), recompute_ctx
+def sac_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """Selective activation checkpointing: save matmul outputs, recompute the rest."""
+    from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(function, *args, use_reentrant=False, context_fn=contexts)
+    return checkpoint(function, *args, use_reentrant=False, context_fn=sac_contexts)
 
 
 # --------------------------------------------------------------------------- whole-model strategies
@@ -512,14 +530,15 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
     return strategy
 
 
-def available_strategies() -> list[str]:
-    """Names of every registered strategy, built-ins first.
+def available_strategies(opt_in: bool = False) -> list[str]:
+    """Names of every registered strategy, built-ins first; with ``opt_in``, also those that
+    run only when named (a strategy with ``opt_in = True``, e.g. ``compile_budget``).
 
     Example:
         >>> available_strategies()[:4]
         ['reentrant', 'non_reentrant', 'hf_reentrant', 'hf_non_reentrant']
     """
-    return list(_REGISTRY)
+    return [n for n, s in _REGISTRY.items() if opt_in or not getattr(s, "opt_in", False)]
 
 
 def get_strategy(name: str) -> Strategy:
@@ -535,7 +554,7 @@ def get_strategy(name: str) -> Strategy:
 def resolve_strategies(spec: Iterable[str | Strategy] | str | Strategy | None) -> list[Strategy]:
     """Turn names, Strategy objects or None (= all registered) into Strategy objects."""
     if spec is None:
-        return list(_REGISTRY.values())
+        return [_REGISTRY[n] for n in available_strategies()]
     if isinstance(spec, (str, Strategy)):
         spec = [spec]
     resolved = []

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pytest_gradckpt import outcomes
+from pytest_gradckpt.compiled import recompute_unobserved
 from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
 from pytest_gradckpt.probes.gradients import Comparison, Noise, compare
@@ -222,6 +223,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     (outcomes.MISMATCH, values_differ),
     (outcomes.BUFFERS, buffers_differ),
     (outcomes.NOT_APPLIED, never_recomputed),
+    (outcomes.NOT_APPLIED, recompute_unobserved),
     (outcomes.RECOMPUTE, wrong_recompute_count),
     (outcomes.NOT_APPLIED, too_little_saved_memory),
     (outcomes.NOT_APPLIED, too_little_cuda_memory),

@@ -119,3 +119,38 @@ def recompute_outside_autocast(function: Any, *args: Any) -> Any:
     device_type = args[0].device.type
     return checkpoint(function, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), torch.autocast(device_type, enabled=False)))
+
+
+class _GradientTimes103(torch.autograd.Function):
+    """Identity forward; backward scales the gradient by 1.03."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 1.03
+
+
+def gradient_three_percent_off(function: Any, *args: Any) -> Any:
+    """Correct forward, but every gradient leaving the layer's output is 3% too large
+    (e.g. a recompute that rescales what it hands back)."""
+    return _GradientTimes103.apply(checkpoint(function, *args, use_reentrant=False))
+
+
+def _save_every_op(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE
+
+
+def _saving_everything() -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_every_op)
+
+
+def sac_saving_everything(function: Any, *args: Any) -> Any:
+    """Selective checkpointing whose policy keeps every op's output: switched on, it saves no memory."""
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_saving_everything)

@@ -52,7 +52,9 @@ class BackwardCalls:
         self._handle: Any = None
 
     def _hook(self, module: nn.Module, args: Any) -> None:
-        if in_backward():
+        # Traced by dynamo (a compiled forward, or its recompute inside the compiled backward): reading
+        # the graph task id would break the caller's graph, so compiled code is not observed here.
+        if not torch.compiler.is_compiling() and in_backward():
             name = self.names_by_id.get(id(module))
             if name is not None:
                 self.names.add(name)

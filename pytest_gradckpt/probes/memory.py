@@ -113,6 +113,8 @@ class SavedActivationProbe:
         return _NoteSavedOutputs(None)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return tensor  # a fake tensor while a compiler traces; the compiled step packs the real ones
         self.add(tensor)
         # A detached alias, not the tensor itself: a saved *output* packed as itself holds its own
         # grad_fn, a cycle through autograd's C++ graph that Python's collector cannot break. A

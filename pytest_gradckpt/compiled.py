@@ -1,0 +1,395 @@
+"""Compiled subjects: a model the caller compiled stays compiled in every run of the check.
+
+A deep copy drops per-block compilation silently (``nn.Module.__getstate__`` pops
+``_compiled_call_impl``), and the engine's probes and checkpoint wrappers must see the eager
+module underneath a top-level ``OptimizedModule``. So the check records *how* the caller
+compiled (:class:`Compilation`), copies the eager modules, and compiles each copy again in the
+same places with the caller's own ``torch.compile`` settings (the very dynamo context the
+caller built: backend, mode, options). Three forms are recognised:
+
+- ``whole``: ``torch.compile(model)``, an ``OptimizedModule``;
+- ``per_block``: ``block.compile()`` on submodules (torchtitan's default);
+- ``regional``: submodules replaced by ``torch.compile(block)`` (``OptimizedModule`` children).
+
+Every compiled run resets dynamo first and counts what dynamo compiled for it
+(:func:`compiled_run`), so a run that executed no compiled frame is an error, never a silent
+check of the eager model. See docs/compile.md for the judgement under compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import shutil
+import sysconfig
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_gradckpt.errors import GradckptUsageError
+
+WHOLE, PER_BLOCK, REGIONAL = "whole", "per_block", "regional"
+
+#: Where a strategy's checkpoint sits relative to the compiled code of a block (torchtitan supports both):
+#: ``compile_outside``: the module at each compiled name is compiled after the strategy ran, wrapper
+#: included (checkpoint regions inside compiled code: dynamo traces them, the partitioner recomputes);
+#: ``checkpoint_outside``: the block's own forward is compiled, and the checkpoint around it runs eager
+#: (recompute reruns the compiled forward).
+COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE = "compile_outside", "checkpoint_outside"
+ORDERS = (COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE)
+
+#: Counters of :data:`torch._dynamo.utils.counters` reported per run.
+_FRAMES, _BREAKS = "frames", "graph_break"
+
+
+def _optimized_module_type() -> type:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
+def _dynamo_context(compiled_fn: Any) -> Any:
+    """The ``_TorchDynamoContext`` a ``torch.compile``'d function was built by (kept in its closure)."""
+    from torch._dynamo.eval_frame import _TorchDynamoContext
+
+    for cell in getattr(compiled_fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, _TorchDynamoContext):
+            return value
+    raise GradckptUsageError(
+        f"a compiled module's call ({compiled_fn!r}) does not come from torch.compile; the check cannot compile "
+        "its copies the same way: compile with torch.compile(model) or module.compile()")
+
+
+@dataclasses.dataclass
+class Compilation:
+    """Where and how the caller's model was compiled, by module name in the *eager* model
+    (``OptimizedModule`` wrappers left out of the names).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> Compilation.of(net) is None
+        True
+        >>> net[0].compile(backend="aot_eager")
+        >>> found = Compilation.of(net)
+        >>> found.kind, sorted(found.blocks)
+        ('per_block', ['0'])
+    """
+
+    kind: str
+    #: module name -> the dynamo context that compiled it ("" is the whole model)
+    blocks: dict[str, Any]
+    order: str = COMPILE_OUTSIDE
+
+    def ordered(self, order: str | None) -> Compilation:
+        """This compilation with checkpoints placed by ``order`` (one of :data:`ORDERS`; None keeps it)."""
+        if order is None:
+            return self
+        if order not in ORDERS:
+            raise GradckptUsageError(f"compile_order={order!r}: pass one of {', '.join(ORDERS)}")
+        if order == CHECKPOINT_OUTSIDE and self.kind == WHOLE:
+            raise GradckptUsageError(
+                "compile_order='checkpoint_outside' needs compiled blocks (block.compile() or "
+                "torch.compile(block)); the whole model is compiled here, so every checkpoint is inside it")
+        return dataclasses.replace(self, order=order)
+
+    @staticmethod
+    def of(model: nn.Module) -> Compilation | None:
+        """How ``model`` was compiled, or None when nothing in it is."""
+        optimized = _optimized_module_type()
+        blocks: dict[str, Any] = {}
+        kind = None
+        if isinstance(model, optimized):
+            blocks[""], kind = model.dynamo_ctx, WHOLE
+            model = model._orig_mod
+        for name, module in _eager_named_modules(model):
+            if isinstance(module, optimized):
+                blocks[name] = module.dynamo_ctx
+                kind = kind or REGIONAL
+            elif module._compiled_call_impl is not None:
+                blocks[name] = _dynamo_context(module._compiled_call_impl)
+                kind = kind or PER_BLOCK
+        return None if kind is None else Compilation(kind, blocks)
+
+    def backend(self) -> str:
+        """The compiler backend's name, e.g. ``inductor`` or ``aot_eager``."""
+        backend = next(iter(self.blocks.values())).callback
+        while hasattr(backend, "_torchdynamo_orig_backend"):  # unwrap dynamo's wrappers (as innermost_backend does)
+            backend = backend._torchdynamo_orig_backend
+        backend = getattr(backend, "compiler_fn", backend)  # a backend with options wraps the function
+        name = getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None)
+        return str(name or type(backend).__name__)
+
+    def targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The engine copy's modules at the compiled names (taken before a strategy renames any)."""
+        return {name: model.get_submodule(name) for name in self.blocks}
+
+    def apply(self, model: nn.Module, before: dict[str, nn.Module]) -> None:
+        """Compile the engine's copy after the strategy ran. ``before``: :meth:`targets` taken
+        before the strategy. Checkpoint outside: the blocks' own forwards are compiled (an engine
+        checkpoint unit's body, below the checkpoint the strategy installed in its forward);
+        compile outside: whatever module now sits at each name (a checkpoint wrapper included)."""
+        for name, ctx in self.blocks.items():
+            if self.order == CHECKPOINT_OUTSIDE:
+                _compile_body(before[name], ctx)
+            else:
+                module = _sitting_at(model, name, before[name])
+                module._compiled_call_impl = ctx(module._call_impl)
+
+
+def _sitting_at(model: nn.Module, name: str, original: nn.Module) -> nn.Module:
+    """The module at ``name`` now, or ``original`` if a wrapper moved it elsewhere (e.g. into a
+    CheckpointWrapper's ``_checkpoint_wrapped_module``: then the wrapper sits at ``name``)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return original
+
+
+def _compile_body(module: nn.Module, ctx: Any) -> None:
+    """Compile ``module``'s forward body only. An engine-instrumented unit keeps its counting and
+    the strategy's checkpoint eager, around the compiled body; other modules compile their call."""
+    if "_gradckpt_name" not in module.__dict__:
+        module._compiled_call_impl = ctx(module._call_impl)
+        return
+    inner = module.__dict__.get("_gradckpt_inner_forward")
+    eager_forward = inner if inner is not None else type(module).__mro__[1].forward.__get__(module)
+
+    def body(*args: Any, **kwargs: Any) -> Any:
+        return eager_forward(*args, **kwargs)
+
+    module.__dict__["_gradckpt_inner_forward"] = ctx(body)
+    module.__dict__["_gradckpt_compiled_body"] = True
+
+
+def _eager_named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` with every ``OptimizedModule`` reported under its own name and its
+    ``_orig_mod`` level left out of the names below it."""
+    optimized = _optimized_module_type()
+    for child_name, child in model.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        yield name, child
+        yield from _eager_named_modules(child._orig_mod if isinstance(child, optimized) else child, name)
+
+
+def eager_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every ``OptimizedModule`` replaced by the module it wraps
+    and no compiled call left (the engine compiles again once its probes and strategy are in).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.compile(torch.nn.Linear(2, 2), backend="eager"))
+        >>> type(eager_copy(net)[1]).__name__
+        'Linear'
+    """
+    return strip(copy.deepcopy(model))
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """``model`` (a private copy) without compilation: ``OptimizedModule`` wrappers replaced by
+    what they wrap, compiled calls removed."""
+    optimized = _optimized_module_type()
+    if isinstance(model, optimized):
+        model = model._orig_mod
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, optimized):
+                setattr(module, child_name, child._orig_mod)
+        module._compiled_call_impl = None
+    return model
+
+
+def with_order(compilation: Compilation | None, order: str | None, elsewhere: bool = False) -> Compilation | None:
+    """``check(compile_order=...)`` applied to the subject's compilation. ``elsewhere``: the check
+    would run steps in other processes (distributed scenarios, ``isolate=True``), where the
+    caller's dynamo contexts cannot travel.
+
+    Example:
+        >>> with_order(None, None) is None
+        True
+    """
+    if compilation is not None and elsewhere:
+        raise GradckptUsageError(
+            f"the model is compiled ({compilation.kind}); compiled models are checked in this process only: "
+            "leave out the ddp/fsdp2 scenarios and isolate=True")
+    if compilation is None:
+        if order is not None:
+            raise GradckptUsageError(f"compile_order={order!r}: the model is not compiled; leave compile_order out "
+                                     "or compile the model (torch.compile(model) or block.compile())")
+        return None
+    return compilation.ordered(order)
+
+
+def eager_view(model: nn.Module) -> nn.Module:
+    """The caller's own eager module under a top-level ``OptimizedModule`` (not a copy: the
+    engine reads facts from it, never trains it); other models unchanged."""
+    return model._orig_mod if isinstance(model, _optimized_module_type()) else model
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on the CPU, or None (then only ``aot_eager`` runs there).
+
+    Example:
+        >>> cxx_compiler() is None or isinstance(cxx_compiler(), str)
+        True
+    """
+    configured = torch._inductor.config.cpp.cxx[-1] if hasattr(torch, "_inductor") else None
+    for candidate in (configured, sysconfig.get_config_var("CXX"), "g++", "c++", "clang++"):
+        if candidate and shutil.which(str(candidate).split()[0]):
+            return str(candidate)
+    return None
+
+
+def _counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"frames": counters[_FRAMES]["ok"], "graph_breaks": sum(counters[_BREAKS].values())}
+
+
+@contextlib.contextmanager
+def compiled_run(compilation: Compilation, report: dict[str, Any],
+                 requests: dict[str, Any] | None = None) -> Iterator[None]:
+    """Run one step's compiled code from a clean dynamo cache, with dynamo's recompile limits
+    lifted (each run compiles a fresh copy; past the limit dynamo would silently run eager),
+    and fill ``report`` with what was compiled for it: frames and graph breaks.
+
+    ``requests``: the run's strategy state; an ``activation_memory_budget`` there (``compile_budget``)
+    is set in torch._functorch.config while the step compiles.
+
+    The step raises :class:`CompilationDropped` when no frame was compiled: its model ran eager.
+    """
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    before = _counts()
+    budget = (requests or {}).get("activation_memory_budget")
+    budgeted = (functorch_config.patch(activation_memory_budget=budget) if budget is not None
+                else contextlib.nullcontext())
+    limits = {key: 1 << 20 for key in ("recompile_limit", "accumulated_recompile_limit", "cache_size_limit",
+                                       "accumulated_cache_size_limit") if hasattr(torch._dynamo.config, key)}
+    with torch._dynamo.config.patch(**limits), budgeted:
+        yield
+    after = _counts()
+    if budget is not None:
+        report["activation_memory_budget"] = budget
+    report.update(kind=compilation.kind, order=compilation.order, backend=compilation.backend(), blocks=sorted(compilation.blocks),
+                  **{key: after[key] - before[key] for key in after})
+    if report["frames"] == 0:
+        raise CompilationDropped(
+            f"the caller's model is compiled ({compilation.kind}, {len(compilation.blocks)} place(s)), yet dynamo "
+            "compiled no frame in this run: it ran the copy eager (as it does under an active TorchDispatchMode, "
+            "e.g. eager selective checkpointing around compiled code), so the compiled program was not checked")
+
+
+class CompilationDropped(RuntimeError):
+    """A run of a compiled subject executed no compiled frame."""
+
+
+# --------------------------------------------------------------------------- judgement under compile
+
+
+@dataclasses.dataclass
+class CompileDistance:
+    """How far the compiled step without checkpointing is from the eager step, per tensor
+    (relative error norm), measured with random ops drawn as eager draws them."""
+
+    grads: dict[str, float]
+    loss: dict[str, float]
+    outputs: dict[str, float]
+
+    @property
+    def largest(self) -> float:
+        return max((*self.grads.values(), *self.loss.values(), *self.outputs.values()), default=0.0)
+
+
+@contextlib.contextmanager
+def _eager_random() -> Iterator[None]:
+    """Inductor draws random numbers its own way; with ``fallback_random`` it calls the eager
+    ops, which draw what eager draws from the same seed (compile then differs by rounding only)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
+def measure_distance(step: Any, subject: Any, scenario: Any, compiled_first: Any) -> CompileDistance:
+    """Compile's own distance from eager: one eager step without checkpointing against a compiled
+    one that draws random numbers as eager does (``compiled_first``, the baseline's first run, when
+    it already did: another backend than inductor, or ``fallback_random`` set by the caller).
+
+    ``step(scenario, None)`` runs the subject; ``subject.compilation`` is set aside for the eager run.
+    """
+    from pytest_gradckpt.probes.gradients import measure_noise
+
+    import torch._inductor.config as inductor_config
+
+    compilation = subject.compilation
+    if compilation.backend() == "inductor" and not inductor_config.fallback_random:
+        with _eager_random():
+            compiled_run_ = step(scenario, None)
+    else:
+        compiled_run_ = compiled_first
+    subject.compilation = None
+    try:
+        eager = step(scenario, None)
+    finally:
+        subject.compilation = compilation
+    for run in (compiled_run_, eager):
+        if run.error is not None:
+            raise RuntimeError(f"measuring compile's distance from eager: a step failed: {run.error}") from run.error
+    return CompileDistance(
+        grads=measure_noise(eager.grads, compiled_run_.grads).rel_norm,
+        loss=measure_noise({"loss": eager.loss}, {"loss": compiled_run_.loss}).rel_norm,
+        outputs=measure_noise(eager.outputs, compiled_run_.outputs).rel_norm)
+
+
+def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> None:
+    """Let a strategy's compiled program differ from the compiled baseline by up to compile's own
+    distance from eager (at most ``cap``, the dtype's noise cap): a checkpointed program is another
+    compilation of the same math (other fusions, other rounding), and compiled-vs-eager is a
+    measured pair of two such compilations. The distance is a property of the program, and one
+    pair's per-tensor figure is a single noisy sample (small tensors swing most), so every tensor of
+    a kind (gradients, outputs, loss) tolerates the largest distance measured on that kind. The
+    baseline's noise is tolerated up to :data:`~pytest_gradckpt.probes.gradients.NOISE_FACTOR`
+    times, so the distance enters divided by it.
+
+    Example:
+        >>> from pytest_gradckpt.baselines import Baseline
+        >>> from pytest_gradckpt.runs import Run
+        >>> base = Baseline(Run(loss=torch.ones(()), grads={"a": torch.ones(2), "b": torch.ones(2)}))
+        >>> tolerate_distance(base, CompileDistance(grads={"a": 0.03}, loss={}, outputs={}), cap=0.125)
+        >>> {name: round(3 * noise, 3) for name, noise in base.grad_noise.rel_norm.items()}
+        {'a': 0.03, 'b': 0.03}
+    """
+    from pytest_gradckpt.probes.gradients import NOISE_FACTOR
+
+    run = baseline.run
+    for noise, measured, names in ((baseline.grad_noise, distance.grads, run.grads),
+                                   (baseline.loss_noise, distance.loss, ("loss",)),
+                                   (baseline.output_noise, distance.outputs, run.outputs)):
+        largest = min(max(measured.values(), default=0.0), cap)
+        if largest == 0.0:
+            continue
+        for name in names:
+            noise.rel_norm[name] = max(noise.rel_norm.get(name, 0.0), largest / NOISE_FACTOR)
+
+
+def recompute_unobserved(evidence: Any, limits: Any) -> str | None:
+    """Verdict rule for compiled runs: a checkpoint inside compiled code is recomputed inside the
+    compiled backward, where no Python runs and no recompute can be counted. What remains
+    observable is memory: the saved activations (autograd still packs what the compiled forward
+    saves) must fall below the baseline's, else no checkpointing took effect."""
+    run = evidence.run
+    if run.compiled is None or not evidence.strategy.recomputes or evidence.checkpointable or run.recomputed_units:
+        return None
+    reduction = evidence.activation_reduction
+    if reduction is None or reduction > 0:
+        return None
+    return (f"saved activations fell by {reduction:.0%} under compile: no checkpointing took effect (the recompute "
+            "runs inside the compiled backward, where it cannot be counted, so memory is the evidence)")

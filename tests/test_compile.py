@@ -1,0 +1,252 @@
+"""Compiled subjects (issue 22): the check runs the compiled program in every run, compares the
+compiled baseline with compiled strategies, passes correct checkpointing and catches faults.
+
+``make test`` runs the quick tests (``aot_eager``: dynamo and AOT autograd, no code generation).
+``make test-compile`` runs the ``compile_full`` set: inductor where a C++ compiler is present
+(``aot_eager`` otherwise; each test's report says which backend ran), dropout inside checkpointed
+compiled regions, both compile orders, and plain-torch ground truth beside each verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import pytest_gradckpt as gc
+from pytest_gradckpt import compiled
+from pytest_gradckpt.errors import GradckptUsageError
+from tests import mutations
+
+#: The backend of the full set: inductor needs a C++ compiler on the CPU.
+FULL_BACKEND = "inductor" if compiled.cxx_compiler() else "aot_eager"
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.dropout(self.down(torch.nn.functional.gelu(self.up(hidden))))
+
+
+class DropoutNet(torch.nn.Module):
+    """Three residual MLP blocks with dropout inside each (inside every checkpointed region)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+def subject(how: str, backend: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = DropoutNet()
+    if how == "whole":
+        model = torch.compile(model, backend=backend)
+    elif how == "regional":
+        for index, block in enumerate(model.blocks):
+            model.blocks[index] = torch.compile(block, backend=backend)
+    else:
+        for block in model.blocks:
+            block.compile(backend=backend)
+    return model, torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+
+
+def outcomes(how: str, backend: str, strategies: list, **kwargs) -> dict[str, gc.Result]:
+    model, inputs = subject(how, backend)
+    report = gc.check(model, inputs, strategies=strategies, **kwargs)
+    return {r.strategy: r for r in report.results}
+
+
+def strategy(fn) -> gc.Strategy:
+    return gc.Strategy.from_checkpoint_fn(fn.__name__, fn)
+
+
+def plain_grads(model: torch.nn.Module, inputs: torch.Tensor, wrap=None, compile_blocks: str | None = None,
+                backend: str = "aot_eager") -> torch.Tensor:
+    """Ground truth: one step in plain torch, every block called through ``wrap`` (a checkpoint)."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(model)
+    body = model.blocks
+    if compile_blocks == "forward":  # checkpoint outside: each block's forward compiled
+        calls = [torch.compile(b.forward, backend=backend) for b in body]
+    else:
+        calls = list(body)
+    torch.manual_seed(0)
+    hidden = inputs.detach().requires_grad_()
+    for call in calls:
+        hidden = wrap(call, hidden) if wrap else call(hidden)
+    hidden.float().square().mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+# --------------------------------------------------------------------------- make test (aot_eager)
+
+
+@pytest.mark.parametrize("how", ["whole", "per_block", "regional"])
+def test_every_run_executes_compiled_code(how):
+    model, inputs = subject(how, "aot_eager")
+    kept = copy.deepcopy(compiled.eager_view(model).state_dict())
+    report = gc.check(model, inputs, strategies=["non_reentrant", "sac"])
+    for result in report.results:
+        assert result.outcome == "pass", result.message
+        ran = result.metrics["compiled"]
+        assert ran["kind"] == how and ran["backend"] == "aot_eager" and ran["frames"] > 0, ran
+        assert ran["graph_breaks"] == 0, ran  # the engine's probes stay out of the traced program
+    assert "compiled" in report.baseline["train"]["why"]
+    # The caller's model is untouched: still compiled, no gradient, same weights.
+    assert compiled.Compilation.of(model).kind == how
+    inner = compiled.eager_view(model)
+    assert all(p.grad is None for p in inner.parameters())
+    assert all(torch.equal(v, kept[k]) for k, v in inner.state_dict().items())
+
+
+def test_copies_of_per_block_compile_are_compiled_again():
+    # The fact the feature rests on: a deep copy drops block.compile() silently.
+    model, _ = subject("per_block", "aot_eager")
+    assert model.blocks[0]._compiled_call_impl is not None
+    assert copy.deepcopy(model).blocks[0]._compiled_call_impl is None
+    found = compiled.Compilation.of(model)
+    assert found.kind == "per_block" and sorted(found.blocks) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_faults_caught_under_compile_checkpoint_outside():
+    results = outcomes("per_block", "aot_eager", [
+        "non_reentrant", strategy(mutations.rng_not_preserved), strategy(mutations.gradient_three_percent_off),
+        strategy(mutations.output_detached)], compile_order="checkpoint_outside")
+    assert results["non_reentrant"].outcome == "pass", results["non_reentrant"].message
+    assert results["non_reentrant"].metrics["recomputed_layers"] == 3  # eager checkpoints: recompute is counted
+    assert results["rng_not_preserved"].outcome == "mismatch", results["rng_not_preserved"].message
+    assert results["gradient_three_percent_off"].outcome == "mismatch"
+    assert results["output_detached"].outcome in ("silent", "error"), results["output_detached"].message
+    # Ground truth: with the blocks' forwards compiled and checkpoints around them, plain torch
+    # gives the no-checkpoint gradients when RNG is preserved and others when it is not.
+    model, inputs = subject("per_block", "aot_eager")
+    eager_model = compiled.eager_copy(model)
+    none = plain_grads(eager_model, inputs, None, "forward")
+    kept = plain_grads(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False), "forward")
+    redrawn = plain_grads(eager_model, inputs, lambda f, x: checkpoint(
+        f, x, use_reentrant=False, preserve_rng_state=False), "forward")
+    assert torch.equal(kept, none) and not torch.allclose(redrawn, none)
+
+
+def test_faults_caught_under_compile_compile_outside():
+    results = outcomes("whole", "aot_eager", [
+        strategy(mutations.gradient_three_percent_off), strategy(mutations.not_checkpointing),
+        strategy(mutations.sac_saving_everything), "compile_budget"])
+    assert results["gradient_three_percent_off"].outcome == "mismatch"
+    for name in ("not_checkpointing", "sac_saving_everything"):
+        assert results[name].outcome == "not_applied", (name, results[name].message)
+        assert "under compile" in results[name].message
+    assert results["compile_budget"].outcome == "pass", results["compile_budget"].message
+    assert results["compile_budget"].metrics["compiled"]["activation_memory_budget"] == 0.5
+    assert results["compile_budget"].metrics["activation_reduction"] > 0
+
+
+def test_usage_errors_name_the_fix():
+    model, inputs = subject("whole", "aot_eager")
+    with pytest.raises(GradckptUsageError, match="needs compiled blocks"):
+        gc.check(model, inputs, strategies=["non_reentrant"], compile_order="checkpoint_outside")
+    with pytest.raises(GradckptUsageError, match="not compiled"):
+        gc.check(DropoutNet(), inputs, strategies=["non_reentrant"], compile_order="compile_outside")
+    with pytest.raises(GradckptUsageError, match="compile_order='sideways'"):
+        gc.check(model, inputs, strategies=["non_reentrant"], compile_order="sideways")
+    with pytest.raises(GradckptUsageError, match="in this process only"):
+        gc.check(model, inputs, strategies=["non_reentrant"], isolate=True)
+    (result,) = gc.check(DropoutNet(), inputs, strategies=["compile_budget"]).results
+    assert result.outcome == "skipped" and "not compiled" in result.message
+
+
+# --------------------------------------------------------------------------- make test-compile
+
+
+@pytest.mark.compile_full
+@pytest.mark.parametrize("how", ["whole", "per_block"])
+def test_correct_strategies_pass_with_dropout(how):
+    results = outcomes(how, FULL_BACKEND, ["non_reentrant", "reentrant", "sac", "torch_wrapper", "compile_budget"])
+    for name, result in results.items():
+        assert result.metrics["compiled"]["backend"] == FULL_BACKEND
+        if name == "compile_budget" and FULL_BACKEND == "inductor":
+            continue  # torch's own fault, below
+        assert result.outcome == "pass", (name, result.message)
+    # Ground truth: compiled with checkpointing equals compiled without, dropout included
+    # (the compiled program replays its random numbers in recompute).
+    model, inputs = subject("per_block", FULL_BACKEND)
+    eager_model = compiled.eager_copy(model)
+    assert torch.equal(_compiled_step(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False))[1],
+                       _compiled_step(eager_model, inputs, None)[1])
+    if FULL_BACKEND == "inductor":
+        # Inductor with activation_memory_budget=0.5 rematerialises dropout in backward with new numbers
+        # (its own RNG; with fallback_random it does not): same loss, other gradients. The check says so.
+        assert results["compile_budget"].outcome == "mismatch", results["compile_budget"].message
+        loss, plain = _compiled_step(eager_model, inputs, None)
+        budget_loss, budget = _compiled_step(eager_model, inputs, None, budget=0.5)
+        assert torch.equal(loss, budget_loss) and not torch.allclose(plain, budget, rtol=1e-3)
+
+
+def _compiled_step(model: torch.nn.Module, inputs: torch.Tensor, wrap, budget: float = 1.0):
+    """Plain torch: the blocks compiled as one program, each called through ``wrap``; (loss, gradients)."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    step = torch.compile(lambda x: _blocks(target, x, wrap), backend=FULL_BACKEND)
+    torch.manual_seed(0)
+    with functorch_config.patch(activation_memory_budget=budget):
+        loss = step(inputs.detach().requires_grad_()).square().mean()
+        loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in target.parameters()])
+
+
+def _blocks(model: torch.nn.Module, hidden: torch.Tensor, wrap) -> torch.Tensor:
+    for block in model.blocks:
+        hidden = wrap(block, hidden) if wrap else block(hidden)
+    return hidden
+
+
+@pytest.mark.compile_full
+def test_faults_caught_with_full_backend():
+    outside = outcomes("per_block", FULL_BACKEND, [
+        "non_reentrant", strategy(mutations.rng_not_preserved), strategy(mutations.gradient_three_percent_off),
+        strategy(mutations.output_detached)], compile_order="checkpoint_outside")
+    assert outside["non_reentrant"].outcome == "pass", outside["non_reentrant"].message
+    assert outside["rng_not_preserved"].outcome == "mismatch", outside["rng_not_preserved"].message
+    assert outside["gradient_three_percent_off"].outcome == "mismatch"
+    assert outside["output_detached"].outcome in ("silent", "error")
+    inside = outcomes("whole", FULL_BACKEND, [
+        strategy(mutations.gradient_three_percent_off), strategy(mutations.sac_saving_everything),
+        strategy(mutations.rng_not_preserved)])
+    assert inside["gradient_three_percent_off"].outcome == "mismatch"
+    assert inside["sac_saving_everything"].outcome == "not_applied"
+    # Inside compiled code torch replaces preserve_rng_state=False by its own RNG replay: the fault
+    # does not exist in the compiled program, and the check, comparing that program, passes it.
+    assert inside["rng_not_preserved"].outcome == "pass", inside["rng_not_preserved"].message
+
+
+@pytest.mark.compile_full
+def test_transformers_llama_bf16_with_dropout():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                      attention_dropout=0.1, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = torch.compile(model, backend=FULL_BACKEND)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    report = gc.check(model, {"input_ids": ids, "labels": ids},
+                      strategies=["non_reentrant", "hf_non_reentrant", "sac", "compile_budget"])
+    for result in report.results:
+        # compile_budget: inductor redraws the rematerialised attention dropout (ground truth in
+        # test_correct_strategies_pass_with_dropout); seen here at a relative error norm of 0.3.
+        broken = result.strategy == "compile_budget" and FULL_BACKEND == "inductor"
+        assert result.outcome == ("mismatch" if broken else "pass"), (result.strategy, result.message)
+    assert report.baseline["train"]["compile_distance"] < 0.125  # bf16's noise cap
