@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from datetime import timedelta
+from multiprocessing.queues import Queue
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from pytest_gradckpt.arguments import map_tensors, model_device
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.runs import Run, Stepper
+from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.strategies import Strategy
 
 #: Settable through ``check(..., distributed={...})``.
 DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
@@ -72,7 +75,7 @@ class Parallel:
         self.kind, self.rank, self.settings = kind, rank, settings
         self.world_size = settings["world_size"]
 
-    def wrap(self, model: torch.nn.Module, info: Any) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, info: ModelInfo) -> torch.nn.Module:
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -91,7 +94,7 @@ class Parallel:
         fully_shard(model, mesh=mesh)
         return model
 
-    def micro_batches(self, scenario: Any) -> int:
+    def micro_batches(self, scenario: Scenario) -> int:
         """Micro-batches per step: gradients are synchronised only on the last (DDP ``no_sync``)."""
         return max(scenario.micro_batches, self.settings["micro_batches"])
 
@@ -156,11 +159,11 @@ MEASURED = ("loss", "grads", "buffers", "calls", "graph_calls", "reached_calls",
             "warnings", "seconds", "activation_bytes", "outputs", "cuda_peak_bytes")
 
 
-def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any,
-               results: Any) -> None:
+def _rank_main(rank: int, store: str, stepper: Stepper, scenario: Scenario, strategy: Strategy | None,
+               grad_targets: set[str] | None, results: Queue[bytes]) -> None:
     import torch.distributed as dist
 
-    settings = stepper.distributed
+    settings = stepper.distributed or DEFAULTS
     payload: dict[str, Any] = {"rank": rank}
     try:
         torch.set_num_threads(1)  # ranks share the machine's cores
@@ -231,7 +234,7 @@ class Launcher:
     def __init__(self, stepper: Stepper):
         self.stepper = stepper
 
-    def step(self, scenario: Any, strategy: Any, grad_targets: Any = None) -> Run:
+    def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None) -> Run:
         """One distributed step; a strategy that does not apply is skipped before any rank starts.
         Under an existing launch (torchrun), the step runs on this process's rank of that group."""
         if strategy is not None:
@@ -320,12 +323,14 @@ def launched_from_outside() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def step_in_existing_group(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
+def step_in_existing_group(stepper: Stepper, scenario: Scenario, strategy: Strategy | None,
+                           grad_targets: set[str] | None) -> Run:
     """The step on this rank of the running group; every rank calls it for the same check, in the
     same order (as every rank of ``torchrun -m pytest`` runs the same tests), and every rank ends
     with the same Run: full gradients, each rank's CUDA peak, and whether the ranks agree."""
     import torch.distributed as dist
 
+    assert scenario.distributed is not None, "only distributed scenarios step in a process group"
     settings = dict(stepper.distributed or DEFAULTS, world_size=dist.get_world_size())
     parallel = Parallel(scenario.distributed, dist.get_rank(), settings)
     run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
@@ -351,7 +356,7 @@ def _fingerprint(grads: dict[str, Any]) -> dict[str, Any]:
     found = [(n, g.double()) for n, g in grads.items() if g is not None]
     numbers = torch.stack([torch.stack([g.sum(), g.square().sum(), g.abs().max()]) for _, g in found]).cpu().tolist() \
         if found else []  # one transfer for all of them
-    summary = {n: tuple(row) for (n, _), row in zip(found, numbers)}
+    summary = {n: tuple(row) for (n, _), row in zip(found, numbers, strict=True)}
     return {n: summary.get(n) for n in grads}
 
 
@@ -359,7 +364,7 @@ def _is_transport_failure(message: str) -> bool:
     return any(marker in message for marker in TRANSPORT_FAILURES)
 
 
-def launch(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
+def launch(stepper: Stepper, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None) -> Run:
     """Run one step on ``world_size`` ranks started here (forked, or spawned where CUDA is
     involved), once, and fold their measurements into one Run. A scenario that is not
     distributed runs in one child process: a step isolated from this one."""
@@ -473,9 +478,10 @@ def _death(rank: int, code: int | None, ranks: int) -> RankFailure:
 
 def _fold_peaks(run: Run, peaks: list[int | None]) -> None:
     """Every rank's CUDA peak is kept; the run's is the largest, so thresholds hold on every rank."""
-    if all(p is not None for p in peaks):
-        run.rank_cuda_peak_bytes = list(peaks)
-        run.cuda_peak_bytes = max(peaks)
+    known = [p for p in peaks if p is not None]
+    if len(known) == len(peaks):
+        run.rank_cuda_peak_bytes = known
+        run.cuda_peak_bytes = max(known)
 
 
 def _disagreement(fingerprints: list[dict[str, Any]]) -> str | None:
