@@ -1,6 +1,6 @@
 # Two commands that work on a fresh clone with nothing installed:
 #   make check   set up .venv, then run the packaged regression suite (pytest --gradckpt) and print the table
-#   make test    set up .venv, then run the project's own tests
+#   make test    set up .venv, then lint (ruff, mypy) and run the project's own tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test matrix setup clean
+.PHONY: check check-full test lint matrix setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +30,15 @@ check-full: $(STAMP)
 	$(BIN)/pytest -o addopts= --gradckpt --pyargs pytest_gradckpt.suite -n 2 \
 		--gradckpt-models=all --gradckpt-report=gradckpt-report.json $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/pytest -n 2 $(ARGS)
+
+lint: $(STAMP)  ## seconds: heavy typed dependencies are skipped (pyproject.toml [tool.mypy])
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
 	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache gradckpt-report.json
