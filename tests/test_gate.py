@@ -181,3 +181,13 @@ def test_after():
     verdicts = {r["strategy"]: (r["outcome"], r["message"]) for r in results}
     assert verdicts["non_reentrant"] == ("pass", "")
     assert verdicts["crashing"] == ("error", "StepCrashed: the step crashed its process: SIGABRT (a fault in native code)")
+
+
+def test_auto_isolation_forks_only_where_that_is_cheap():
+    import torch
+
+    from pytest_gradckpt.engine import _isolated
+
+    assert _isolated("auto", torch.device("cpu")) is True  # this test process has not used CUDA
+    assert _isolated("auto", torch.device("cuda")) is False  # a forked child cannot use CUDA
+    assert (_isolated(True, torch.device("cuda")), _isolated(False, torch.device("cpu"))) == (True, False)
