@@ -161,7 +161,12 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 
 def strategies_help() -> str:
-    """One line per registered strategy: its name and description."""
+    """One line per registered strategy: its name and description.
+
+    Example:
+        >>> print(strategies_help().splitlines()[1])
+          reentrant  torch.utils.checkpoint per layer, use_reentrant=True
+    """
     from pytest_gradckpt.strategies import available_strategies, get_strategy
 
     names = available_strategies()
@@ -241,13 +246,13 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     skipped keeps its own outcome."""
     result = yield
     if enabled(item.config) and not isinstance(item, GradckptItem) and not item.stash.get(checks_key, 0):
-        problem = unchecked_problem(item)
+        problem = _unchecked_problem(item)
         if problem:
             pytest.fail(problem, pytrace=False)
     return result
 
 
-def unchecked_problem(item: pytest.Item) -> str | None:
+def _unchecked_problem(item: pytest.Item) -> str | None:
     """Why ``item`` is a gate that checked nothing, or None when it is not a gate."""
     fixtures = getattr(item, "fixturenames", ())
     if item.get_closest_marker("gradckpt") is not None and "gradckpt" not in fixtures:

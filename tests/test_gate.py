@@ -131,23 +131,37 @@ def test_bad(gradckpt, gradckpt_strategy):
     assert "test_bad.py::test_bad: strategies: unknown strategy 'nope'; available: reentrant" in errors[0]
 
 
-def test_the_marker_is_validated_once_per_marker(downstream, monkeypatch):
-    from pytest_gradckpt import marker
+def test_the_marker_is_validated_once_per_marker(pytester):
+    # In a subprocess: a conftest's registrations must not leak into this process's registry.
+    pytester.makeconftest('''
+import pytest_gradckpt.marker as marker
 
-    calls = []
-    real = marker.gradckpt
-    monkeypatch.setattr(marker, "gradckpt", lambda **kwargs: calls.append(kwargs) or real(**kwargs))
-    downstream.makepyfile(test_once='''
+calls = []
+real = marker.gradckpt
+
+
+def counting(**kwargs):
+    calls.append(kwargs)
+    return real(**kwargs)
+
+
+marker.gradckpt = counting
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"marker validations: {calls}")
+''')
+    pytester.makepyfile(test_once='''
 import pytest
-from conftest import tanh_net
+from pytest_gradckpt.zoo.plain import tanh_net
 
 @pytest.mark.gradckpt(scenarios=["train"])
 def test_each(gradckpt, gradckpt_strategy):
     gradckpt.check(*tanh_net())
 ''')
-    result = downstream.runpytest("--gradckpt", "--gradckpt-strategies=non_reentrant,reentrant,selective")
+    result = pytester.runpytest_subprocess("--gradckpt", "--gradckpt-strategies=non_reentrant,reentrant,selective")
     result.assert_outcomes(passed=3)
-    assert calls == [{"scenarios": ["train"]}]
+    assert "marker validations: [{'scenarios': ['train']}]" in result.stdout.lines  # once, not per item
 
 
 def test_marker_help_comes_from_the_marker_function(downstream):
