@@ -1,6 +1,6 @@
 # Two commands that work on a fresh clone with nothing installed:
 #   make check   set up .venv, then run the packaged regression suite (pytest --gradckpt) and print the table
-#   make test    set up .venv, then run the project's own tests
+#   make test    set up .venv, then lint (ruff, mypy) and run the project's own tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test test-compile matrix setup clean docs
+.PHONY: check check-full test test-compile lint matrix setup clean docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +30,15 @@ check-full: $(STAMP)
 	$(BIN)/pytest -o addopts= --gradckpt --pyargs pytest_gradckpt.suite -n 2 \
 		--gradckpt-models=all --gradckpt-report=gradckpt-report.json $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/pytest -n 2 -m "not compile_full" $(ARGS)
 
 test-compile: $(STAMP)  ## every torch.compile test (inductor where a C++ compiler is present)
 	$(BIN)/pytest -n 2 -p no:cacheprovider tests/test_compile.py $(ARGS)
+
+lint: $(STAMP)  ## seconds: heavy typed dependencies are skipped (pyproject.toml [tool.mypy])
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
 	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
@@ -43,4 +47,4 @@ docs: $(STAMP)  ## the reference site (docs/, API pages from the docstrings) int
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json site
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache gradckpt-report.json site

@@ -93,7 +93,7 @@ def raw_step_seconds(model: Any, inputs: dict[str, Any], strategy: str | None, d
         copied = copy.deepcopy(model)
         if strategy is not None:
             info = ModelInfo(copied, names, found_by)
-            for name, layer in zip(names, info.layers):  # as the engine does: strategies route calls through it
+            for name, layer in zip(names, info.layers, strict=True):  # as the engine does: strategies route calls through it
                 instrument(layer, name, LayerCounter())
             get_strategy(strategy).apply(info)
         if device.startswith("cuda"):

@@ -162,7 +162,7 @@ def measure(setting: str, strategies: list[str], steps: int = 8) -> list[dict[st
         model.train()
         info = ModelInfo(model, layer_names, found_by)
         counter = LayerCounter()
-        for layer_name, layer in zip(layer_names, info.layers):
+        for layer_name, layer in zip(layer_names, info.layers, strict=True):
             instrument(layer, layer_name, counter)
         row: dict[str, Any] = {"setting": setting, "strategy": name}
         try:
@@ -286,7 +286,7 @@ def chart(path: Path) -> None:
         xs = [j + i * width for j in range(len(strategies))]
         axes[0].bar(xs, [100 * by[s]["memory_reduction"] if s in by else 0 for s in strategies], width, label=setting)
         axes[1].bar(xs, [by[s]["step_time_ratio"] if s in by else 0 for s in strategies], width, label=setting)
-    for axis, title in zip(axes, ("peak memory above weights: reduction (%)", "step time vs no checkpointing (x)")):
+    for axis, title in zip(axes, ("peak memory above weights: reduction (%)", "step time vs no checkpointing (x)"), strict=True):
         axis.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(strategies))])
         axis.set_xticklabels(strategies, rotation=30, ha="right")
         axis.set_title(title)

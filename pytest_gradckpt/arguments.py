@@ -39,6 +39,23 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in nested mappings and sequences, in the order :func:`map_tensors` visits them.
+
+    Example:
+        >>> [t.shape[0] for t in tensors_in({"a": torch.zeros(2), "b": [torch.zeros(3), 4]})]
+        [2, 3]
+    """
+    found: list[torch.Tensor] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        found.append(tensor)
+        return tensor
+
+    map_tensors(value, keep)
+    return found
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s first parameter lives (CPU for a model without parameters).
 
@@ -99,7 +116,7 @@ def default_loss(output: Any, inputs: Any) -> torch.Tensor:
         raise GradckptUsageError(
             f"default loss: the model returned {type(output).__name__} with no floating-point tensor and no "
             "'.loss'; pass loss=callable(output, inputs) returning a scalar tensor")
-    return sum(t.float().square().mean() for t in leaves.values())  # type: ignore[return-value]
+    return sum(t.float().square().mean() for t in leaves.values())
 
 
 def describe(value: Any) -> str:
@@ -280,8 +297,7 @@ class Subject:
             raise GradckptUsageError(
                 f"inputs={describe(inputs)}: expected a mapping of keyword arguments, a tuple/list of positional "
                 "arguments, a single tensor, or a zero-argument callable returning one of those")
-        found: list[torch.Tensor] = []
-        map_tensors(values, lambda t: found.append(t) or t)  # at any depth: nested inputs are inputs too
+        found = tensors_in(values)  # at any depth: nested inputs are inputs too
         if not found:
             raise GradckptUsageError(
                 f"inputs contain no tensor ({', '.join(type(v).__name__ for v in values) or 'empty'}); "

@@ -68,7 +68,7 @@ class Baseline:
         """What the report says of this baseline."""
         run = self.run
         summary: dict[str, object] = {
-            "judged": True, "kind": self.kind, "loss": float(run.loss), "noise": self.noise,
+            "judged": True, "kind": self.kind, "loss": None if run.loss is None else float(run.loss), "noise": self.noise,
             "activation_bytes": run.activation_bytes, "cuda_peak_bytes": run.cuda_peak_bytes,
             "seconds": run.seconds}
         if run.rank_cuda_peak_bytes:
@@ -137,7 +137,7 @@ def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | No
             f"the loss does not reach any trainable parameter under {scenario.name}: every gradient is None; "
             "pass a loss= that depends on the model's output")
     finite = torch.stack([torch.isfinite(g).all() for _, g in present]).cpu().tolist()
-    bad = [n for (n, _), ok in zip(present, finite) if not ok]
+    bad = [n for (n, _), ok in zip(present, finite, strict=True) if not ok]
     if bad:
         raise GradckptUsageError(
             f"baseline gradients under {scenario.name} are not finite for {len(bad)} parameter(s), e.g. {bad[0]}; "
@@ -245,7 +245,7 @@ def layerwise(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dt
 def _two_runs(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype, replay: Strategy | None,
               kind: str, why: str, fall_back: bool) -> Baseline | NotJudged | OutOfMemory:
     first = step(scenario, replay)
-    if fall_back and out_of_memory(first.error):
+    if fall_back and first.error is not None and out_of_memory(first.error):
         detail = describe_error(first.error)
         _release(first)
         return OutOfMemory(detail)
@@ -253,7 +253,7 @@ def _two_runs(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dt
     if refused is not None:
         return refused
     second = step(scenario, replay)
-    if fall_back and out_of_memory(second.error):
+    if fall_back and second.error is not None and out_of_memory(second.error):
         detail = describe_error(second.error)
         _release(second)
         _release(first)
@@ -270,9 +270,9 @@ def _two_runs(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dt
                                      (baseline.grad_noise, "gradients", first.grads, second.grads),
                                      (baseline.output_noise, "outputs", first.outputs, second.outputs)):
         if noise.largest > cap:
-            detail = compare(kept, other, rtol=0.0, atol=0.0)
+            differing = compare(kept, other, rtol=0.0, atol=0.0)
             worst = max(noise.rel_norm, key=noise.rel_norm.__getitem__)
-            return _not_reproducible(scenario, f"{len(detail.mismatched)} {what} differ; worst {worst}: relative "
+            return _not_reproducible(scenario, f"{len(differing.mismatched)} {what} differ; worst {worst}: relative "
                                                f"error norm {noise.rel_norm[worst]:.3g}, above the {cap:.3g} that "
                                                f"{str(dtype).replace('torch.', '')} rounding can explain")
     first.seconds = min(first.seconds, second.seconds)

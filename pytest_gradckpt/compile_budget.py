@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.strategies import Strategy, available_strategies, register_strategy
+from pytest_gradckpt.strategies import Strategy, available_strategies, register_strategy  # noqa: F401 - the docstring example uses it
 
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_gradckpt.layers import ModelInfo
@@ -59,7 +59,7 @@ class CompileBudget(Strategy):
 
     def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
         # The partitioner recomputes inside the compiled backward, where no layer's Python runs:
-        # nothing observable runs twice. Memory is the evidence (compiled.recompute_unobserved).
+        # nothing observable runs twice. Memory is the evidence (verdicts.recompute_unobserved).
         return False
 
 

@@ -45,7 +45,7 @@ ORDERS = (COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE)
 _FRAMES, _BREAKS = "frames", "graph_break"
 
 
-def _optimized_module_type() -> type:
+def _optimized_module_type() -> type[Any]:
     from torch._dynamo.eval_frame import OptimizedModule
 
     return OptimizedModule
@@ -159,7 +159,7 @@ def _compile_body(module: nn.Module, ctx: Any) -> None:
         module._compiled_call_impl = ctx(module._call_impl)
         return
     inner = module.__dict__.get("_gradckpt_inner_forward")
-    eager_forward = inner if inner is not None else type(module).__mro__[1].forward.__get__(module)
+    eager_forward = inner if inner is not None else getattr(type(module).__mro__[1], "forward").__get__(module)
 
     def body(*args: Any, **kwargs: Any) -> Any:
         return eager_forward(*args, **kwargs)
@@ -379,17 +379,3 @@ def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> N
         for name in names:
             noise.rel_norm[name] = max(noise.rel_norm.get(name, 0.0), largest / NOISE_FACTOR)
 
-
-def recompute_unobserved(evidence: Any, limits: Any) -> str | None:
-    """Verdict rule for compiled runs: a checkpoint inside compiled code is recomputed inside the
-    compiled backward, where no Python runs and no recompute can be counted. What remains
-    observable is memory: the saved activations (autograd still packs what the compiled forward
-    saves) must fall below the baseline's, else no checkpointing took effect."""
-    run = evidence.run
-    if run.compiled is None or not evidence.strategy.recomputes or evidence.checkpointable or run.recomputed_units:
-        return None
-    reduction = evidence.activation_reduction
-    if reduction is None or reduction > 0:
-        return None
-    return (f"saved activations fell by {reduction:.0%} under compile: no checkpointing took effect (the recompute "
-            "runs inside the compiled backward, where it cannot be counted, so memory is the evidence)")

@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt.arguments import map_tensors, model_device
+from pytest_gradckpt.arguments import map_tensors, model_device, tensors_in
 from pytest_gradckpt.errors import GradckptUsageError, HarnessFailure, StrategyNotApplicable
+from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.runs import Run, Stepper
+from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.strategies import Strategy
 
 #: Settable through ``check(..., distributed={...})``.
 DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
@@ -67,7 +70,7 @@ class Parallel:
         self.kind, self.rank, self.settings = kind, rank, settings
         self.world_size = settings["world_size"]
 
-    def wrap(self, model: torch.nn.Module, info: Any) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, info: ModelInfo) -> torch.nn.Module:
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -86,7 +89,7 @@ class Parallel:
         fully_shard(model, mesh=mesh)
         return model
 
-    def micro_batches(self, scenario: Any) -> int:
+    def micro_batches(self, scenario: Scenario) -> int:
         """Micro-batches per step: gradients are synchronised only on the last (DDP ``no_sync``)."""
         return max(scenario.micro_batches, self.settings["micro_batches"])
 
@@ -154,8 +157,7 @@ def _batch_size(inputs: Any) -> int | None:
         >>> _batch_size({"kwargs": {"x": torch.zeros(6, 2)}}), _batch_size({"n": 3})
         (6, None)
     """
-    found: list[torch.Tensor] = []
-    map_tensors(inputs, lambda t: found.append(t) or t)
+    found = tensors_in(inputs)
     if not found:
         return None
     return found[0].shape[0] if found[0].dim() else 1
@@ -173,7 +175,7 @@ def _gather_dim0(local: torch.Tensor, shape: tuple[int, ...], group: Any) -> tor
     padded[:local.shape[0]] = local
     pieces = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(pieces, padded, group=group)
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
 
 
 def describe_exception(error: BaseException) -> dict[str, Any]:
@@ -289,12 +291,14 @@ def launched_from_outside() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def step_in_existing_group(stepper: Stepper, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
+def step_in_existing_group(stepper: Stepper, scenario: Scenario, strategy: Strategy | None,
+                           grad_targets: set[str] | None) -> Run:
     """The step on this rank of the running group; every rank calls it for the same check, in the
     same order (as every rank of ``torchrun -m pytest`` runs the same tests), and every rank ends
     with the same Run: full gradients, each rank's CUDA peak, and whether the ranks agree."""
     import torch.distributed as dist
 
+    assert scenario.distributed is not None, "only distributed scenarios step in a process group"
     settings = dict(stepper.distributed or DEFAULTS, world_size=dist.get_world_size())
     parallel = Parallel(scenario.distributed, dist.get_rank(), settings)
     run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
@@ -325,7 +329,7 @@ def fingerprint(grads: dict[str, Any]) -> dict[str, Any]:
     found = [(n, g.double()) for n, g in grads.items() if g is not None]
     numbers = torch.stack([torch.stack([g.sum(), g.square().sum(), g.abs().max()]) for _, g in found]).cpu().tolist() \
         if found else []  # one transfer for all of them
-    summary = {n: tuple(row) for (n, _), row in zip(found, numbers)}
+    summary = {n: tuple(row) for (n, _), row in zip(found, numbers, strict=True)}
     return {n: summary.get(n) for n in grads}
 
 
@@ -358,9 +362,10 @@ def death(rank: int, code: int | None, ranks: int) -> RankFailure:
 
 def fold_peaks(run: Run, peaks: list[int | None]) -> None:
     """Every rank's CUDA peak is kept; the run's is the largest, so thresholds hold on every rank."""
-    if all(p is not None for p in peaks):
-        run.rank_cuda_peak_bytes = list(peaks)
-        run.cuda_peak_bytes = max(peaks)
+    known = [p for p in peaks if p is not None]
+    if len(known) == len(peaks):
+        run.rank_cuda_peak_bytes = known
+        run.cuda_peak_bytes = max(known)
 
 
 def disagreement(fingerprints: list[dict[str, Any]]) -> str | None:

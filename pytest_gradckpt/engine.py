@@ -9,7 +9,7 @@ Knows nothing of pytest. Distributed scenarios run the same step inside ranks th
 
 from __future__ import annotations
 
-import dataclasses
+import multiprocessing
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from pytest_gradckpt import baselines, compile_budget, compiled, verdicts  # noqa: F401 - compile_budget registers
 from pytest_gradckpt.arguments import Subject, tensor_bytes
-from pytest_gradckpt.distributed import describe_ranks, options as distributed_options
+from pytest_gradckpt.distributed import describe_ranks, launched_from_outside, options as distributed_options
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.launcher import Launcher
@@ -28,7 +28,7 @@ from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario, resolve_scenarios
-from pytest_gradckpt.settings import check_baseline, check_fraction, check_timeout, check_tolerance
+from pytest_gradckpt.settings import check_baseline, check_fraction, check_isolate, check_timeout, check_tolerance
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.strategies import Strategy, resolve_strategies
 
@@ -82,7 +82,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
           distributed: Mapping[str, Any] | None = None,
           fingerprint: bool = False,
           baseline: str = "auto",
-          isolate: bool = False,
+          isolate: bool | str = False,
           compile_order: str | None = None) -> Report:
     """Check gradient checkpointing on ``model``: every strategy against the no-checkpoint baseline.
 
@@ -123,7 +123,9 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         isolate: run every step in a child process, so a step that crashes the interpreter (a
             segmentation fault in native code) ends as ``error`` (``the step crashed its process:
             SIGSEGV``) instead of ending the caller's process. One child serves the whole check
-            (a new one after a crash).
+            (a new one after a crash). ``"auto"`` (the pytest plugin's default): isolated where a
+            forked child is cheap (a CPU model in a process that has not used CUDA), else in this
+            process; see docs/crash-safety.md.
         compile_order: for a model with compiled blocks, where checkpoints sit: ``"compile_outside"``
             (default: each compiled name is compiled after the strategy, its checkpoint wrapper included)
             or ``"checkpoint_outside"`` (the blocks' own forwards are compiled, checkpoints run eager
@@ -147,25 +149,22 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         >>> [(r.strategy, r.outcome) for r in report.results]
         [('non_reentrant', 'pass')]
     """
-    limits = verdicts.Limits(
-        rtol=check_tolerance("rtol", rtol) if rtol is not None else -1.0,
-        atol=check_tolerance("atol", atol) if atol is not None else -1.0,
-        min_memory_reduction=check_fraction("min_memory_reduction", min_memory_reduction),
-        min_cuda_memory_reduction=check_fraction("min_cuda_memory_reduction", min_cuda_memory_reduction),
-    )
+    given_rtol, given_atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)  # None: per dtype
+    memory_cuts = {"min_memory_reduction": check_fraction("min_memory_reduction", min_memory_reduction),
+                   "min_cuda_memory_reduction": check_fraction("min_cuda_memory_reduction", min_cuda_memory_reduction)}
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise GradckptUsageError(f"seed={seed!r}: pass an int")
     timeout = check_timeout(timeout)
     baseline_kind = check_baseline(baseline)
-    if not isinstance(isolate, bool):
-        raise GradckptUsageError(f"isolate={isolate!r}: pass True or False")
+    check_isolate(isolate)
     chosen = resolve_strategies(strategies)
     chosen_scenarios = resolve_scenarios(scenarios)
     settings = distributed_options(distributed)
     with preserved_global_state():
         _warm_up()
         subject = Subject(model, inputs, loss, device)
-        subject.compilation = compiled.with_order(subject.compilation, compile_order, elsewhere=isolate or any(
+        isolated = _isolated(isolate, subject.device, compiled=subject.compilation is not None)
+        subject.compilation = compiled.with_order(subject.compilation, compile_order, elsewhere=isolated or any(
             s.distributed for s in chosen_scenarios))
         stepper = Stepper(subject, layers, seed, timeout, settings)
         report = Report(model=name or subject.name, versions=versions())
@@ -176,12 +175,12 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         launcher = Launcher(stepper, [*chosen, *chosen_scenarios])
         with deterministic_kernels(subject.device) as determinism, launcher:
             for scenario in chosen_scenarios:
-                step = determinism.retrying(_step_function(stepper, launcher, scenario, isolate))
+                step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
                 dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
                 default_rtol, default_atol = default_tolerances(dtype)
-                scenario_limits = dataclasses.replace(
-                    limits, rtol=default_rtol if limits.rtol < 0 else limits.rtol,
-                    atol=default_atol if limits.atol < 0 else limits.atol)
+                scenario_limits = verdicts.Limits(rtol=default_rtol if given_rtol is None else given_rtol,
+                                                  atol=default_atol if given_atol is None else given_atol,
+                                                  **memory_cuts)
                 key = (report.model, scenario.name, seed, str(subject.device), tuple(stepper.layer_names),
                        tuple(sorted(settings.items())) if scenario.distributed else (), baseline_kind)
                 if cache is not None and key in cache:
@@ -231,6 +230,17 @@ def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subj
     needed = tensor_bytes(subject.peek().parameters()) + (run.cuda_peak_bytes or 0) + tensor_bytes(run.grads.values())
     if free < 1.1 * needed:
         baseline.park()
+
+
+def _isolated(isolate: bool | str, device: torch.device, compiled: bool = False) -> bool:
+    """``isolate="auto"``: a child process where forking is cheap and safe (a CPU model, CUDA not yet
+    used in this process, no outside process group); spawning a fresh interpreter per step is not.
+    A compiled model stays here: its compiled code must run in the process that judges it."""
+    if isolate != "auto":
+        return bool(isolate)
+    cuda_used = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return (device.type == "cpu" and not compiled and not cuda_used
+            and "fork" in multiprocessing.get_all_start_methods() and not launched_from_outside())
 
 
 def _step_function(stepper: Stepper, launcher: Launcher, scenario: Scenario, isolate: bool) -> Callable[..., Run]:

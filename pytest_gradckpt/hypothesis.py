@@ -106,7 +106,7 @@ def build(config: ModelConfig, batch: int, seed: int = 0) -> tuple[Any, Any]:
             self.stem = nn.Linear(config.width, config.width)
             self.blocks = nn.ModuleList(Block() for _ in range(config.depth))
             self.head = nn.Linear(config.width, config.width)
-            for block, frozen in zip(self.blocks, config.frozen):
+            for block, frozen in zip(self.blocks, config.frozen, strict=True):
                 block.requires_grad_(not frozen)
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def preserved_global_state() -> Iterator[None]:
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         random.setstate(state["python_rng"])
-        if state["numpy_rng"] is not None:
+        if state["numpy_rng"] is not None and numpy is not None:
             numpy.random.set_state(state["numpy_rng"])
         torch.set_grad_enabled(state["grad"])
         for device, enabled, dtype in state["autocast"]:
@@ -61,7 +61,7 @@ def preserved_global_state() -> Iterator[None]:
             torch.set_autocast_dtype(device, dtype)
         torch.set_default_dtype(state["dtype"])
         torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
-        warnings.filters[:] = state["filters"]
+        warnings.filters[:] = state["filters"]  # type: ignore[index]  # a list at run time; typeshed: Sequence
         warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidates the once/default registries
 
 
@@ -101,9 +101,8 @@ def deadline(seconds: float | None) -> Iterator[None]:
         ...     print(e)
         timed out after 0.05 s
     """
-    usable = (seconds is not None and hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread())
-    if not usable:
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if seconds is None or not usable:
         yield
         return
 
@@ -196,13 +195,13 @@ def deterministic_kernels(device: torch.device) -> Iterator[Determinism]:
     if saved[4] not in (":4096:8", ":16:8"):  # the two values torch accepts as deterministic
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
     torch.use_deterministic_algorithms(True)
-    deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
     try:
         yield determinism
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        deterministic.fill_uninitialized_memory = saved[2]  # type: ignore[attr-defined]
+        deterministic.fill_uninitialized_memory = saved[2]
         torch.backends.cudnn.benchmark = saved[3]
         if saved[4] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

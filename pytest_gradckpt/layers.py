@@ -165,7 +165,7 @@ def find_layers(model: nn.Module, spec: Any = None, *, reference: nn.Module | No
 # --------------------------------------------------------------------------- instrumentation
 
 @functools.lru_cache(maxsize=None)
-def _instrumented_class(base: type) -> type:
+def _instrumented_class(base: type[nn.Module]) -> type[nn.Module]:
     """A subclass of ``base`` whose forward counts executions and can be routed through a strategy.
 
     Counting lives in ``forward`` itself, not in module hooks, because
@@ -209,7 +209,7 @@ def _instrumented_class(base: type) -> type:
     return type(base.__name__, (base,), namespace)
 
 
-def _compiled_forward(layer: nn.Module, base: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _compiled_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An instrumented layer's forward as dynamo sees it: the strategy's call, no counting."""
     inner = layer.__dict__.get("_gradckpt_inner_forward")
     run = inner if inner is not None else functools.partial(base.forward, layer)
@@ -223,7 +223,7 @@ def instrument(layer: nn.Module, name: str, counter: LayerCounter) -> None:
     layer.__dict__["_gradckpt_inner_forward"] = inner
     layer.__dict__["_gradckpt_name"] = name
     layer.__dict__["_gradckpt_counter"] = counter
-    layer.__class__ = _instrumented_class(type(layer))
+    layer.__class__ = _instrumented_class(layer.__class__)
 
 
 def layer_of(function: Callable[..., Any]) -> nn.Module | None:

@@ -11,13 +11,14 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from pytest_gradckpt import environment, settings
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.report import Result, format_table, judge_against_expectation
+from pytest_gradckpt.marker import marker_help, marker_settings
+from pytest_gradckpt.report import Result, format_table
 
 OPT_IN_REASON = "gradient-checkpointing checks are opt-in: run pytest with --gradckpt (or set 'gradckpt = true' in the ini file)"
 PROPERTY = "gradckpt"
@@ -28,13 +29,17 @@ baselines_key = pytest.StashKey[dict[Any, Any]]()
 #: this process's rank under ``torchrun -m pytest --gradckpt`` (absent otherwise)
 rank_key = pytest.StashKey[int]()
 golden_key = pytest.StashKey[dict[str, Any]]()
+#: validated marker settings (or the usage error), by the marker object's id (items share one)
+markers_key = pytest.StashKey[dict[int, tuple[pytest.Mark, dict[str, Any] | pytest.UsageError]]]()
+#: how many times an item reached a check (run_check); a marked item that never does fails
+checks_key = pytest.StashKey[int]()
 
 # (option, ini name, ini type, addoption keywords, help)
-_OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
+_OPTIONS: list[tuple[str, str, Literal["bool", "string", "linelist"], dict[str, Any], str]] = [
     ("--gradckpt", "gradckpt", "bool", {"action": "store_true", "default": None},
      "run gradient-checkpointing checks (marked tests, fixtures, generated items)"),
     ("--gradckpt-strategies", "gradckpt_strategies", "string", {"metavar": "NAMES"},
-     "comma-separated strategies to run (default: all registered)"),
+     "comma-separated strategies to run (default: all registered); 'help' lists them"),
     ("--gradckpt-scenarios", "gradckpt_scenarios", "string", {"metavar": "NAMES"},
      "comma-separated scenarios (default: train)"),
     ("--gradckpt-model", "gradckpt_model", "linelist", {"action": "append", "metavar": "MODULE:FACTORY"},
@@ -122,11 +127,8 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[rank_key] = rank
             if rank != 0:
                 config.option.xmlpath = None
-    config.addinivalue_line(
-        "markers",
-        "gradckpt(strategies=None, scenarios=None, layers=None, rtol=None, atol=None, min_memory_reduction=None, "
-        "min_cuda_memory_reduction=None, expect=None, seed=0, timeout=None, baseline='auto'): a gradient-checkpointing check; "
-        "configures the 'gradckpt' fixture. Runs only with --gradckpt.")
+    config.addinivalue_line("markers", marker_help())
+    config.stash[markers_key] = {}
     config.pluginmanager.register(GradckptReporter(config), "gradckpt-reporter")
     config.stash[factories_key] = {}
     config.stash[baselines_key] = {}
@@ -148,6 +150,32 @@ def pytest_configure(config: pytest.Config) -> None:
         raise _usage(error) from None
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--gradckpt-strategies=help``: list the registered strategies (conftest registrations
+    included) with what each does, and exit, as ``--fixtures`` does."""
+    if option(config, "gradckpt_strategies") != "help":
+        return None
+    print(strategies_help())
+    return 0
+
+
+def strategies_help() -> str:
+    """One line per registered strategy: its name and description.
+
+    Example:
+        >>> print(strategies_help().splitlines()[1])
+          reentrant  torch.utils.checkpoint per layer, use_reentrant=True
+    """
+    from pytest_gradckpt.strategies import available_strategies, get_strategy
+
+    names = available_strategies()
+    width = max(map(len, names))
+    lines = [f"  {name:<{width}}  {get_strategy(name).description}".rstrip() for name in names]
+    return "\n".join(["strategies (pass names to --gradckpt-strategies or @pytest.mark.gradckpt(strategies=...)):",
+                      *lines])
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _under_launch(config):
         from pytest_gradckpt.distributed import leave_launch
@@ -166,13 +194,21 @@ def _selected_strategies(config: pytest.Config, marker_settings: dict[str, Any])
 
 
 def _marker_settings(node: Any) -> dict[str, Any]:
+    """The node's marker settings, validated once per marker object (a parametrized test's
+    items and its definition share one)."""
     marker = node.get_closest_marker("gradckpt")
     if marker is None:
         return {}
-    try:
-        return settings.check_marker(marker.args, marker.kwargs, node.nodeid)
-    except GradckptUsageError as error:
-        raise _usage(error) from None
+    validated = node.config.stash[markers_key]
+    if id(marker) not in validated:
+        try:
+            validated[id(marker)] = (marker, marker_settings(marker.args, marker.kwargs, node.nodeid))
+        except GradckptUsageError as error:
+            validated[id(marker)] = (marker, _usage(error))
+    found = validated[id(marker)][1]
+    if isinstance(found, pytest.UsageError):
+        raise found
+    return found
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -180,7 +216,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     from pytest_gradckpt.strategies import available_strategies
 
-    names = _selected_strategies(metafunc.config, _marker_settings(metafunc.definition)) or available_strategies()
+    try:
+        marker = _marker_settings(metafunc.definition)
+    except pytest.UsageError:
+        marker = {}  # raised here it would be a collection error with a traceback: it is raised after collection
+    names = _selected_strategies(metafunc.config, marker) or available_strategies()
     metafunc.parametrize("gradckpt_strategy", names, ids=names, indirect=True)
 
 
@@ -197,6 +237,33 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         _marker_settings(item)
         if not enabled(config):
             item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """The gate cannot pass without checking: a test marked ``gradckpt`` (or using the ``gradckpt``
+    fixture) that returned without reaching ``gradckpt.check`` fails. A test that raised, failed or
+    skipped keeps its own outcome."""
+    result = yield
+    if enabled(item.config) and not isinstance(item, GradckptItem) and not item.stash.get(checks_key, 0):
+        problem = _unchecked_problem(item)
+        if problem:
+            pytest.fail(problem, pytrace=False)
+    return result
+
+
+def _unchecked_problem(item: pytest.Item) -> str | None:
+    """Why ``item`` is a gate that checked nothing, or None when it is not a gate."""
+    fixtures = getattr(item, "fixturenames", ())
+    if item.get_closest_marker("gradckpt") is not None and "gradckpt" not in fixtures:
+        return (f"pytest-gradckpt: {item.nodeid} is marked @pytest.mark.gradckpt but does not use the 'gradckpt' "
+                "fixture, so nothing was checked. Add the fixture and call it: "
+                "def test_...(gradckpt): gradckpt.check(model, inputs)")
+    if "gradckpt" in fixtures:
+        return (f"pytest-gradckpt: {item.nodeid} requested the 'gradckpt' fixture but never called "
+                "gradckpt.check(model, inputs), so nothing was checked. Call it (or gradckpt.skip(model, scenario, "
+                "reason) when the model cannot run), or drop the marker and the fixture")
+    return None
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -254,8 +321,10 @@ class Checker:
 
 
 def check_options(config: pytest.Config, marker: dict[str, Any], strategies: list[str] | None) -> dict[str, Any]:
-    """Keyword arguments for :func:`pytest_gradckpt.check`: marker first, then options, then ini."""
+    """Keyword arguments for :func:`pytest_gradckpt.check`: marker first, then options, then ini.
+    Steps run isolated where that is cheap (``isolate="auto"``): a crash never ends the session."""
     chosen = {k: v for k, v in marker.items() if k != "expect"}
+    chosen.setdefault("isolate", "auto")
     chosen["fingerprint"] = bool(option(config, "gradckpt_record") or option(config, "gradckpt_compare"))
     chosen["strategies"] = strategies
     chosen.setdefault("scenarios", settings.split_names(option(config, "gradckpt_scenarios")))
@@ -278,6 +347,7 @@ def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[...,
     a usage error, a result that is not as expected, or a change from the golden record."""
     from pytest_gradckpt.engine import check
 
+    node.stash[checks_key] = node.stash.get(checks_key, 0) + 1
     try:
         report = check(model, inputs, loss=loss, name=name, cache=node.config.stash[baselines_key], **options)
     except GradckptUsageError as error:
@@ -427,7 +497,7 @@ class GradckptReporter:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
-            self.results.extend(json.loads(value) for key, value in report.user_properties if key == PROPERTY)
+            self.results.extend(json.loads(str(value)) for key, value in report.user_properties if key == PROPERTY)
 
     def sorted_results(self) -> list[dict[str, Any]]:
         # Completion order differs between serial and xdist runs; the report must not.

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from pytest_gradckpt.distributed import (
-    MEASURED, Parallel, RankFailure, RankTimeout, death, describe_exception, fingerprint)
+    MEASURED, Parallel, RankTimeout, death, describe_exception, fingerprint)
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.runs import Stepper
 
@@ -140,7 +140,7 @@ class RankGroup:
                     f"inputs, loss and strategies: {type(error).__name__}: {error}. Define them at module level (no "
                     "lambdas or local classes), or run distributed checks in a process that has not used CUDA"
                 ) from None
-        context = multiprocessing.get_context(method)
+        context: Any = multiprocessing.get_context(method)  # typeshed's BaseContext lacks Process
         self.results = context.Queue()
         self.commands = [context.Queue() for _ in range(self.world_size)]
         self.folder = tempfile.mkdtemp(prefix="gradckpt-dist-")
@@ -280,7 +280,7 @@ def _follow(determinism: tuple[bool, bool, bool, bool]) -> None:
     from torch.utils import deterministic
 
     torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
-    deterministic.fill_uninitialized_memory = determinism[2]  # type: ignore[attr-defined]
+    deterministic.fill_uninitialized_memory = determinism[2]
     torch.backends.cudnn.benchmark = determinism[3]
 
 

@@ -93,7 +93,7 @@ class _UnitCall:
 
     def call(self, tensors: list[torch.Tensor]) -> Any:
         leaves = list(self.leaves)
-        for i, t in zip(self.tensor_at, tensors):
+        for i, t in zip(self.tensor_at, tensors, strict=True):
             leaves[i] = t
         args, kwargs = tree_unflatten(leaves, self.in_spec)
         return self.forward(*args, **kwargs)
@@ -101,7 +101,7 @@ class _UnitCall:
     def run(self, tensors: tuple[torch.Tensor, ...], needs_grad: list[bool]) -> tuple[list[torch.Tensor], Any]:
         """The unit on detached copies of its inputs, with a graph (the inputs that need a gradient
         require one, as in a plain step, so every kernel is chosen as a plain step would choose it)."""
-        inputs = [t.detach().requires_grad_(need) if need else t.detach() for t, need in zip(tensors, needs_grad)]
+        inputs = [t.detach().requires_grad_(need) if need else t.detach() for t, need in zip(tensors, needs_grad, strict=True)]
         # The graph built here is dropped at once (forward) or used right away (replay): like a
         # checkpoint's, it bypasses the step's own saved-tensor hooks (e.g. offloading to the host).
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
@@ -127,7 +127,11 @@ class _UnitCall:
 
     def check_replayed(self, replayed: list[torch.Tensor]) -> None:
         """The replay must give what the first call gave, else its gradients are not the step's."""
-        for index, ((ref, version), again) in enumerate(zip(self.first_outputs, replayed)):
+        if len(replayed) != len(self.first_outputs):
+            raise NotReplayable(f"{self.name}: gave {len(replayed)} output tensor(s) when run again from the same "
+                                f"inputs, {len(self.first_outputs)} the first time; the layer-local baseline cannot "
+                                "judge this model: use baseline='whole-model'")
+        for index, ((ref, version), again) in enumerate(zip(self.first_outputs, replayed, strict=True)):
             first = ref()
             if first is None or first._version != version or not (first.is_floating_point() or first.is_complex()):
                 continue  # released, or changed in place by the model after the call: nothing to compare with
@@ -168,14 +172,14 @@ class _Replay(torch.autograd.Function):
             inputs, replayed = unit.run(saved, list(needs[:len(saved)]))
         outputs = [v for v in tree_flatten(replayed)[0] if isinstance(v, torch.Tensor)]
         unit.check_replayed(outputs)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if g is not None and o.requires_grad]
         wanted = [(i, x) for i, x in enumerate([*inputs, *unit.params]) if needs[i]]
         found: list[torch.Tensor | None] = [None] * len(wanted)
         if pairs and wanted:
             found = list(torch.autograd.grad([o for o, _ in pairs], [x for _, x in wanted],
                                              [g for _, g in pairs], allow_unused=True))
         grads: list[torch.Tensor | None] = [None] * len(needs)
-        for (i, _), g in zip(wanted, found):
+        for (i, _), g in zip(wanted, found, strict=True):
             grads[i] = g
         ctx.unit = None  # release inputs and outputs with the node, not with the graph
         return (None, None, *grads)
@@ -213,10 +217,6 @@ class LayerReplay(Strategy):
     def apply(self, info: ModelInfo) -> None:
         for layer in info.layers:
             install_layer_call(layer, replay_call)
-
-    def undo(self, info: ModelInfo) -> None:
-        for layer in info.layers:
-            install_layer_call(layer, None)
 
 
 #: The one instance the baseline uses.

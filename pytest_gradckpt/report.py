@@ -191,6 +191,6 @@ def format_table(results: Iterable[Result]) -> str:
     keep = [i for i in range(len(HEADER)) if i < 4 or any(row[i] for row in rows)]
     table = [[HEADER[i] for i in keep]] + [[row[i] for i in keep] for row in rows]
     widths = [max(len(line[c]) for line in table) for c in range(len(keep))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -68,7 +68,9 @@ class Run:
             >>> Run(loss=torch.ones(())).to_host().loss
             tensor(1.)
         """
-        host = (lambda t: None if t is None else t.detach().to("cpu", copy=True))
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to("cpu", copy=True)
+
         return dataclasses.replace(self, loss=host(self.loss), outputs=map_tensors(self.outputs, host),
                                    grads={n: host(g) for n, g in self.grads.items()},
                                    buffers=map_tensors(self.buffers, host))
@@ -148,7 +150,7 @@ class Stepper:
         info = ModelInfo(model, self.layer_names, self.found_by)
         info.state["compilation"] = compilation  # strategies that apply to compiled models only ask
         counter = LayerCounter()
-        for name, layer in zip(info.layer_names, info.layers):
+        for name, layer in zip(info.layer_names, info.layers, strict=True):
             instrument(layer, name, counter)
         if strategy is not None:
             reason = strategy.applies_to(info)
@@ -156,7 +158,7 @@ class Stepper:
                 raise StrategyNotApplicable(reason)
             strategy.apply(info)
             run.expected_recompute = {n: strategy.expects_recompute(info, layer)
-                                      for n, layer in zip(info.layer_names, info.layers)}
+                                      for n, layer in zip(info.layer_names, info.layers, strict=True)}
         if compilation is not None:
             compilation.apply(model, compiled_modules)
             run.compiled = {}
@@ -193,7 +195,7 @@ class Stepper:
                         if scenario.autograd_grad:
                             found = torch.autograd.grad(loss, [p for _, p in targets],
                                                         allow_unused=grad_targets is None)
-                            for (name, _), grad in zip(targets, found):
+                            for (name, _), grad in zip(targets, found, strict=True):
                                 if grad is not None:
                                     grads[name] = grad if grads[name] is None else grads[name] + grad
                         else:

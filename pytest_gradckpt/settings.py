@@ -11,22 +11,6 @@ from pytest_gradckpt import outcomes
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.scenarios import SCENARIOS
 
-#: Keyword arguments ``@pytest.mark.gradckpt(...)`` accepts.
-MARKER_ARGUMENTS: dict[str, str] = {
-    "strategies": "strategy names to run (default: all registered)",
-    "scenarios": f"scenario names (default: train); any of {', '.join(SCENARIOS)}",
-    "layers": "checkpoint units: dotted path, module class, or list of modules",
-    "rtol": "relative tolerance (default per dtype)",
-    "atol": "absolute tolerance (default per dtype)",
-    "min_memory_reduction": "required cut of the saved-activation peak, a fraction in [0, 1)",
-    "min_cuda_memory_reduction": "required cut of the CUDA allocator peak, a fraction in [0, 1)",
-    "expect": "{'strategy' or 'strategy/scenario': outcome} for known hazards",
-    "seed": "seed for every run (default 0)",
-    "timeout": "seconds one run may take before it ends as error",
-    "baseline": "auto (whole-model, layerwise if that runs out of memory), whole-model or layerwise",
-    "isolate": "run every step in a child process, so a crash in native code is an error verdict (default False)",
-}
-
 #: What ``baseline=`` accepts. ``auto``: the step without checkpointing, and the layer-local
 #: replay when that step runs out of device memory (see :mod:`pytest_gradckpt.baselines`).
 BASELINE_KINDS = ("auto", "whole-model", "layerwise")
@@ -93,6 +77,27 @@ def check_timeout(value: Any) -> float | None:
     return float(value)
 
 
+#: What ``isolate=`` accepts: True (every step in a child process), False (in this process), "auto"
+#: (in a forked child where that is cheap: CPU, CUDA not yet used here; else in this process).
+ISOLATE_CHOICES = (True, False, "auto")
+
+
+def check_isolate(value: Any) -> bool | str:
+    """Validate ``isolate``.
+
+    Example:
+        >>> check_isolate("auto")
+        'auto'
+        >>> check_isolate("yes")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: isolate='yes': pass True, False or 'auto'
+    """
+    if not any(value is choice or (isinstance(value, str) and value == choice) for choice in ISOLATE_CHOICES):
+        raise GradckptUsageError(f"isolate={value!r}: pass True, False or 'auto'")
+    return value
+
+
 def split_names(value: str | Iterable[str] | None) -> list[str] | None:
     """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; empty -> None.
 
@@ -153,34 +158,3 @@ def check_expect(expect: Any, where: str) -> dict[str, str] | None:
             raise GradckptUsageError(f"{where}: expect[{key!r}]={outcome!r} is not an outcome a hazard can have; "
                                      f"use one of {choices}")
     return dict(expect)
-
-
-def check_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Validate ``@pytest.mark.gradckpt(...)``'s arguments; return them normalised."""
-    if args:
-        raise GradckptUsageError(f"{where}: @pytest.mark.gradckpt takes keyword arguments only, got positional "
-                                 f"{args!r}; e.g. @pytest.mark.gradckpt(strategies=['non_reentrant'])")
-    unknown = sorted(set(kwargs) - set(MARKER_ARGUMENTS))
-    if unknown:
-        raise GradckptUsageError(f"{where}: @pytest.mark.gradckpt got unknown argument(s) {', '.join(unknown)}; "
-                                 f"accepted: {', '.join(MARKER_ARGUMENTS)}")
-    settings = dict(kwargs)
-    if "strategies" in settings:
-        settings["strategies"] = check_strategy_names(split_names(settings["strategies"]), where)
-    if "scenarios" in settings:
-        settings["scenarios"] = check_scenario_names(split_names(settings["scenarios"]), where)
-    for name in ("rtol", "atol"):
-        if name in settings:
-            check_tolerance(name, settings[name])
-    for name in ("min_memory_reduction", "min_cuda_memory_reduction"):
-        if name in settings:
-            check_fraction(name, settings[name])
-    if "timeout" in settings:
-        check_timeout(settings["timeout"])
-    if "baseline" in settings:
-        check_baseline(settings["baseline"], f"{where}: baseline")
-    if "expect" in settings:
-        settings["expect"] = check_expect(settings["expect"], where)
-    if "seed" in settings and (isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int)):
-        raise GradckptUsageError(f"{where}: seed={settings['seed']!r} must be an int")
-    return settings

@@ -8,8 +8,9 @@ mechanism on transformers models, and for plain modules as
 ``fn(functools.partial(bound_layer_forward, **kwargs), *args)``. Either way
 :func:`pytest_gradckpt.layers.layer_of` recovers the layer from ``function``.
 
-Whole-model strategies subclass :class:`Strategy` and implement ``apply``
-(and ``undo``). This module imports torch only inside strategy bodies, so the
+Whole-model strategies subclass :class:`Strategy` and implement ``apply`` on the
+engine's own copy of the model (which it discards after the step, so there is nothing to
+undo). This module imports torch only inside strategy bodies, so the
 pytest plugin can validate names without paying for torch.
 """
 
@@ -60,9 +61,6 @@ class Strategy:
         """Switch checkpointing on for the model copy in ``info`` (the engine owns the copy)."""
         raise NotImplementedError
 
-    def undo(self, info: ModelInfo) -> None:
-        """Switch it off again. The engine discards its copies, so this is for reuse by callers."""
-
     def after_forward(self, info: ModelInfo) -> None:
         """Called by the engine after each forward pass, before backward: a chance to verify an
         assumption the strategy made about how the model calls its layers. Raise
@@ -105,18 +103,13 @@ class CheckpointFunctionStrategy(Strategy):
 
     def apply(self, info: ModelInfo) -> None:
         if info.uses_transformers_mechanism:
-            info.hf_model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=self.fn)
+            hf_model = info.hf_model
+            assert hf_model is not None  # uses_transformers_mechanism says there is one
+            hf_model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=self.fn)
         else:
             for layer in info.layers:
                 install_layer_call(layer, lambda forward, args, kwargs: self.fn(
                     functools.partial(forward, **kwargs), *args))
-
-    def undo(self, info: ModelInfo) -> None:
-        if info.uses_transformers_mechanism:
-            info.hf_model._set_gradient_checkpointing(enable=False)
-        else:
-            for layer in info.layers:
-                install_layer_call(layer, None)
 
 
 def install_layer_call(layer: Any, call: Callable[..., Any] | None) -> None:
@@ -170,13 +163,13 @@ def selective_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     keywords = getattr(function, "keywords", None) or {}
     if any(_requires_grad(v) for v in keywords.values()):
         return checkpoint(function, *args, use_reentrant=False)
-    if not any(_requires_grad(a) for a in args):
-        args = list(args)
-        for i, arg in enumerate(args):
+    given = list(args)
+    if not any(_requires_grad(a) for a in given):
+        for i, arg in enumerate(given):
             if isinstance(arg, Tensor) and arg.is_floating_point():
-                args[i] = arg.detach().requires_grad_()
+                given[i] = arg.detach().requires_grad_()
                 break
-    return checkpoint(function, *args, use_reentrant=True)
+    return checkpoint(function, *given, use_reentrant=True)
 
 
 def offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
@@ -290,10 +283,6 @@ class TransformersAPI(Strategy):
         else:
             info.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def undo(self, info: ModelInfo) -> None:
-        disable = getattr(info.model, "activation_checkpointing_disable", None)
-        (disable or info.model.gradient_checkpointing_disable)()
-
 
 class TorchWrapper(Strategy):
     """torch's own wrapper family, as torchtitan, torchtune, accelerate (FSDP) and Lightning apply it:
@@ -401,10 +390,6 @@ class SequentialSegments(Strategy):
         for segment in info.state["segments"]:
             segment.finish_forward()
 
-    def undo(self, info: ModelInfo) -> None:
-        for layer in info.layers:
-            install_layer_call(layer, None)
-
 
 class _Segment:
     def __init__(self, layers: list[Any]):
@@ -471,7 +456,7 @@ class _Segment:
             raise self._not_chained(f"{self.layers[position]._gradckpt_name} was called out of order")
         self.pending -= 1
         same_input = bool(args) and args[0] is self._hidden(self.output)
-        same_extra = len(args[1:]) == len(self.extra) and all(a is b for a, b in zip(args[1:], self.extra))
+        same_extra = len(args[1:]) == len(self.extra) and all(a is b for a, b in zip(args[1:], self.extra, strict=True))
         same_kwargs = kwargs.keys() == self.kwargs.keys() and all(kwargs[k] is self.kwargs[k] for k in kwargs)
         if not _same_rng(self.rng_after, _rng_state(args)):
             raise StrategyNotApplicable(
@@ -498,7 +483,7 @@ def _same_rng(before: tuple[Any, Any], now: tuple[Any, Any]) -> bool:
     import torch
 
     return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-               for a, b in zip(before, now))
+               for a, b in zip(before, now, strict=True))
 
 
 # --------------------------------------------------------------------------- the registry

@@ -2,9 +2,12 @@
 
 :func:`gather` compares what can be compared (loss, outputs, gradients, buffers, recompute
 counts, memory) and :data:`RULES` reads the evidence: the first rule that fires gives the
-outcome, so the order of the table *is* the severity policy (a lost gradient is never
-reported as a mere mismatch, a mismatch never hides behind a memory complaint). A new rule
-is one function and one row.
+outcome. The table is sorted by :data:`pytest_gradckpt.outcomes.SEVERITY`, the one place the
+severity policy lives (a lost gradient is never reported as a mere mismatch, a mismatch never
+hides behind a memory complaint); rules of one outcome keep the order they are listed in. Where
+one finding explains another (a step that does not apply also "raises"; nothing recomputed is
+also a wrong count), the milder rule's condition excludes it, so each rule means one thing.
+A new rule is one function and one row.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pytest_gradckpt import outcomes
-from pytest_gradckpt.compiled import recompute_unobserved
 from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
-from pytest_gradckpt.probes.gradients import Comparison, Noise, compare
+from pytest_gradckpt.probes.gradients import NOISE_FACTOR, Comparison, Noise, compare
 from pytest_gradckpt.probes.recompute import recompute_verdict
 from pytest_gradckpt.probes.warnings import silent_warning
 from pytest_gradckpt.runs import Run
@@ -132,15 +134,22 @@ def not_applicable(e: Evidence, limits: Limits) -> str | None:
     return str(e.run.error) if isinstance(e.run.error, StrategyNotApplicable) else None
 
 
+def _raised(e: Evidence) -> BaseException | None:
+    """What the step raised (a strategy that does not apply is not a failure of the step)."""
+    return None if isinstance(e.run.error, StrategyNotApplicable) else e.run.error
+
+
 def warned_then_raised(e: Evidence, limits: Limits) -> str | None:
-    if e.lost_warning and e.run.error is not None:
+    error = _raised(e)
+    if e.lost_warning and error is not None:
         return (f"torch warned '{e.lost_warning}': parameters inside that layer get no gradient; the step then "
-                f"raised {describe_error(e.run.error)}")
+                f"raised {describe_error(error)}")
     return None
 
 
 def raised(e: Evidence, limits: Limits) -> str | None:
-    return describe_error(e.run.error) if e.run.error is not None else None
+    error = _raised(e)
+    return describe_error(error) if error is not None else None
 
 
 def ranks_disagree(e: Evidence, limits: Limits) -> str | None:
@@ -170,7 +179,7 @@ def values_differ(e: Evidence, limits: Limits) -> str | None:
     for comparison, what in ((e.loss, "loss"), (e.outputs, "outputs"), (e.grads, "gradients")):
         if comparison is not None and not comparison.equal:
             noise = (f"; the baseline's own run-to-run noise is {e.baseline.noise:.3g} (relative error norm), "
-                     "tolerated up to 3x" if e.baseline.noisy else "")
+                     f"tolerated up to {NOISE_FACTOR:g}x" if e.baseline.noisy else "")
             return comparison.describe(what) + noise
     return None
 
@@ -182,8 +191,12 @@ def buffers_differ(e: Evidence, limits: Limits) -> str | None:
     return None
 
 
+def _nothing_recomputed(e: Evidence) -> bool:
+    return bool(e.checkpointable) and e.recomputed == 0 and not e.run.recomputed_units
+
+
 def never_recomputed(e: Evidence, limits: Limits) -> str | None:
-    if e.checkpointable and e.recomputed == 0 and not e.run.recomputed_units:
+    if _nothing_recomputed(e):
         return (f"no layer was recomputed: checkpointing is switched on but never ran ({e.checkpointable} layer(s) "
                 "expected to run twice)")
     return None
@@ -191,9 +204,24 @@ def never_recomputed(e: Evidence, limits: Limits) -> str | None:
 
 def wrong_recompute_count(e: Evidence, limits: Limits) -> str | None:
     problems = e.recompute_problems
-    if problems:
+    if problems and not _nothing_recomputed(e):  # nothing recomputed at all is never_recomputed's finding
         return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
     return None
+
+
+def recompute_unobserved(e: Evidence, limits: Limits) -> str | None:
+    """Verdict rule for compiled runs: a checkpoint inside compiled code is recomputed inside the
+    compiled backward, where no Python runs and no recompute can be counted. What remains
+    observable is memory: the saved activations (autograd still packs what the compiled forward
+    saves) must fall below the baseline's, else no checkpointing took effect."""
+    run = e.run
+    if run.compiled is None or not e.strategy.recomputes or e.checkpointable or run.recomputed_units:
+        return None
+    reduction = e.activation_reduction
+    if reduction is None or reduction > 0:
+        return None
+    return (f"saved activations fell by {reduction:.0%} under compile: no checkpointing took effect (the recompute "
+            "runs inside the compiled backward, where it cannot be counted, so memory is the evidence)")
 
 
 def too_little_saved_memory(e: Evidence, limits: Limits) -> str | None:
@@ -212,22 +240,26 @@ def too_little_cuda_memory(e: Evidence, limits: Limits) -> str | None:
     return None
 
 
-#: The verdict policy: the first rule that fires decides. Order = severity.
-RULES: tuple[tuple[str, Rule], ...] = (
-    (outcomes.SKIPPED, not_applicable),
+#: Every rule with the outcome it gives; the order within one outcome is the order they are tried.
+_RULES: tuple[tuple[str, Rule], ...] = (
     (outcomes.SILENT, warned_then_raised),
-    (outcomes.ERROR, raised),
-    (outcomes.MISMATCH, ranks_disagree),
     (outcomes.SILENT, warned_and_lost),
     (outcomes.SILENT, gradients_vanished),
+    (outcomes.ERROR, raised),
+    (outcomes.MISMATCH, ranks_disagree),
     (outcomes.MISMATCH, values_differ),
     (outcomes.BUFFERS, buffers_differ),
+    (outcomes.RECOMPUTE, wrong_recompute_count),
     (outcomes.NOT_APPLIED, never_recomputed),
     (outcomes.NOT_APPLIED, recompute_unobserved),
-    (outcomes.RECOMPUTE, wrong_recompute_count),
     (outcomes.NOT_APPLIED, too_little_saved_memory),
     (outcomes.NOT_APPLIED, too_little_cuda_memory),
+    (outcomes.SKIPPED, not_applicable),
 )
+
+#: The verdict policy: the first rule that fires decides. Sorted by outcomes.SEVERITY (worst
+#: first; a stable sort, so rules of one outcome keep their order above).
+RULES: tuple[tuple[str, Rule], ...] = tuple(sorted(_RULES, key=lambda row: outcomes.SEVERITY.index(row[0])))
 
 
 def judge(evidence: Evidence, limits: Limits) -> tuple[str, str]:
@@ -249,5 +281,5 @@ def judge(evidence: Evidence, limits: Limits) -> tuple[str, str]:
         return outcomes.PASS, (f"judged against the baseline's run-to-run noise (relative error norm up to "
                                f"{evidence.baseline.noise:.3g} between two runs without checkpointing): "
                                f"{len(evidence.within_noise)} tensor(s) differ by more than the dtype's tolerance "
-                               "but within 3x that noise")
+                               f"but within {NOISE_FACTOR:g}x that noise")
     return outcomes.PASS, ""

@@ -68,6 +68,8 @@ def test_check_leaves_no_trace(config, batch, train_mode, with_grads, strategies
                  min_memory_reduction=1.5 if bad_setting else None)
     except gc.GradckptUsageError:
         assert bad_setting
+    else:
+        assert not bad_setting, "min_memory_reduction=1.5 was accepted"
     assert_same(before, snapshot(model))
 
 

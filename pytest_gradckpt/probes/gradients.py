@@ -217,7 +217,7 @@ def compare(expected: Mapping[str, torch.Tensor | None], actual: Mapping[str, to
         by_device.setdefault(tensor.device, []).append(index)
     for indices in by_device.values():
         rows = torch.stack([stats[i] for i in indices]).cpu().tolist()
-        for i, row in zip(indices, rows):
+        for i, row in zip(indices, rows, strict=True):
             table[names[i]] = row
     # The comparison's scale: the root mean square of every expected element. A tensor whose true
     # value is zero (a key bias under softmax) holds only rounding noise, and its own norm is no

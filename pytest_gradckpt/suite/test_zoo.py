@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_gradckpt.suite import expectations
 
+if TYPE_CHECKING:
+    from pytest_gradckpt.plugin import Checker
+    from pytest_gradckpt.zoo import ZooEntry
+
 
 @pytest.mark.gradckpt
-def test_zoo(gradckpt, zoo_case):
+def test_zoo(gradckpt: Checker, zoo_case: tuple[ZooEntry, str]) -> None:
     entry, scenario = zoo_case
     from pytest_gradckpt.strategies import available_strategies
     from pytest_gradckpt.zoo.transformers_models import NotTiny

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +32,9 @@ class ZooEntry:
     build: Callable[[], tuple[Any, Any]]
     scenarios: tuple[str, ...]
     description: str = ""
-    #: run each step in a child process: some strategy crashes the interpreter on this model
-    isolate: bool = False
+    #: True: run each step in a child process (some strategy crashes the interpreter on this model);
+    #: "auto": the plugin's default, isolated where a forked child is cheap
+    isolate: bool | str = "auto"
 
 
 #: What ``make check`` runs by default: one of each kind of hazard, a few minutes at most.
@@ -66,7 +68,7 @@ def _peft() -> list[ZooEntry]:
     ]
     if importlib.util.find_spec("transformers") is not None:
         entries += [ZooEntry(f"{model_type}_lora", "peft",
-                             lambda model_type=model_type: peft_models.vision_language_lora(model_type),
+                             functools.partial(peft_models.vision_language_lora, model_type),
                              ("train", "accumulate", "autograd_grad"),
                              f"LoRA on a tiny {model_type}'s language model, its vision tower frozen")
                     for model_type in ("qwen2_vl", "llava")]
@@ -96,7 +98,7 @@ def _transformers() -> list[ZooEntry]:
         return []
     from pytest_gradckpt.zoo import transformers_models as tm
 
-    return [ZooEntry(a.model_type, "transformers", lambda a=a: tm.build(a), ("train",),
+    return [ZooEntry(a.model_type, "transformers", functools.partial(tm.build, a), ("train",),
                      a.describe()) for a in tm.architectures()]
 
 
