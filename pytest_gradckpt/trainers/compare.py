@@ -69,13 +69,30 @@ class TrainerStepper:
 
     def step(self, scenario: Any, strategy: Strategy | None, grad_targets: Any = None) -> Run:
         run = Run()
+        grads = [p.grad for p in self.model.parameters()]
         try:
             self._step(run, strategy is not None)
         except GradckptUsageError:
             raise
         except (Exception, StrategyTimeout) as exc:  # noqa: BLE001 - every failure is a verdict
             run.error = exc.with_traceback(None)
+        finally:
+            self._keep_original_untouched(grads)
         return run
+
+    def _keep_original_untouched(self, grads: list[Any]) -> None:
+        """A copy whose forward was patched with a closure over the original model (TRL's fused LM head
+        keeps the original ``forward`` for calls without ``fused_lm_head``) trains the original instead:
+        give the original its gradients back and refuse, since the copy's gradients would say nothing."""
+        touched = [p for p, g in zip(self.model.parameters(), grads) if p.grad is not g]
+        for parameter, grad in zip(self.model.parameters(), grads):
+            parameter.grad = grad
+        if touched:
+            raise GradckptUsageError(
+                f"check_trainer: a step on a copy of the trainer's model changed {len(touched)} gradient(s) of the "
+                "trainer's own model: something in the model (a forward patched with a closure over the original "
+                "module) calls the original instead of the copy; the trainer's model was left as it was, but it "
+                "cannot be checked until that patch is applied to the module it wraps")
 
     def _fresh_model(self) -> nn.Module:
         model = copy.deepcopy(self.model)
