@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# constraints.txt pins torch==2.13.0 first: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,trainers,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
