@@ -70,7 +70,8 @@ class Evidence:
                        baseline_activation_bytes=base.activation_bytes,
                        recomputed_layers=self.recomputed, checkpointable_layers=self.checkpointable,
                        layers=sum(1 for c in base.calls.values() if c), layer_calls=run.calls,
-                       recomputed_units=run.recomputed_units, baseline=self.baseline.kind)
+                       recomputed_units=run.recomputed_units, baseline=self.baseline.kind,
+                       saved_elsewhere_units=run.saved_elsewhere_units)
         # One unwarmed CUDA step says little about steady-state speed (first-call kernel
         # selection, allocator growth), so no ratio is shown there; see benchmarks/ for timings.
         if run.cuda_peak_bytes is None and base.seconds > 0 and self.baseline.measures_cost:
@@ -110,7 +111,7 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
                                limits.atol, baseline.output_noise)
     evidence.buffers = compare(base.buffers, run.buffers, limits.rtol, limits.atol, Noise())
     evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
-        base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units == "own",
+        base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units != "chosen",
         reached_calls=base.reached_calls)
     if not baseline.measures_cost:
         return evidence

@@ -25,6 +25,7 @@ from pytest_gradckpt.probes.cuda import CudaPeak
 from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.probes.memory import SavedActivationProbe
 from pytest_gradckpt.probes.recompute import LayerCounter
+from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhere, units_saved_elsewhere
 from pytest_gradckpt.probes.warnings import capture_warnings
 from pytest_gradckpt.report import Result
 from pytest_gradckpt.runs import Run
@@ -117,7 +118,8 @@ class TrainerStepper:
         batches = copy.deepcopy(self.batches)  # the trainer's step may pop keys from its inputs
         seed_everything(self.seed, self.device)
         with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(self.device) as cuda, \
-                BackwardCalls(module_names) as backward_calls:
+                BackwardCalls(module_names) as backward_calls, \
+                SavedElsewhere(module_names, ours=memory._pack) as saved_elsewhere:
             started = time.perf_counter()
             with memory:
                 loss = self.adapter.step(self.trainer, model, batches)
@@ -130,6 +132,9 @@ class TrainerStepper:
         run.reached_calls = dict(counter.reached_calls)
         run.recomputed_units = recomputed_units(
             [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names], backward_calls.names)
+        run.saved_elsewhere_units = units_saved_elsewhere(info.layer_names, saved_elsewhere.names)
+        if checkpointing:  # offloaded units keep their activations elsewhere: they need not recompute
+            run.expected_recompute.update({name: False for name in run.saved_elsewhere_units})
         run.activation_bytes = memory.peak_bytes
         if cuda.peak_bytes is not None:
             run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(p for _, p in trainable))
