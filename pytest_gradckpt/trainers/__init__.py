@@ -18,7 +18,8 @@ from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 
 #: Modules holding a built-in adapter (each exports ``ADAPTERS``), in the order they are tried.
-BUILTIN_ADAPTERS: tuple[str, ...] = ("pytest_gradckpt.trainers.hf",)
+BUILTIN_ADAPTERS: tuple[str, ...] = ("pytest_gradckpt.trainers.hf", "pytest_gradckpt.trainers.accelerate",
+                                     "pytest_gradckpt.trainers.lightning")
 
 _REGISTERED: list[TrainerAdapter] = []
 
@@ -33,7 +34,8 @@ def register_trainer_adapter(adapter: TrainerAdapter) -> TrainerAdapter:
         >>> class Mine(TrainerAdapter):
         ...     name = "mine"
         ...     def matches(self, trainer): return trainer == "my trainer"
-        >>> adapter_for("my trainer") is register_trainer_adapter(Mine())
+        >>> mine = register_trainer_adapter(Mine())
+        >>> adapter_for("my trainer") is mine
         True
     """
     if not isinstance(adapter, TrainerAdapter):

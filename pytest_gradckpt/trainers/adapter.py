@@ -79,3 +79,48 @@ class TrainerAdapter:
     def advice(self, configuration: Configuration, outcome: str, message: str) -> str:
         """What to change in the trainer's settings, for a result that is not ``pass``."""
         return ""
+
+
+def kwargs_advice(kwargs: dict[str, Any], where: str, outcome: str) -> str | None:
+    """Advice that follows from the checkpoint function's keyword arguments, or None.
+
+    Example:
+        >>> kwargs_advice({"use_reentrant": True}, "TrainingArguments.gradient_checkpointing_kwargs", "silent")[:64]
+        "Set TrainingArguments.gradient_checkpointing_kwargs={'use_reentr"
+    """
+    if outcome in ("silent", "error") and kwargs.get("use_reentrant", True) is not False:
+        return (f"Set {where}={{'use_reentrant': False}} (reentrant checkpointing loses gradients when no input of "
+                "a checkpointed layer requires grad, e.g. frozen embeddings under PEFT), or call "
+                "model.enable_input_require_grads() before training")
+    if outcome in ("mismatch", "buffers") and kwargs.get("preserve_rng_state") is False:
+        return (f"Remove preserve_rng_state=False from {where}: the recompute then draws new dropout masks, so "
+                "gradients no longer belong to the forward that made the loss")
+    return None
+
+
+def unwrap_checkpoint_wrappers(model: nn.Module) -> int:
+    """Replace every torch ``CheckpointWrapper`` (``checkpoint_wrapper``/``offload_wrapper``) in
+    ``model`` by the module it wraps; returns how many were removed.
+
+    Example:
+        >>> from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        >>> net = torch.nn.Sequential(checkpoint_wrapper(torch.nn.Linear(2, 2)))
+        >>> unwrap_checkpoint_wrappers(net), type(net[0]).__name__
+        (1, 'Linear')
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+
+    removed = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            while isinstance(child, ActivationWrapper):
+                child, removed = child._checkpoint_wrapped_module, removed + 1
+                setattr(module, name, child)
+    return removed
+
+
+def count_checkpoint_wrappers(model: nn.Module) -> int:
+    """How many torch ``CheckpointWrapper``/``OffloadWrapper`` modules ``model`` holds."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+
+    return sum(isinstance(m, ActivationWrapper) for m in model.modules())

@@ -103,7 +103,9 @@ class TrainerStepper:
 
     def _step(self, run: Run, checkpointing: bool) -> None:
         model = self._fresh_model()
+        # Names are taken before checkpointing is switched: a wrapper may rename modules, never the tensors.
         names = {id(p): n for n, p in model.named_parameters()}
+        buffer_names = {id(b): n for n, b in model.named_buffers()}
         module_names = {id(m): n for n, m in model.named_modules()}
         info = ModelInfo(model, self.layer_names, self.found_by)
         counter = LayerCounter()
@@ -127,7 +129,7 @@ class TrainerStepper:
         counter.memory = None
         run.loss = loss.detach().float()
         run.grads = {n: None if p.grad is None else p.grad.detach() for n, p in trainable}
-        run.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        run.buffers = {buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
         run.calls, run.graph_calls = dict(counter.counts), dict(counter.graph_calls)
         run.reached_calls = dict(counter.reached_calls)
         run.recomputed_units = recomputed_units(

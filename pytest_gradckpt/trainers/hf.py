@@ -23,7 +23,7 @@ from torch import nn
 
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
+from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter, kwargs_advice
 from pytest_gradckpt.trainers.preserve import restored_attributes
 
 
@@ -134,13 +134,9 @@ class HFTrainer(TrainerAdapter):
 
     def advice(self, configuration: Configuration, outcome: str, message: str) -> str:
         kwargs, where = configuration.kwargs, configuration.kwargs_field
-        if outcome in (outcomes.SILENT, outcomes.ERROR) and kwargs.get("use_reentrant", True) is not False:
-            return (f"Set {where}={{'use_reentrant': False}} (reentrant checkpointing loses gradients when no "
-                    "input of a checkpointed layer requires grad, e.g. frozen embeddings under PEFT), or call "
-                    "model.enable_input_require_grads() before building the trainer")
-        if outcome in (outcomes.MISMATCH, outcomes.BUFFERS) and kwargs.get("preserve_rng_state") is False:
-            return (f"Remove preserve_rng_state=False from {where}: the recompute then draws new dropout masks, "
-                    "so gradients no longer belong to the forward that made the loss")
+        specific = kwargs_advice(kwargs, where, outcome)
+        if specific:
+            return specific
         if outcome == outcomes.NOT_APPLIED:
             return (f"{configuration.field}=True changes nothing in this model's step: it has no layer the "
                     "switch checkpoints; drop the setting or checkpoint the model another way")
