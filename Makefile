@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test matrix setup clean
+.PHONY: check check-full test matrix trainers-4.57 setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test: $(STAMP)
 
 matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
 	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
+
+trainers-4.57: $(STAMP)  ## check_trainer's 4.57-only hazard (PEFT + default reentrant), in a throwaway venv
+	$(BIN)/python tests/release_line.py 4.57.6 tests/test_trainer_release_lines.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json
