@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# constraints.txt pins torch==2.13.0 first: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,trainers,dev]"
+	# LLaMA-Factory's checkpointing module needs only transformers and peft; its full dependency set pins old TRL.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llamafactory
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,7 +39,7 @@ matrix: $(STAMP)  ## the packaged suite under each supported transformers line, 
 	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
 
 trainers-4.57: $(STAMP)  ## check_trainer's 4.57-only hazard (PEFT + default reentrant), in a throwaway venv
-	$(BIN)/python tests/release_line.py 4.57.6 tests/test_trainer_release_lines.py
+	$(BIN)/python tests/release_line.py 4.57.6 tests/test_trainer_release_lines.py tests/test_llamafactory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json
