@@ -39,7 +39,7 @@ matrix: $(STAMP)  ## the packaged suite under each supported transformers line, 
 	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
 
 trainers-4.57: $(STAMP)  ## check_trainer's 4.57-only hazard (PEFT + default reentrant), in a throwaway venv
-	$(BIN)/python tests/release_line.py 4.57.6 tests/test_trainer_release_lines.py tests/test_llamafactory.py
+	$(BIN)/python tests/release_line.py 4.57.6 --with datasets==4.3.0 tests/test_trainer_release_lines.py tests/test_llamafactory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json
