@@ -206,8 +206,6 @@ class Stepper:
         original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
         run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
         run.saved_elsewhere_units = units_saved_elsewhere(info.layer_names, saved_elsewhere.names)
-        if strategy is not None and strategy.recomputes is None:  # observed: offloaded units need not recompute
-            run.expected_recompute.update({name: False for name in run.saved_elsewhere_units})
         run.activation_bytes = memory.peak_bytes
         if cuda.peak_bytes is not None:
             # A sharded (FSDP2) parameter's gradient on this rank is its local shard, not the whole.

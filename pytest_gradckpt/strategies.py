@@ -104,6 +104,7 @@ class CheckpointFunctionStrategy(Strategy):
     """Install one checkpoint function on every checkpoint unit."""
 
     units = "chosen"
+    recomputes = True  # a checkpoint function recomputes (whatever it does with the saved inputs)
 
     def __init__(self, name: str, fn: Callable[..., Any], *, skips_frozen: bool = False, description: str = ""):
         self.name, self.fn, self.skips_frozen, self.description = name, fn, skips_frozen, description

@@ -111,8 +111,8 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
                                limits.atol, baseline.output_noise)
     evidence.buffers = compare(base.buffers, run.buffers, limits.rtol, limits.atol, Noise())
     evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
-        base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units != "chosen",
-        reached_calls=base.reached_calls)
+        base.calls, run.calls, _expected_recompute(strategy, base, run), base.graph_calls,
+        own_units=strategy.units != "chosen", reached_calls=base.reached_calls)
     if not baseline.measures_cost:
         return evidence
     if base.activation_bytes:
@@ -120,6 +120,17 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
     if run.cuda_peak_bytes is not None and base.cuda_peak_bytes:
         evidence.cuda_reduction = 1 - run.cuda_peak_bytes / base.cuda_peak_bytes
     return evidence
+
+
+def _expected_recompute(strategy: Strategy, base: Run, run: Run) -> dict[str, bool]:
+    """Which units must recompute. Where the strategy does not say (``recomputes`` None), a unit it
+    made keep its activations elsewhere (run under saved-tensor hooks the baseline did not have) and
+    that it did not recompute is not expected to."""
+    if strategy.recomputes is not None:
+        return run.expected_recompute
+    offloaded = set(run.saved_elsewhere_units) - set(base.saved_elsewhere_units)
+    return {**run.expected_recompute, **{name: False for name in offloaded
+                                         if run.calls.get(name, 0) == base.calls.get(name, 0)}}
 
 
 # --------------------------------------------------------------------------- the rules

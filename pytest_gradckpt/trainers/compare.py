@@ -135,8 +135,6 @@ class TrainerStepper:
         run.recomputed_units = recomputed_units(
             [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names], backward_calls.names)
         run.saved_elsewhere_units = units_saved_elsewhere(info.layer_names, saved_elsewhere.names)
-        if checkpointing:  # offloaded units keep their activations elsewhere: they need not recompute
-            run.expected_recompute.update({name: False for name in run.saved_elsewhere_units})
         run.activation_bytes = memory.peak_bytes
         if cuda.peak_bytes is not None:
             run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(p for _, p in trainable))
