@@ -11,13 +11,15 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test test-compile lint matrix setup clean docs
+.PHONY: check check-full test test-compile lint matrix trainers-4.57 setup clean docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# constraints.txt pins torch==2.13.0 first: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,dev,docs]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,trainers,dev,docs]"
+	# LLaMA-Factory's checkpointing module needs only transformers and peft; its full dependency set pins old TRL.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llamafactory
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -45,6 +47,9 @@ matrix: $(STAMP)  ## the packaged suite under each supported transformers line, 
 
 docs: $(STAMP)  ## the reference site (docs/, API pages from the docstrings) into site/; the same strict build runs in `make test`
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+trainers-4.57: $(STAMP)  ## check_trainer's 4.57-only hazard (PEFT + default reentrant), in a throwaway venv
+	$(BIN)/python tests/release_line.py 4.57.6 --with datasets==4.3.0 tests/test_trainer_release_lines.py tests/test_llamafactory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache gradckpt-report.json site

@@ -25,6 +25,7 @@ _LAZY = {
     "GradckptUsageError": "pytest_gradckpt.errors",
     "SCENARIOS": "pytest_gradckpt.scenarios",
     "layer_of": "pytest_gradckpt.layers",
+    "check_trainer": "pytest_gradckpt.trainers",
 }
 
 __all__ = sorted(_LAZY)

@@ -261,8 +261,9 @@ def _unchecked_problem(item: pytest.Item) -> str | None:
                 "def test_...(gradckpt): gradckpt.check(model, inputs)")
     if "gradckpt" in fixtures:
         return (f"pytest-gradckpt: {item.nodeid} requested the 'gradckpt' fixture but never called "
-                "gradckpt.check(model, inputs), so nothing was checked. Call it (or gradckpt.skip(model, scenario, "
-                "reason) when the model cannot run), or drop the marker and the fixture")
+                "gradckpt.check(model, inputs) (or gradckpt.check_trainer(trainer)), so nothing was checked. "
+                "Call it (or gradckpt.skip(model, scenario, reason) when the model cannot run), or drop the marker "
+                "and the fixture")
     return None
 
 
@@ -314,10 +315,40 @@ class Checker:
                          expect=self.settings.get("expect") if expect is None else expect, strict=strict,
                          reviewed=reviewed)
 
+    def check_trainer(self, trainer: Any, *, name: str | None = None, expect: dict[str, str] | None = None,
+                      **overrides: Any) -> Any:
+        """Check ``trainer`` as configured (:func:`pytest_gradckpt.check_trainer`); fail the test unless
+        it passed or matched ``expect`` (``{"trainer": "silent"}``, or keyed by the configuration's label).
+        Marker settings used: ``rtol``, ``atol``, ``min_memory_reduction``, ``seed``, ``timeout``."""
+        from pytest_gradckpt.trainers import check_trainer
+
+        kwargs = check_options(self._config, self.settings, self.strategies)
+        kwargs = {k: v for k, v in kwargs.items() if k in TRAINER_OPTIONS and v is not None}
+        kwargs.update(overrides)
+        node = self._request.node
+        node.stash[checks_key] = node.stash.get(checks_key, 0) + 1  # a trainer check is a check: the gate judged
+        try:
+            report = check_trainer(trainer, name=name, **kwargs)
+        except GradckptUsageError as error:
+            pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
+        record(self._request.node, report.results)
+        expect = self.settings.get("expect") if expect is None else expect
+        if expect and "trainer" in expect:  # the configuration's label is long: "trainer" stands for it
+            expect = {**expect, **{r.strategy: expect["trainer"] for r in report.results}}
+        problems = report.failures(expect)
+        if problems:
+            pytest.fail("trainer checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n"
+                        + format_table(report.results), pytrace=False)
+        return report
+
     def skip(self, model: str, scenario: str, reason: str) -> None:
         """Record that ``model`` could not run at all (it shows in the table and the JSON report), then skip."""
         record(self._request.node, [Result("all", scenario, "skipped", reason, model=model)])
         pytest.skip(f"{model}: {reason}")
+
+
+#: The check options a trainer check takes (the trainer decides strategy and scenario itself).
+TRAINER_OPTIONS = frozenset({"rtol", "atol", "min_memory_reduction", "seed", "timeout"})
 
 
 def check_options(config: pytest.Config, marker: dict[str, Any], strategies: list[str] | None) -> dict[str, Any]:

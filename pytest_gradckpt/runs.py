@@ -29,6 +29,7 @@ from pytest_gradckpt.probes.backward_calls import BackwardCalls, recomputed_unit
 from pytest_gradckpt.probes.cuda import CudaPeak
 from pytest_gradckpt.probes.memory import SavedActivationProbe
 from pytest_gradckpt.probes.recompute import LayerCounter
+from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhere, units_saved_elsewhere
 from pytest_gradckpt.probes.warnings import capture_warnings
 from pytest_gradckpt.scenarios import Scenario
 from pytest_gradckpt.strategies import Strategy
@@ -50,6 +51,8 @@ class Run:
     expected_recompute: dict[str, bool] = dataclasses.field(default_factory=dict)
     #: outermost modules that really ran again during backward, whoever checkpointed them
     recomputed_units: list[str] = dataclasses.field(default_factory=list)
+    #: checkpoint units whose forward ran under someone else's saved-tensor hooks (activations offloaded)
+    saved_elsewhere_units: list[str] = dataclasses.field(default_factory=list)
     activation_bytes: int = 0
     cuda_peak_bytes: int | None = None
     #: distributed runs on GPUs: each rank's peak (``cuda_peak_bytes`` is the largest)
@@ -179,7 +182,8 @@ class Stepper:
         compiling = (contextlib.nullcontext() if compilation is None
                      else compiled.compiled_run(compilation, run.compiled, info.state))  # type: ignore[arg-type]
         with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as cuda, \
-                BackwardCalls(module_names) as backward_calls, compiling:
+                BackwardCalls(module_names) as backward_calls, compiling, \
+                SavedElsewhere(module_names, ours=memory._pack) as saved_elsewhere:
             started = time.perf_counter()
             with memory:
                 micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)
@@ -215,6 +219,7 @@ class Stepper:
         run.reached_calls = dict(counter.reached_calls)
         original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
         run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
+        run.saved_elsewhere_units = units_saved_elsewhere(info.layer_names, saved_elsewhere.names)
         run.activation_bytes = memory.peak_bytes
         if cuda.peak_bytes is not None:
             # A sharded (FSDP2) parameter's gradient on this rank is its local shard, not the whole.

@@ -47,11 +47,14 @@ class Strategy:
     skips_frozen: bool = False
     description: str = ""
     #: ``"chosen"``: the strategy checkpoints exactly the engine's checkpoint units, and each must
-    #: run forward + one recompute. ``"own"``: it picks its units itself (a library's switch); the
-    #: engine then judges the units it observes recomputed and only forbids extra runs.
-    units: str = "chosen"
-    #: False for strategies that keep activations elsewhere (e.g. on the host) instead of recomputing.
-    recomputes: bool = True
+    #: run forward + one recompute. ``"own"`` (or the default, ``"observed"``: nothing declared): it
+    #: picks its units itself (a library's switch, a wrapper); the engine judges the units it observes
+    #: recomputed and only forbids extra runs. Strategies built on checkpoint functions are ``"chosen"``.
+    units: str = "observed"
+    #: False for strategies that keep activations elsewhere (e.g. on the host) instead of recomputing;
+    #: None (the default): observed, a unit whose forward ran under someone else's saved-tensor hooks
+    #: (torch's ``save_on_cpu``, ``offload_wrapper``) is not expected to recompute.
+    recomputes: bool | None = None
 
     def applies_to(self, info: ModelInfo) -> str | None:
         """Return why this strategy cannot run on ``info.model``, or None if it can."""
@@ -68,7 +71,7 @@ class Strategy:
 
     def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
         """Whether ``layer`` must run a second time in backward under this strategy."""
-        if not self.recomputes:
+        if self.recomputes is False:
             return False
         return info.has_trainable(layer) if self.skips_frozen else True
 
@@ -97,6 +100,9 @@ class Strategy:
 
 class CheckpointFunctionStrategy(Strategy):
     """Install one checkpoint function on every checkpoint unit."""
+
+    units = "chosen"
+    recomputes = True  # a checkpoint function recomputes (whatever it does with the saved inputs)
 
     def __init__(self, name: str, fn: Callable[..., Any], *, skips_frozen: bool = False, description: str = ""):
         self.name, self.fn, self.skips_frozen, self.description = name, fn, skips_frozen, description
@@ -295,6 +301,8 @@ class TorchWrapper(Strategy):
     (``offload_wrapper``: activations saved to pinned host memory, nothing recomputed).
     """
 
+    units = "chosen"
+
     def __init__(self, name: str, impl: str):
         self.name, self.impl = name, impl
         self.recomputes = impl != "offload"
@@ -371,6 +379,7 @@ class SequentialSegments(Strategy):
     """
 
     name = "sequential"
+    units = "chosen"
     description = "about sqrt(n) segments of consecutive layers, each checkpointed as one unit"
 
     def applies_to(self, info: ModelInfo) -> str | None:

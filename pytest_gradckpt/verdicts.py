@@ -73,7 +73,8 @@ class Evidence:
                        baseline_activation_bytes=base.activation_bytes,
                        recomputed_layers=self.recomputed, checkpointable_layers=self.checkpointable,
                        layers=sum(1 for c in base.calls.values() if c), layer_calls=run.calls,
-                       recomputed_units=run.recomputed_units, baseline=self.baseline.kind)
+                       recomputed_units=run.recomputed_units, baseline=self.baseline.kind,
+                       saved_elsewhere_units=run.saved_elsewhere_units)
         # One unwarmed CUDA step says little about steady-state speed (first-call kernel
         # selection, allocator growth), so no ratio is shown there; see benchmarks/ for timings.
         if run.cuda_peak_bytes is None and base.seconds > 0 and self.baseline.measures_cost:
@@ -113,8 +114,8 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
                                limits.atol, baseline.output_noise)
     evidence.buffers = compare(base.buffers, run.buffers, limits.rtol, limits.atol, Noise())
     evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
-        base.calls, run.calls, run.expected_recompute, base.graph_calls, own_units=strategy.units == "own",
-        reached_calls=base.reached_calls)
+        base.calls, run.calls, _expected_recompute(strategy, base, run), base.graph_calls,
+        own_units=strategy.units != "chosen", reached_calls=base.reached_calls)
     if not baseline.measures_cost:
         return evidence
     if base.activation_bytes:
@@ -122,6 +123,17 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
     if run.cuda_peak_bytes is not None and base.cuda_peak_bytes:
         evidence.cuda_reduction = 1 - run.cuda_peak_bytes / base.cuda_peak_bytes
     return evidence
+
+
+def _expected_recompute(strategy: Strategy, base: Run, run: Run) -> dict[str, bool]:
+    """Which units must recompute. Where the strategy does not say (``recomputes`` None), a unit it
+    made keep its activations elsewhere (run under saved-tensor hooks the baseline did not have) and
+    that it did not recompute is not expected to."""
+    if strategy.recomputes is not None:
+        return run.expected_recompute
+    offloaded = set(run.saved_elsewhere_units) - set(base.saved_elsewhere_units)
+    return {**run.expected_recompute, **{name: False for name in offloaded
+                                         if run.calls.get(name, 0) == base.calls.get(name, 0)}}
 
 
 # --------------------------------------------------------------------------- the rules
@@ -215,7 +227,8 @@ def recompute_unobserved(e: Evidence, limits: Limits) -> str | None:
     observable is memory: the saved activations (autograd still packs what the compiled forward
     saves) must fall below the baseline's, else no checkpointing took effect."""
     run = e.run
-    if run.compiled is None or not e.strategy.recomputes or e.checkpointable or run.recomputed_units:
+    if (run.compiled is None or e.strategy.recomputes is False or e.checkpointable or run.recomputed_units
+            or run.saved_elsewhere_units):  # an offload keeps its activations elsewhere: not a recompute
         return None
     reduction = e.activation_reduction
     if reduction is None or reduction > 0:
