@@ -28,6 +28,8 @@ baselines_key = pytest.StashKey[dict[Any, Any]]()
 #: this process's rank under ``torchrun -m pytest --gradckpt`` (absent otherwise)
 rank_key = pytest.StashKey[int]()
 golden_key = pytest.StashKey[dict[str, Any]]()
+#: lines the report opens with (e.g. the packaged suite's 'newer than every reviewed line')
+notices_key = pytest.StashKey[list[str]]()
 
 # (option, ini name, ini type, addoption keywords, help)
 _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
@@ -58,6 +60,8 @@ _OPTIONS: list[tuple[str, str, str, dict[str, Any], str]] = [
      "fail every check whose outcome or numbers changed since the golden record at PATH"),
     ("--gradckpt-bisect", "gradckpt_bisect", "bool", {"action": "store_true", "default": None},
      "exit codes for 'git bisect run': 0 good, 1 bad, 125 when the code under test cannot be imported"),
+    ("--gradckpt-update-expected", "gradckpt_update_expected", "bool", {"action": "store_true", "default": None},
+     "packaged suite: write this run's verdicts as the installed transformers line's expectations, for review"),
 ]
 
 
@@ -75,6 +79,11 @@ def option(config: pytest.Config, name: str) -> Any:
     if value is None or value == []:
         value = config.getini(name)
     return value if value not in ("", []) else None
+
+
+def add_notice(config: pytest.Config, line: str) -> None:
+    """Open the gradckpt report (terminal summary and JSON) with ``line``."""
+    config.stash.setdefault(notices_key, []).append(line)
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -438,6 +447,8 @@ class GradckptReporter:
         if not found or not _reports_here(self.config):
             return
         terminalreporter.write_sep("=", "gradient checkpointing")
+        for notice in self.config.stash.get(notices_key, []):
+            terminalreporter.write_line(f"gradckpt: {notice}")
         results = [Result(**{k: r[k] for k in ("strategy", "scenario", "outcome", "message", "metrics", "model")})
                    for r in found]
         terminalreporter.write_line(format_table(results))
@@ -469,7 +480,8 @@ class GradckptReporter:
         if hasattr(self.config, "workerinput") or not _reports_here(self.config):
             return  # xdist workers: the controller writes the merged files; under torchrun, rank 0
         if option(self.config, "gradckpt_report"):
-            self._write("gradckpt_report", {"versions": environment.versions(), "results": self.sorted_results()})
+            self._write("gradckpt_report", {"versions": environment.versions(), "results": self.sorted_results(),
+                                            "notices": self.config.stash.get(notices_key, [])})
         if option(self.config, "gradckpt_record"):
             from pytest_gradckpt import golden
 
