@@ -33,8 +33,10 @@ check-full: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -n 2 $(ARGS)
 
-matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
-	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
+# Not part of `test`: it builds an environment per line (torch other than 2.13.0 is a multi-GB
+# CUDA build, cached once in ~/.cache/pytest-gradckpt). See docs/release-lines.md.
+matrix: $(STAMP)  ## the packaged suite under torch x transformers x peft lines, in throwaway venvs
+	$(BIN)/python -m pytest_gradckpt matrix --json benchmarks/results/matrix-$$(date -u +%F).json $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis gradckpt-report.json

@@ -136,7 +136,9 @@ class Environment:
         torch = self.pins.get("torch")
         layer = torch_layer(torch, log) if torch else None
         make_venv(self.folder, [layer] if layer else [])
-        rest = [f"{name}=={version}" for name, version in self.pins.items() if name != "torch"]
+        # A pin this environment already meets needs no install: the mirror provides it.
+        rest = [f"{name}=={version}" for name, version in self.pins.items()
+                if name != "torch" and not same_release(version, installed(name))]
         if rest:
             pip_install(self.folder, rest, torch or installed("torch"), log)
 
