@@ -45,7 +45,8 @@ def main() -> int:
         return [p.grad.clone() for p in parameters], CALLS[0]
 
     plain, plain_calls = step(block)
-    policy = functools.partial(create_selective_checkpoint_contexts, lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE)
+    recompute_all = lambda ctx, op, *a, **k: CheckpointPolicy.PREFER_RECOMPUTE  # noqa: E731
+    policy = functools.partial(create_selective_checkpoint_contexts, recompute_all)
     sac, sac_calls = step(lambda x: checkpoint(block, x, use_reentrant=False, context_fn=policy))
     print(json.dumps({"torch": torch.__version__, "case": "sac-effectful-op", "op_calls_plain": plain_calls,
                       "op_calls_sac": sac_calls, "parameters": len(plain),

@@ -174,9 +174,9 @@ def main(argv: list[str]) -> int:
                 print(f"matrix: cannot build {line}: {error}")
                 return 2
             row = rows[line]
-            status = "meets its reviewed expectations" if row["met_expectations"] else "DIFFERS from its reviewed expectations"
-            print(f"matrix: {line}: {status} ({row['passed']} passed, {row['failed']} failed, {row['skipped']} skipped; "
-                  f"build {row['build_seconds']} s, suite {row['suite_seconds']} s)", flush=True)
+            met = "meets" if row["met_expectations"] else "DIFFERS from"
+            print(f"matrix: {line}: {met} its reviewed expectations ({row['passed']} passed, {row['failed']} failed, "
+                  f"{row['skipped']} skipped; build {row['build_seconds']} s, suite {row['suite_seconds']} s)", flush=True)
     return _summarize(lines, rows, reference, args.json, time.perf_counter() - started)
 
 
