@@ -137,6 +137,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "min_cuda_memory_reduction=None, expect=None, seed=0, timeout=None, baseline='auto'): a gradient-checkpointing check; "
         "configures the 'gradckpt' fixture. Runs only with --gradckpt.")
     config.pluginmanager.register(GradckptReporter(config), "gradckpt-reporter")
+    if enabled(config):
+        from pytest_gradckpt.suite import lines
+
+        if lines.runs_the_suite(config.args):  # here, not in the suite's conftest: xdist's controller never loads it
+            lines.register(config, add_notice, option)
     config.stash[factories_key] = {}
     config.stash[baselines_key] = {}
     _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)

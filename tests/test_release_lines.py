@@ -42,7 +42,7 @@ def newest_line() -> str:
 
 
 def test_the_report_opens_with_newer_than_every_reviewed_line_and_nothing_is_written(newer):
-    result = newer.runpytest_subprocess(*SMALL, "--gradckpt-report=r.json")
+    result = newer.runpytest_subprocess(*SMALL, "--gradckpt-report=r.json", "-n", "2")  # xdist: the controller reports
     result.assert_outcomes(passed=1)
     lines = result.stdout.lines
     first = lines[next(i for i, line in enumerate(lines) if "gradient checkpointing" in line and "=" in line) + 1]
@@ -58,7 +58,8 @@ def test_update_expected_writes_the_new_line_for_review(newer, how):
     base = json.loads((newer.path / "expected" / f"transformers-{newest_line()}.json").read_text())["expected"]
     if how == "ini":
         newer.makeini("[pytest]\ngradckpt_update_expected = true\n")
-    result = newer.runpytest_subprocess(*SMALL, *(["--gradckpt-update-expected"] if how == "option" else []))
+    flags = ["--gradckpt-update-expected", "-n", "2"] if how == "option" else []  # xdist: the controller writes
+    result = newer.runpytest_subprocess(*SMALL, *flags)
     written = newer.path / "expected" / "transformers-9.1.json"
     result.stdout.fnmatch_lines([f"gradckpt: wrote {written} (* non-pass verdicts): review every change*"])
     document = json.loads(written.read_text())

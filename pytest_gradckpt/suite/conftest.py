@@ -9,7 +9,6 @@ import pytest
 from pytest_gradckpt import plugin
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.settings import split_names
-from pytest_gradckpt.suite import expectations
 
 #: Representative transformers models are also checked beyond ``train``.
 EXTRA_SCENARIOS = ("eval_mode", "frozen_inputs", "autograd_grad")
@@ -41,17 +40,3 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     # Import-time deprecations inside torch and transformers are not ours to act on.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:torch.jit._script")
-    if plugin.enabled(config) and not hasattr(config, "workerinput"):
-        notice = expectations.newer_than_reviewed()
-        if notice:
-            plugin.add_notice(config, notice)
-
-
-@pytest.hookimpl(trylast=True)  # before the terminal summary, which reports what was written
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
-    if hasattr(config, "workerinput") or not plugin.option(config, "gradckpt_update_expected"):
-        return  # xdist workers: the controller has every worker's results
-    reporter = config.pluginmanager.get_plugin("gradckpt-reporter")
-    if reporter is not None and reporter.sorted_results():
-        plugin.add_notice(config, expectations.write_updated_line(reporter.sorted_results()))
