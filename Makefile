@@ -42,8 +42,10 @@ lint: $(STAMP)  ## seconds: heavy typed dependencies are skipped (pyproject.toml
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-matrix: $(STAMP)  ## the packaged suite under each supported transformers line, in throwaway venvs
-	$(BIN)/python -m pytest_gradckpt matrix $(ARGS)
+# Not part of `test`: it builds an environment per line (torch other than 2.13.0 is a multi-GB
+# CUDA build, cached once in ~/.cache/pytest-gradckpt). See docs/release-lines.md.
+matrix: $(STAMP)  ## the packaged suite under torch x transformers x peft lines, in throwaway venvs
+	$(BIN)/python -m pytest_gradckpt matrix --json benchmarks/results/matrix-$$(date -u +%F).json $(ARGS)
 
 docs: $(STAMP)  ## the reference site (docs/, API pages from the docstrings) into site/; the same strict build runs in `make test`
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

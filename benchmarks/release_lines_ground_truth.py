@@ -12,6 +12,11 @@ Cases (tiny configs, random weights, CPU, float32):
 - ``gpt_bigcode-switch`` / ``layoutlm-switch``: bytes autograd saves in forward with the model's
   own switch against none (a switch that checkpoints saves far less), and gradients lost under
   reentrant checkpointing.
+- ``<model>-layer-calls`` (transformers 5.24's new ``inkling2_loop_text`` and ``lara_mini``, with
+  ``llama`` as the control): forward pre-hooks on the decoder layers record, call by call, whether
+  a layer got the previous call's output as its hidden states and the same other arguments (what
+  fusing consecutive layers into one checkpointed segment assumes). The tiny config comes from the
+  zoo's config shrinker (sizes only); the observation is plain torch hooks.
 """
 
 from __future__ import annotations
@@ -114,10 +119,54 @@ def own_switch(name: str, head: Any) -> dict[str, Any]:
     return row
 
 
+def layer_calls(model_type: str) -> dict[str, Any]:
+    """Call by call, does each decoder layer get the previous layer call's output and the same
+    other arguments? Counts the calls where it does not."""
+    from pytest_gradckpt.zoo.tiny_configs import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type))
+    layers = next(m for name, m in model.named_modules() if name.endswith("layers")
+                  and isinstance(m, torch.nn.ModuleList))
+    calls: list[tuple[int, Any, tuple[Any, ...], dict[str, Any]]] = []
+    outputs: list[Any] = []
+
+    def before(index: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        calls.append((index, hidden, args[1:], others))
+
+    def after(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(functools.partial(before, index), with_kwargs=True)
+        layer.register_forward_hook(after, with_kwargs=True)
+    ids = torch.randint(3, 60, (2, 8))
+    with torch.no_grad():
+        model(input_ids=ids)
+    order = [index for index, *_ in calls]
+    not_chained = [f"{i}<-{calls[n - 1][0]}" for n, (i, hidden, _, _) in enumerate(calls[1:], start=1)
+                   if hidden is not outputs[n - 1]]
+    other_arguments = {}
+    for n, (i, _, args, kwargs) in enumerate(calls[1:], start=1):
+        _, _, previous_args, previous_kwargs = calls[n - 1]
+        differ = [f"arg{k + 1}" for k in range(max(len(args), len(previous_args)))
+                  if k >= len(args) or k >= len(previous_args) or args[k] is not previous_args[k]]
+        differ += sorted(k for k in set(kwargs) | set(previous_kwargs)
+                         if kwargs.get(k, "absent") is not previous_kwargs.get(k, "absent"))
+        if differ:
+            other_arguments[f"{i}<-{calls[n - 1][0]}"] = differ
+    return {"case": f"{model_type}-layer-calls", "layers": len(layers), "calls": order,
+            "input_not_previous_output": not_chained, "other_arguments_differ": other_arguments}
+
+
 def main() -> int:
     rows = [lora_reentrant(), t5_sac(),
             own_switch("gpt_bigcode", transformers.AutoModelForCausalLM),
             own_switch("layoutlm", transformers.AutoModelForMaskedLM)]
+    rows += [layer_calls(name) for name in ("llama", "inkling2_loop_text", "lara_mini")
+             if name in transformers.CONFIG_MAPPING]
     for row in rows:
         print(json.dumps({"transformers": transformers.__version__, **row}))
     return 0

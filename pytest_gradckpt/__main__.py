@@ -1,8 +1,8 @@
 """``python -m pytest_gradckpt COMMAND``.
 
 Commands:
-    bisect PACKAGE GOOD BAD [-- PYTEST_ARGS...]   find the release that changed a verdict
-    matrix [--releases A,B,C] [-- PYTEST_ARGS...] the packaged suite under several transformers releases
+    bisect PACKAGE OLD NEW [-- PYTEST_ARGS...]    find the release that broke (or fixed) a verdict
+    matrix [--lines T/X/P,...] [-- PYTEST_ARGS...] the packaged suite under torch/transformers/peft lines
     strategies                                    list the registered strategies
 """
 

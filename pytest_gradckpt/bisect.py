@@ -1,33 +1,32 @@
-"""Find the release of a package that changed a checkpointing verdict.
+"""Find the release of a package that changed a checkpointing verdict, in either direction.
 
-``python -m pytest_gradckpt bisect PACKAGE GOOD BAD [-- PYTEST_ARGS...]`` lists the released
-versions of PACKAGE between GOOD and BAD on the package index, and binary-searches them.
+``python -m pytest_gradckpt bisect PACKAGE OLD NEW [-- PYTEST_ARGS...]`` lists the released
+versions of PACKAGE between OLD and NEW on the package index, and binary-searches them.
 Each candidate is installed into a throwaway virtual environment that otherwise mirrors the
-current one: the current environment's site-packages are on its path, behind its own, so
-everything else (the pinned torch included) is exactly what you run now, and only the
-candidate and whatever it requires differently are installed. In it, ``pytest --gradckpt
---gradckpt-bisect PYTEST_ARGS`` runs in the current directory: exit 0 is good, 1 bad, 125
-"cannot test this one" (skipped, as ``git bisect`` does). The last lines say
-``first bad: X (last good: Y)``.
+current one (:mod:`pytest_gradckpt.venvs`: torch releases, CUDA builds included, come from a
+cached layer), so only the candidate and whatever it requires differently change. In it,
+``pytest --gradckpt --gradckpt-bisect PYTEST_ARGS`` runs in the current directory: exit 0 is
+good, 1 bad, 125 "cannot test this one" (skipped, as ``git bisect`` does). The two ends run
+first and tell the direction, in git bisect's old/new terms: OLD good and NEW bad ends with
+``first bad: X (last good: Y)`` (the release that broke the check); OLD bad and NEW good ends
+with ``first good: X (last bad: Y)`` (the release from which the hazard is gone).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
-import site
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
+
+from pytest_gradckpt.venvs import BuildError, Environment
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
 
@@ -54,17 +53,21 @@ def released_versions(package: str, python: str = sys.executable) -> list[Versio
 
 
 def between(versions: list[Version], good: Version, bad: Version) -> list[Version]:
-    """GOOD, every release strictly between, BAD, in order; pre-releases only if an end is one.
+    """OLD, every release strictly between, NEW, in order; pre-releases only if an end is one.
 
     Example:
         >>> between([Version(v) for v in ["5.0.0", "5.1.0rc1", "5.1.0", "5.2.0", "5.3.0"]],
         ...         Version("5.0.0"), Version("5.2.0"))
         [<Version('5.0.0')>, <Version('5.1.0')>, <Version('5.2.0')>]
+        >>> between([Version(v) for v in ["2.13.0", "2.13.0+cpu", "2.14.1", "2.15.0"]], Version("2.13.0"),
+        ...         Version("2.15.0"))
+        [<Version('2.13.0')>, <Version('2.14.1')>, <Version('2.15.0')>]
     """
     if not good < bad:
-        raise BisectError(f"GOOD ({good}) must be older than BAD ({bad})")
+        raise BisectError(f"OLD ({good}) must be older than NEW ({bad})")
     pre = good.is_prerelease or bad.is_prerelease
-    inside = [v for v in versions if good < v < bad and (pre or not v.is_prerelease)]
+    # A local build (2.13.0+cpu) is not a release of its own: it sorts after 2.13.0.
+    inside = [v for v in versions if good < v < bad and (pre or not v.is_prerelease) and not v.local]
     return [good, *inside, bad]
 
 
@@ -76,91 +79,119 @@ class Outcome:
     detail: str = ""
 
 
-def search(versions: list[Version], test: Callable[[Version], Outcome], log: Callable[[str], None]
-           ) -> tuple[Version | None, Version | None, list[Version]]:
-    """Binary search for the first bad version, given ``versions[0]`` good and ``versions[-1]`` bad.
+def search(versions: list[Version], test: Callable[[Version], Outcome], log: Callable[[str], None],
+           old: str = GOOD) -> tuple[Version | None, Version | None, list[Version]]:
+    """Binary search for the first "new" version, given ``versions[0]`` old and ``versions[-1]`` new.
 
-    Returns (first bad, last good, versions between them that could not be tested). With
-    skips, the first bad is only known to lie in a range, which the third item names.
+    ``old`` is the verdict of ``versions[0]`` (git bisect's *old* term): ``good`` looks for the
+    first bad release (a break), ``bad`` for the first good one (a fix). Returns (first new,
+    last old, versions between them that could not be tested). With skips, the first new is
+    only known to lie in a range, which the third item names.
 
     Example:
         >>> vs = [Version(f"1.{i}") for i in range(8)]
-        >>> bad_from = Version("1.5")
-        >>> fake = lambda v: Outcome(v, BAD if v >= bad_from else GOOD, 0.0)
+        >>> fake = lambda v: Outcome(v, BAD if v >= Version("1.5") else GOOD, 0.0)
         >>> search(vs, fake, lambda line: None)[:2]
         (<Version('1.5')>, <Version('1.4')>)
+        >>> fixed = lambda v: Outcome(v, GOOD if v >= Version("1.3") else BAD, 0.0)
+        >>> search(vs, fixed, lambda line: None, old=BAD)[:2]
+        (<Version('1.3')>, <Version('1.2')>)
     """
-    good, bad = 0, len(versions) - 1
+    first_old, first_new = 0, len(versions) - 1
     skipped: set[int] = set()
     while True:
-        untested = [i for i in range(good + 1, bad) if i not in skipped]
+        untested = [i for i in range(first_old + 1, first_new) if i not in skipped]
         if not untested:
-            between_skipped = [versions[i] for i in range(good + 1, bad)]
-            return versions[bad], versions[good], between_skipped
-        middle = (good + bad) // 2
+            return versions[first_new], versions[first_old], [versions[i] for i in range(first_old + 1, first_new)]
+        middle = (first_old + first_new) // 2
         index = min(untested, key=lambda i: (abs(i - middle), i))
         steps = max(1, len(untested).bit_length())
         log(f"bisect: {len(untested)} release(s) left to test (about {steps} more step(s)); "
             f"testing {versions[index]}")
         outcome = test(versions[index])
         log(f"bisect: {versions[index]} is {outcome.verdict} ({outcome.seconds:.0f} s){outcome.detail}")
-        if outcome.verdict == GOOD:
-            good = index
-        elif outcome.verdict == BAD:
-            bad = index
-        else:
+        if outcome.verdict == SKIP:
             skipped.add(index)
+        elif outcome.verdict == old:
+            first_old = index
+        else:
+            first_new = index
 
 
-class Candidate:
-    """A throwaway environment: this one's packages, with ``package==version`` installed on top."""
+def direction(old: Outcome, new: Outcome) -> str:
+    """The verdict of the old end (``good``: find a break; ``bad``: find a fix), told from the two
+    verifying runs; a clear error when they cannot frame a search.
+
+    Example:
+        >>> v = Version("1.0")
+        >>> direction(Outcome(v, GOOD, 0), Outcome(v, BAD, 0)), direction(Outcome(v, BAD, 0), Outcome(v, GOOD, 0))
+        ('good', 'bad')
+    """
+    for end, outcome in (("OLD", old), ("NEW", new)):
+        if outcome.verdict == SKIP:
+            raise BisectError(f"{end} ({outcome.version}) cannot be tested{outcome.detail}: pick another release")
+    if old.verdict == new.verdict:
+        raise BisectError(f"both {old.version} and {new.version} are {old.verdict}: nothing changed between "
+                          "them; pick an OLD where the check behaves differently from NEW")
+    return old.verdict
+
+
+def bisect(versions: list[Version], test: Callable[[Version], Outcome], log: Callable[[str], None],
+           verify: bool = True, old: str = GOOD) -> str:
+    """Test both ends (unless ``verify`` is False: then ``old`` is the old end's verdict), tell the
+    direction, search, and return the conclusion: ``first bad: X (last good: Y)`` for a break,
+    ``first good: X (last bad: Y)`` for a fix.
+
+    Example:
+        >>> vs = [Version(f"2.{i}") for i in range(6)]
+        >>> bisect(vs, lambda v: Outcome(v, GOOD if v >= Version("2.4") else BAD, 0.0), lambda line: None)
+        'first good: 2.4 (last bad: 2.3)'
+    """
+    if verify:
+        ends = []
+        for version in (versions[0], versions[-1]):
+            log(f"bisect: testing {version}")
+            outcome = test(version)
+            log(f"bisect: {version} is {outcome.verdict} ({outcome.seconds:.0f} s){outcome.detail}")
+            ends.append(outcome)
+        old = direction(*ends)
+        log(f"bisect: {versions[0]} is {old} and {versions[-1]} is {_other(old)}: looking for the first "
+            f"{_other(old)} release ({'a fix' if old == BAD else 'a break'})")
+    first_new, last_old, untested = search(versions, test, log, old=old)
+    new = _other(old)
+    if untested:
+        log(f"could not test: {', '.join(map(str, untested))}; the first {new} release is one of them or {first_new}")
+    return f"first {new}: {first_new} (last {old}: {last_old})"
+
+
+def _other(verdict: str) -> str:
+    return BAD if verdict == GOOD else GOOD
+
+
+class Candidate(Environment):
+    """A throwaway environment: this one's packages, with ``package==version`` installed on top
+    (a torch release through the cached torch layer, see :mod:`pytest_gradckpt.venvs`)."""
 
     def __init__(self, package: str, version: Version, folder: Path):
-        self.package, self.version, self.folder = package, version, folder
-        self.python = folder / "bin" / "python"
+        super().__init__({package: str(version)}, folder)
+        self.package, self.version = package, version
 
     def create(self, log: Callable[[str], None]) -> None:
-        subprocess.run([sys.executable, "-m", "venv", str(self.folder)], check=True, capture_output=True)
-        own = Path(subprocess.run([str(self.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
-        # This environment's packages, behind the candidate's own: site.addsitedir also reads
-        # their .pth files, so editable installs (this project's own, say) work there too.
-        mirrored = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
-        lines = [f"import site; site.addsitedir({path!r})" for path in dict.fromkeys(mirrored)]
-        (own / "_gradckpt_mirror.pth").write_text("\n".join(lines) + "\n")
-        pins = self.folder / "constraints.txt"
-        pins.write_text("".join(f"{name}=={metadata.version(name)}\n" for name in ("torch",)
-                                if _installed(name) and name != self.package))
-        log(f"bisect: installing {self.package}=={self.version} ...")
-        installed = subprocess.run([str(self.python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                                    f"{self.package}=={self.version}", "-c", str(pins)],
-                                   capture_output=True, text=True)
-        if installed.returncode != 0:
-            raise BisectError(installed.stderr.strip().splitlines()[-1] if installed.stderr.strip() else "pip failed")
-
-    def run_pytest(self, pytest_args: list[str], cwd: Path) -> tuple[int, str]:
-        command = [str(self.python), "-m", "pytest", "--gradckpt", "--gradckpt-bisect", "-p", "no:cacheprovider",
-                   "-q", *pytest_args]
-        finished = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-        return finished.returncode, (finished.stdout + finished.stderr)
+        try:
+            super().create(log)
+        except BuildError as error:
+            raise BisectError(str(error)) from None
 
 
-def _installed(name: str) -> bool:
-    try:
-        metadata.version(name)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-def tester(package: str, pytest_args: list[str], workspace: Path, log: Callable[[str], None]
-           ) -> Callable[[Version], Outcome]:
+def make_tester(package: str, pytest_args: list[str], workspace: Path, log: Callable[[str], None],
+           installer: Callable[[str, Version, Path], Candidate] = Candidate) -> Callable[[Version], Outcome]:
+    """``version -> Outcome``: install ``package==version`` with ``installer`` (a :class:`Candidate`
+    unless a test passes a fake), run pytest there, and read its exit status."""
     cwd = Path.cwd()
 
     def test(version: Version) -> Outcome:
         started = time.perf_counter()
-        candidate = Candidate(package, version, workspace / f"{package}-{version}")
+        candidate = installer(package, version, workspace / f"{package}-{version}")
         try:
             candidate.create(log)
         except BisectError as error:
@@ -181,12 +212,16 @@ def tester(package: str, pytest_args: list[str], workspace: Path, log: Callable[
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pytest_gradckpt bisect",
-                                     description="Find the release of PACKAGE that changed a checkpointing verdict.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pytest_gradckpt bisect",
+        description="Find the release of PACKAGE that changed a checkpointing verdict: the first bad one when OLD "
+                    "passes and NEW fails (a break), the first good one when OLD fails and NEW passes (a fix).")
     parser.add_argument("package", help="e.g. transformers, torch, peft, bitsandbytes")
-    parser.add_argument("good", help="a version whose run passes")
-    parser.add_argument("bad", help="a later version whose run fails")
-    parser.add_argument("--no-verify", action="store_true", help="trust GOOD and BAD instead of running them first")
+    parser.add_argument("old", help="the older release")
+    parser.add_argument("new", help="a newer release whose run has the other verdict")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="trust that OLD passes and NEW fails (with --fix: the reverse) instead of running them")
+    parser.add_argument("--fix", action="store_true", help="with --no-verify: OLD fails and NEW passes")
     parser.add_argument("--keep", metavar="DIR", help="keep the environments in DIR (default: a temporary folder)")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
     args = parser.parse_args(argv)
@@ -196,26 +231,16 @@ def main(argv: list[str]) -> int:
         print(line, flush=True)
 
     try:
-        good, bad = Version(args.good), Version(args.bad)
-        versions = between(released_versions(args.package), good, bad)
-        log(f"bisect: {args.package}: {len(versions) - 2} release(s) between {good} and {bad}")
+        old, new = Version(args.old), Version(args.new)
+        versions = between(released_versions(args.package), old, new)
+        log(f"bisect: {args.package}: {len(versions) - 2} release(s) between {old} and {new}")
         with tempfile.TemporaryDirectory(prefix="gradckpt-bisect-") as temporary:
             workspace = Path(args.keep or temporary)
             workspace.mkdir(parents=True, exist_ok=True)
-            test = tester(args.package, pytest_args, workspace, log)
-            if not args.no_verify:
-                for version, wanted in ((good, GOOD), (bad, BAD)):
-                    log(f"bisect: checking that {version} is {wanted}")
-                    outcome = test(version)
-                    log(f"bisect: {version} is {outcome.verdict} ({outcome.seconds:.0f} s){outcome.detail}")
-                    if outcome.verdict != wanted:
-                        raise BisectError(f"{args.package} {version} is {outcome.verdict}, not {wanted}: pick "
-                                          f"{'an older GOOD' if wanted == GOOD else 'a later BAD'} version")
-            first_bad, last_good, untested = search(versions, test, log)
+            test = make_tester(args.package, pytest_args, workspace, log)
+            conclusion = bisect(versions, test, log, verify=not args.no_verify, old=BAD if args.fix else GOOD)
     except (BisectError, InvalidVersion) as error:
         print(f"bisect: error: {error}", file=sys.stderr)
         return 2
-    if untested:
-        log(f"could not test: {', '.join(map(str, untested))}; the first bad release is one of them or {first_bad}")
-    log(f"first bad: {first_bad} (last good: {last_good})")
+    log(conclusion)
     return 0

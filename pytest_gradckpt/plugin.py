@@ -33,6 +33,8 @@ golden_key = pytest.StashKey[dict[str, Any]]()
 markers_key = pytest.StashKey[dict[int, tuple[pytest.Mark, dict[str, Any] | pytest.UsageError]]]()
 #: how many times an item reached a check (run_check); a marked item that never does fails
 checks_key = pytest.StashKey[int]()
+#: lines the report opens with (e.g. the packaged suite's 'newer than every reviewed line')
+notices_key = pytest.StashKey[list[str]]()
 
 # (option, ini name, ini type, addoption keywords, help)
 _OPTIONS: list[tuple[str, str, Literal["bool", "string", "linelist"], dict[str, Any], str]] = [
@@ -63,6 +65,8 @@ _OPTIONS: list[tuple[str, str, Literal["bool", "string", "linelist"], dict[str, 
      "fail every check whose outcome or numbers changed since the golden record at PATH"),
     ("--gradckpt-bisect", "gradckpt_bisect", "bool", {"action": "store_true", "default": None},
      "exit codes for 'git bisect run': 0 good, 1 bad, 125 when the code under test cannot be imported"),
+    ("--gradckpt-update-expected", "gradckpt_update_expected", "bool", {"action": "store_true", "default": None},
+     "packaged suite: write this run's verdicts as the installed transformers line's expectations, for review"),
 ]
 
 
@@ -80,6 +84,11 @@ def option(config: pytest.Config, name: str) -> Any:
     if value is None or value == []:
         value = config.getini(name)
     return value if value not in ("", []) else None
+
+
+def add_notice(config: pytest.Config, line: str) -> None:
+    """Open the gradckpt report (terminal summary and JSON) with ``line``."""
+    config.stash.setdefault(notices_key, []).append(line)
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -130,6 +139,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", marker_help())
     config.stash[markers_key] = {}
     config.pluginmanager.register(GradckptReporter(config), "gradckpt-reporter")
+    if enabled(config):
+        from pytest_gradckpt.suite import lines
+
+        if lines.runs_the_suite(config.args):  # here, not in the suite's conftest: xdist's controller never loads it
+            lines.register(config, add_notice, option)
     config.stash[factories_key] = {}
     config.stash[baselines_key] = {}
     _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
@@ -539,6 +553,8 @@ class GradckptReporter:
         if not found or not _reports_here(self.config):
             return
         terminalreporter.write_sep("=", "gradient checkpointing")
+        for notice in self.config.stash.get(notices_key, []):
+            terminalreporter.write_line(f"gradckpt: {notice}")
         results = [Result(**{k: r[k] for k in ("strategy", "scenario", "outcome", "message", "metrics", "model")})
                    for r in found]
         terminalreporter.write_line(format_table(results))
@@ -570,7 +586,8 @@ class GradckptReporter:
         if hasattr(self.config, "workerinput") or not _reports_here(self.config):
             return  # xdist workers: the controller writes the merged files; under torchrun, rank 0
         if option(self.config, "gradckpt_report"):
-            self._write("gradckpt_report", {"versions": environment.versions(), "results": self.sorted_results()})
+            self._write("gradckpt_report", {"versions": environment.versions(), "results": self.sorted_results(),
+                                            "notices": self.config.stash.get(notices_key, [])})
         if option(self.config, "gradckpt_record"):
             from pytest_gradckpt import golden
 
