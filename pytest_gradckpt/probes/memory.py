@@ -45,7 +45,9 @@ class SavedActivationProbe:
 
     def __init__(self, device: torch.device, parameters: Any = ()):
         self.device = torch.device(device)
-        self.excluded: set[int] = set()
+        #: storage address -> the excluded storage; an exclusion ends with its storage, so a later
+        #: tensor that reuses the address of a freed host copy is counted.
+        self.excluded: dict[int, StorageWeakRef] = {}
         for param in parameters:
             self.exclude_storage(getattr(param, "_local_tensor", param))
         self.live: dict[tuple[Any, int, int], StorageWeakRef] = {}
@@ -72,7 +74,19 @@ class SavedActivationProbe:
     def exclude_storage(self, tensor: torch.Tensor) -> None:
         key = _storage_key(tensor)
         if key is not None:
-            self.excluded.add(key[1])
+            try:
+                self.excluded[key[1]] = StorageWeakRef(tensor.untyped_storage())
+            except RuntimeError:
+                return
+
+    def _is_excluded(self, address: int) -> bool:
+        ref = self.excluded.get(address)
+        if ref is None:
+            return False
+        if ref.expired():
+            del self.excluded[address]
+            return False
+        return True
 
     def _prune(self) -> None:
         dead = [k for k, ref in self.live.items() if ref.expired()]
@@ -87,7 +101,7 @@ class SavedActivationProbe:
         if isinstance(tensor, torch.nn.Parameter):
             return
         key = _storage_key(tensor)
-        if key is None or key[1] in self.excluded or key[2] == 0:
+        if key is None or key[2] == 0 or self._is_excluded(key[1]):
             return
         known = self.live.get(key)
         if known is not None:
