@@ -21,10 +21,12 @@ _LAZY = {
     "Result": "pytest_gradckpt.report",
     "Strategy": "pytest_gradckpt.strategies",
     "register_strategy": "pytest_gradckpt.strategies",
+    "unregister_strategy": "pytest_gradckpt.strategies",
     "available_strategies": "pytest_gradckpt.strategies",
     "GradckptUsageError": "pytest_gradckpt.errors",
     "SCENARIOS": "pytest_gradckpt.scenarios",
     "layer_of": "pytest_gradckpt.layers",
+    "memory_probe_of": "pytest_gradckpt.layers",
     "check_trainer": "pytest_gradckpt.trainers",
 }
 

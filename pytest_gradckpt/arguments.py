@@ -18,42 +18,9 @@ from pytest_gradckpt import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.materialise import to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
+from pytest_gradckpt.tensors import map_tensors, tensors_in  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
-
-
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``value`` with ``fn`` applied to every tensor in nested mappings and sequences.
-
-    Example:
-        >>> map_tensors({"x": torch.ones(1), "n": 3}, lambda t: t * 2)
-        {'x': tensor([2.]), 'n': 3}
-    """
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, Mapping):
-        return type(value)(**{k: map_tensors(v, fn) for k, v in value.items()}) if not isinstance(value, dict) \
-            else {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return value
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    """Every tensor in nested mappings and sequences, in the order :func:`map_tensors` visits them.
-
-    Example:
-        >>> [t.shape[0] for t in tensors_in({"a": torch.zeros(2), "b": [torch.zeros(3), 4]})]
-        [2, 3]
-    """
-    found: list[torch.Tensor] = []
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        found.append(tensor)
-        return tensor
-
-    map_tensors(value, keep)
-    return found
 
 
 def model_device(model: nn.Module) -> torch.device:

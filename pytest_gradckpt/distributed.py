@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt.arguments import map_tensors, model_device, tensors_in
+from pytest_gradckpt.arguments import model_device
+from pytest_gradckpt.tensors import map_tensors, tensors_in
 from pytest_gradckpt.errors import GradckptUsageError, HarnessFailure, StrategyNotApplicable
 from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.runs import Run, Stepper

@@ -9,6 +9,7 @@ Knows nothing of pytest. Distributed scenarios run the same step inside ranks th
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -36,24 +37,18 @@ from pytest_gradckpt.strategies import Strategy, resolve_strategies
 DEFAULT_TIMEOUT = 300.0
 
 
-_warmed_up = False
-
-
+@functools.cache
 def _warm_up() -> None:
-    """Run each checkpoint mechanism once on a toy layer.
+    """Run each checkpoint mechanism once on a toy layer, once per process (the cache).
 
     torch's first non-reentrant checkpoint in a process takes about a second
     (lazy imports); without this the first strategy checked would be billed for it.
     """
-    global _warmed_up
-    if _warmed_up:
-        return
     from pytest_gradckpt.strategies import non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint
 
     layer = nn.Linear(2, 2)
     for checkpoint_fn in (non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint):
         checkpoint_fn(layer, torch.ones(1, 2, requires_grad=True)).sum().backward()
-    _warmed_up = True
 
 
 def _fingerprint(run: Run, scenario: Scenario) -> dict[str, Any]:

@@ -252,6 +252,24 @@ def layer_of(function: Callable[..., Any]) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
+def memory_probe_of(function: Callable[..., Any]) -> Any:
+    """The saved-activation probe of the run that ``function``'s layer belongs to, or None
+    (outside a check, or a layer the engine did not instrument). A checkpoint function uses it to
+    declare what it keeps off the device, e.g. ``memory_probe_of(function).mark_offloaded(host)``:
+    the probe belongs to this run alone, and built-in and user strategies reach it the same way.
+
+    Example:
+        >>> counter = LayerCounter()
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> instrument(lin, "lin", counter)
+        >>> counter.memory = "this run's probe"
+        >>> memory_probe_of(functools.partial(lin.forward)), memory_probe_of(torch.nn.Linear(2, 2).forward)
+        ("this run's probe", None)
+    """
+    counter = getattr(layer_of(function), "_gradckpt_counter", None)
+    return None if counter is None else counter.memory
+
+
 @dataclasses.dataclass
 class ModelInfo:
     """What a strategy may know about the engine's copy of the model.

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from pytest_gradckpt import compiled
-from pytest_gradckpt.arguments import Subject, map_tensors, tensor_bytes, tensor_leaves
+from pytest_gradckpt.arguments import Subject, tensor_bytes, tensor_leaves
+from pytest_gradckpt.tensors import map_tensors
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
@@ -138,23 +139,37 @@ class Stepper:
 
     def _step(self, run: Run, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None,
               parallel: Any) -> None:
+        """The stages of one step, in order: a prepared copy, the strategy (and compiler) on it,
+        the parallel wrap, the timed micro-batches under every probe, then what the probes saw."""
+        step = self._prepare(scenario)
+        self._switch_on(run, step, strategy)
+        self._wrap(step, grad_targets, parallel)
+        self._train(run, step, scenario, strategy, grad_targets, parallel)
+        self._collect(run, step, scenario, parallel)
+
+    def _prepare(self, scenario: Scenario) -> _Step:
+        """A fresh copy set up as the scenario says, its names taken and its units instrumented."""
         subject = self.subject
         model = subject.fresh_model()
         if scenario.freeze_input_embeddings:
             freeze_input_embeddings(model)
         model.train(scenario.train_mode)
-        # Names are taken before the strategy runs: a wrapper may rename modules, never the tensors.
-        param_names = {id(p): n for n, p in model.named_parameters()}
-        buffer_names = {id(b): n for n, b in model.named_buffers()}
-        module_names = {id(m): n for n, m in model.named_modules()}
         compilation = subject.compilation
-        # Looked up before the strategy runs: a wrapper may rename the modules that were compiled.
-        compiled_modules = {} if compilation is None else compilation.targets(model)
-        info = ModelInfo(model, self.layer_names, self.found_by)
-        info.state["compilation"] = compilation  # strategies that apply to compiled models only ask
-        counter = LayerCounter()
-        for name, layer in zip(info.layer_names, info.layers, strict=True):
-            instrument(layer, name, counter)
+        # Names, and the modules to compile, are taken before the strategy runs: a wrapper may
+        # rename modules (and the modules that were compiled), never the tensors.
+        step = _Step(model=model, info=ModelInfo(model, self.layer_names, self.found_by),
+                     param_names={id(p): n for n, p in model.named_parameters()},
+                     buffer_names={id(b): n for n, b in model.named_buffers()},
+                     module_names={id(m): n for n, m in model.named_modules()},
+                     compiled_modules={} if compilation is None else compilation.targets(model))
+        step.info.state["compilation"] = compilation  # strategies that apply to compiled models only ask
+        for name, layer in zip(step.info.layer_names, step.info.layers, strict=True):
+            instrument(layer, name, step.counter)
+        return step
+
+    def _switch_on(self, run: Run, step: _Step, strategy: Strategy | None) -> None:
+        """The strategy on the copy (refused when it does not apply), then the subject's compiler."""
+        info = step.info
         if strategy is not None:
             reason = strategy.applies_to(info)
             if reason:
@@ -162,66 +177,110 @@ class Stepper:
             strategy.apply(info)
             run.expected_recompute = {n: strategy.expects_recompute(info, layer)
                                       for n, layer in zip(info.layer_names, info.layers, strict=True)}
+        compilation = self.subject.compilation
         if compilation is not None:
-            compilation.apply(model, compiled_modules)
+            compilation.apply(step.model, step.compiled_modules)
             run.compiled = {}
+
+    def _wrap(self, step: _Step, grad_targets: set[str] | None, parallel: Any) -> None:
+        """The parallel wrap, the parameters to differentiate, this rank's inputs and the memory probe."""
+        model, subject = step.model, self.subject
         # After the strategy and before wrapping for parallelism: FSDP2 swaps parameter objects
         # but keeps their names, a checkpoint wrapper keeps the objects but renames them.
-        renamed = {n: param_names.get(id(p), n) for n, p in model.named_parameters()}
-        runner = model if parallel is None else parallel.wrap(model, info)
-        trainable = [(renamed.get(n, n), p) for n, p in model.named_parameters() if p.requires_grad]
-        targets = [(n, p) for n, p in trainable if grad_targets is None or n in grad_targets]
-        inputs = subject.fresh_inputs() if parallel is None else parallel.shard(subject.fresh_inputs())
-        device = subject.device
-        memory = SavedActivationProbe(device, [p for _, p in model.named_parameters()])
-        counter.memory = memory
+        renamed = {n: step.param_names.get(id(p), n) for n, p in model.named_parameters()}
+        step.runner = model if parallel is None else parallel.wrap(model, step.info)
+        step.trainable = [(renamed.get(n, n), p) for n, p in model.named_parameters() if p.requires_grad]
+        step.targets = [(n, p) for n, p in step.trainable if grad_targets is None or n in grad_targets]
+        step.inputs = subject.fresh_inputs() if parallel is None else parallel.shard(subject.fresh_inputs())
+        step.memory = SavedActivationProbe(subject.device, [p for _, p in model.named_parameters()])
+        step.counter.memory = step.memory
+
+    def _train(self, run: Run, step: _Step, scenario: Scenario, strategy: Strategy | None,
+               grad_targets: set[str] | None, parallel: Any) -> None:
+        """Every micro-batch of the step, timed, under every probe."""
+        subject, device, memory = self.subject, self.subject.device, step.memory
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if scenario.autocast
                     else contextlib.nullcontext())
         seed_everything(self.seed, device)
-        grads: dict[str, torch.Tensor | None] = {n: None for n, _ in trainable}
+        step.grads = {n: None for n, _ in step.trainable}
+        compilation = subject.compilation
         compiling = (contextlib.nullcontext() if compilation is None
-                     else compiled.compiled_run(compilation, run.compiled, info.state))  # type: ignore[arg-type]
-        with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as cuda, \
-                BackwardCalls(module_names) as backward_calls, compiling, \
-                SavedElsewhere(module_names, ours=memory._pack) as saved_elsewhere:
+                     else compiled.compiled_run(compilation, run.compiled, step.info.state))  # type: ignore[arg-type]
+        with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as step.cuda, \
+                BackwardCalls(step.module_names) as step.backward_calls, compiling, \
+                SavedElsewhere(step.module_names, ours=memory._pack) as step.saved_elsewhere:
             started = time.perf_counter()
             with memory:
                 micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)
                 for micro_batch in range(micro_batches):
                     last = micro_batch == micro_batches - 1
-                    sync = contextlib.nullcontext() if parallel is None else parallel.sync(runner, last)
+                    sync = contextlib.nullcontext() if parallel is None else parallel.sync(step.runner, last)
                     with sync:  # DDP's no_sync must cover forward and backward of a micro-batch
                         with autocast:
-                            output = subject.call(runner, inputs)
-                            loss = subject.loss(output, inputs)
+                            step.output = subject.call(step.runner, step.inputs)
+                            step.loss = subject.loss(step.output, step.inputs)
                         if strategy is not None:
-                            strategy.after_forward(info)
-                        if scenario.autograd_grad:
-                            found = torch.autograd.grad(loss, [p for _, p in targets],
-                                                        allow_unused=grad_targets is None)
-                            for (name, _), grad in zip(targets, found, strict=True):
-                                if grad is not None:
-                                    grads[name] = grad if grads[name] is None else grads[name] + grad
-                        else:
-                            loss.backward()
+                            strategy.after_forward(step.info)
+                        self._backward(step, scenario, grad_targets)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             run.seconds = time.perf_counter() - started
-        counter.memory = None
-        run.loss = loss.detach().float()
-        run.outputs = {k: v.detach() for k, v in tensor_leaves(output).items()}
-        found_grads = grads if scenario.autograd_grad else {n: p.grad for n, p in trainable}
+        step.counter.memory = None
+
+    @staticmethod
+    def _backward(step: _Step, scenario: Scenario, grad_targets: set[str] | None) -> None:
+        """One micro-batch's backward: into ``.grad``, or through ``torch.autograd.grad`` summed here."""
+        if not scenario.autograd_grad:
+            step.loss.backward()
+            return
+        found = torch.autograd.grad(step.loss, [p for _, p in step.targets], allow_unused=grad_targets is None)
+        for (name, _), grad in zip(step.targets, found, strict=True):
+            if grad is not None:
+                known = step.grads[name]
+                step.grads[name] = grad if known is None else known + grad
+
+    def _collect(self, run: Run, step: _Step, scenario: Scenario, parallel: Any) -> None:
+        """What the step produced and what the probes saw, named as in the original model."""
+        model, counter, module_names = step.model, step.counter, step.module_names
+        run.loss = step.loss.detach().float()
+        run.outputs = {k: v.detach() for k, v in tensor_leaves(step.output).items()}
+        found_grads = step.grads if scenario.autograd_grad else {n: p.grad for n, p in step.trainable}
         full = (lambda g: g) if parallel is None else parallel.full_tensor
         run.grads = {n: None if g is None else full(g).detach() for n, g in found_grads.items()}
-        run.buffers = {buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
+        run.buffers = {step.buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
         run.calls = dict(counter.counts)
         run.graph_calls = dict(counter.graph_calls)
         run.reached_calls = dict(counter.reached_calls)
         original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
-        run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
-        run.saved_elsewhere_units = units_saved_elsewhere(info.layer_names, saved_elsewhere.names)
-        run.activation_bytes = memory.peak_bytes
-        if cuda.peak_bytes is not None:
+        run.recomputed_units = recomputed_units(original_modules, step.backward_calls.names)
+        run.saved_elsewhere_units = units_saved_elsewhere(step.info.layer_names, step.saved_elsewhere.names)
+        run.activation_bytes = step.memory.peak_bytes
+        if step.cuda.peak_bytes is not None:
             # A sharded (FSDP2) parameter's gradient on this rank is its local shard, not the whole.
-            local = (getattr(p, "_local_tensor", p) for _, p in trainable)
-            run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(local))
+            local = (getattr(p, "_local_tensor", p) for _, p in step.trainable)
+            run.cuda_peak_bytes = max(0, step.cuda.peak_bytes - tensor_bytes(local))
+
+
+@dataclasses.dataclass
+class _Step:
+    """What the stages of one :meth:`Stepper._step` hand each other (the copy, its names, the probes)."""
+
+    model: nn.Module
+    info: ModelInfo
+    #: original names by object id, taken before any strategy or wrapper
+    param_names: dict[int, str]
+    buffer_names: dict[int, str]
+    module_names: dict[int, str]
+    compiled_modules: Any
+    counter: LayerCounter = dataclasses.field(default_factory=LayerCounter)
+    runner: Any = None
+    trainable: list[tuple[str, nn.Parameter]] = dataclasses.field(default_factory=list)
+    targets: list[tuple[str, nn.Parameter]] = dataclasses.field(default_factory=list)
+    inputs: Any = None
+    memory: Any = None
+    grads: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    output: Any = None
+    loss: Any = None
+    cuda: Any = None
+    backward_calls: Any = None
+    saved_elsewhere: Any = None

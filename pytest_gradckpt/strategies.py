@@ -186,12 +186,13 @@ def offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     per-layer activations between forward and backward. Unlike hand-written
     offloading, this keeps the RNG state (an empty tensor on the device makes
     checkpoint stash that device's generator too), keyword arguments and the
-    input's gradient.
+    input's gradient. The host copy is declared to this run's memory probe
+    (:func:`pytest_gradckpt.layers.memory_probe_of`), as a user's offloading function would.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from pytest_gradckpt.probes.memory import mark_offloaded
+    from pytest_gradckpt.layers import memory_probe_of
 
     index = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
     if index is None:
@@ -202,7 +203,9 @@ def offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     # backward is queued on the same stream after this one, so it never reads an unfinished copy.
     asynchronous = device.type == "cuda"
     host = hidden.to("cpu", non_blocking=True) if asynchronous else hidden.to("cpu", copy=True)
-    mark_offloaded(host)
+    probe = memory_probe_of(function)
+    if probe is not None:
+        probe.mark_offloaded(host)
     anchor = torch.empty(0, device=device)
 
     def run_from_host(host_hidden: Any, _anchor: Any, *rest: Any) -> Any:
@@ -241,24 +244,36 @@ def sac_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def sac_contexts() -> tuple[Any, Any]:
-    """``sac``'s ``context_fn``. In eager code the forward context also shows the memory probe the
-    outputs SAC keeps; under torch.compile the partitioner reads the policy from the plain contexts."""
-    import torch
+    """``sac``'s ``context_fn``: a module-level function, so torch.compile's partitioner can read
+    the policy from the plain contexts."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(sac_policy)
+
+
+def _sac_contexts_noted(probe: Any) -> tuple[Any, Any]:
+    """``sac``'s contexts in eager code inside a check: the forward context also shows this run's
+    memory probe the outputs SAC keeps."""
+    import torch
 
     from pytest_gradckpt.probes.memory import note_sac_saved_outputs
 
-    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(sac_policy)
+    forward_ctx, recompute_ctx = sac_contexts()
     if torch.compiler.is_compiling():
         return forward_ctx, recompute_ctx
-    return note_sac_saved_outputs(forward_ctx, _sac_saved_ops()), recompute_ctx
+    return note_sac_saved_outputs(probe, forward_ctx, _sac_saved_ops()), recompute_ctx
 
 
 def sac_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     """Selective activation checkpointing: save matmul outputs, recompute the rest."""
+    import torch
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(function, *args, use_reentrant=False, context_fn=sac_contexts)
+    from pytest_gradckpt.layers import memory_probe_of
+
+    probe = None if torch.compiler.is_compiling() else memory_probe_of(function)
+    context_fn = sac_contexts if probe is None else functools.partial(_sac_contexts_noted, probe)
+    return checkpoint(function, *args, use_reentrant=False, context_fn=context_fn)
 
 
 # --------------------------------------------------------------------------- whole-model strategies
@@ -508,6 +523,8 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
         >>> s = Strategy.from_checkpoint_fn("doc_example", functools.partial(cp.checkpoint, use_reentrant=False))
         >>> register_strategy(s, replace=True).name in available_strategies()
         True
+        >>> unregister_strategy("doc_example") is s, "doc_example" in available_strategies()
+        (True, False)
     """
     if not isinstance(strategy, Strategy):
         raise GradckptUsageError(
@@ -522,6 +539,24 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
             "pick another name or pass replace=True")
     _REGISTRY[strategy.name] = strategy
     return strategy
+
+
+def unregister_strategy(name: str) -> Strategy:
+    """Remove a strategy registered by :func:`register_strategy` (a test's own, say) and return it.
+    Built-in strategies stay.
+
+    Example:
+        >>> unregister_strategy("reentrant")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: unregister_strategy: 'reentrant' is built in; built-in strategies stay registered
+    """
+    if name in BUILTIN:
+        raise GradckptUsageError(f"unregister_strategy: {name!r} is built in; built-in strategies stay registered")
+    if name not in _REGISTRY:
+        raise GradckptUsageError(f"unregister_strategy: no strategy named {name!r} is registered; "
+                                 f"registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY.pop(name)
 
 
 def available_strategies(opt_in: bool = False) -> list[str]:

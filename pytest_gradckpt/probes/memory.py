@@ -7,7 +7,11 @@ keeps, and what a recompute materialises during backward (a segment of four
 layers recomputed at once costs four layers' activations at that moment). Each is counted once per storage, while that storage is alive: liveness
 is read from a weak reference to the storage, not from who holds it, so the
 peak is a true high-water mark. Parameters and tensors a strategy moved to
-host memory (:func:`mark_offloaded`) are not activation memory and are left out.
+host memory (:meth:`SavedActivationProbe.mark_offloaded`) are not activation memory and are left out.
+
+There is no module-level state: a probe belongs to one run. Code running inside a checkpoint
+unit (a strategy's checkpoint function, built-in or a user's) reaches that run's probe through
+the unit, :func:`pytest_gradckpt.layers.memory_probe_of`, so both are measured the same way.
 """
 
 from __future__ import annotations
@@ -19,22 +23,6 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-
-_ACTIVE: list[SavedActivationProbe] = []
-
-
-def mark_offloaded(tensor: torch.Tensor) -> None:
-    """Declare ``tensor`` host-resident offload storage, not device activation memory.
-
-    On a CUDA device this is implied by the tensor living on the CPU; on a CPU
-    device it is how the probe predicts what offloading would save on a GPU.
-
-    Example:
-        >>> mark_offloaded(torch.zeros(2))
-    """
-    for probe in _ACTIVE:
-        probe.exclude_storage(tensor)
-
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
     try:
@@ -57,7 +45,9 @@ class SavedActivationProbe:
 
     def __init__(self, device: torch.device, parameters: Any = ()):
         self.device = torch.device(device)
-        self.excluded: set[int] = set()
+        #: storage address -> the excluded storage; an exclusion ends with its storage, so a later
+        #: tensor that reuses the address of a freed host copy is counted.
+        self.excluded: dict[int, StorageWeakRef] = {}
         for param in parameters:
             self.exclude_storage(getattr(param, "_local_tensor", param))
         self.live: dict[tuple[Any, int, int], StorageWeakRef] = {}
@@ -65,10 +55,38 @@ class SavedActivationProbe:
         self.peak_bytes = 0
         self._hooks: Any = None
 
+    def mark_offloaded(self, tensor: torch.Tensor) -> None:
+        """Declare ``tensor`` host-resident offload storage, not device activation memory.
+
+        On a CUDA device this is implied by the tensor living on the CPU; on a CPU
+        device it is how the probe predicts what offloading would save on a GPU.
+
+        Example:
+            >>> probe = SavedActivationProbe(torch.device("cpu"))
+            >>> host = torch.zeros(4)
+            >>> probe.mark_offloaded(host)
+            >>> probe.add(host)
+            >>> probe.peak_bytes
+            0
+        """
+        self.exclude_storage(tensor)
+
     def exclude_storage(self, tensor: torch.Tensor) -> None:
         key = _storage_key(tensor)
         if key is not None:
-            self.excluded.add(key[1])
+            try:
+                self.excluded[key[1]] = StorageWeakRef(tensor.untyped_storage())
+            except RuntimeError:
+                return
+
+    def _is_excluded(self, address: int) -> bool:
+        ref = self.excluded.get(address)
+        if ref is None:
+            return False
+        if ref.expired():
+            del self.excluded[address]
+            return False
+        return True
 
     def _prune(self) -> None:
         dead = [k for k, ref in self.live.items() if ref.expired()]
@@ -83,7 +101,7 @@ class SavedActivationProbe:
         if isinstance(tensor, torch.nn.Parameter):
             return
         key = _storage_key(tensor)
-        if key is None or key[1] in self.excluded or key[2] == 0:
+        if key is None or key[2] == 0 or self._is_excluded(key[1]):
             return
         known = self.live.get(key)
         if known is not None:
@@ -110,7 +128,7 @@ class SavedActivationProbe:
 
     def recompute(self) -> _NoteSavedOutputs:
         """A context that counts every op output made inside it (used around recomputes)."""
-        return _NoteSavedOutputs(None)
+        return _NoteSavedOutputs(self, None)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -125,36 +143,30 @@ class SavedActivationProbe:
     def __enter__(self) -> SavedActivationProbe:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
-        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _ACTIVE.remove(self)
         self._hooks.__exit__(*exc)
 
 
 class _NoteSavedOutputs(TorchDispatchMode):
-    """Reports op outputs to the active probes: those of ``ops``, or all when ``ops`` is None."""
+    """Reports op outputs to ``probe``: those of ``ops``, or all when ``ops`` is None."""
 
-    def __init__(self, ops: frozenset[Any] | None):
+    def __init__(self, probe: SavedActivationProbe, ops: frozenset[Any] | None):
         super().__init__()
-        self.ops = ops
+        self.probe, self.ops = probe, ops
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if (self.ops is None or func in self.ops) and _ACTIVE:
+        if self.ops is None or func in self.ops:
             for tensor in out if isinstance(out, (tuple, list)) else (out,):
-                for probe in _ACTIVE:
-                    probe.add(tensor)
+                self.probe.add(tensor)
         return out
 
 
 @contextlib.contextmanager
-def note_sac_saved_outputs(forward_context: Any, ops: frozenset[Any]) -> Iterator[None]:
-    """Wrap SAC's forward context so the probe sees the matmul outputs SAC keeps."""
-    with forward_context:
-        if not _ACTIVE:
-            yield
-            return
-        with _NoteSavedOutputs(ops):
-            yield
+def note_sac_saved_outputs(probe: SavedActivationProbe, forward_context: Any,
+                           ops: frozenset[Any]) -> Iterator[None]:
+    """Wrap SAC's forward context so ``probe`` sees the outputs of ``ops`` that SAC keeps."""
+    with forward_context, _NoteSavedOutputs(probe, ops):
+        yield

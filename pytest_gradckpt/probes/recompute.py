@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from pytest_gradckpt.tensors import tensors_in
+
 
 class LayerCounter:
     """Per-layer execution counts, filled by instrumented layers.
@@ -38,7 +40,7 @@ class LayerCounter:
     def saw_output(self, name: str, output: Any) -> None:
         """Count calls of ``name`` whose output joins the autograd graph: backward reaches those.
         (Calls under ``torch.no_grad()``, or of a frozen layer fed grad-free inputs, do not.)"""
-        tracked = [t for t in _tensors(output) if t.requires_grad]
+        tracked = [t for t in tensors_in(output) if t.requires_grad]
         if self._paused or not tracked:
             return
         self.graph_calls[name] += 1
@@ -72,16 +74,6 @@ class LayerCounter:
             yield
         finally:
             self._paused -= 1
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 def recompute_verdict(baseline: dict[str, int], actual: dict[str, int], expected: dict[str, bool],
