@@ -83,7 +83,8 @@ def check_trainer(trainer: Any, *, rtol: float | None = None, atol: float | None
     Args:
         trainer: a ``transformers.Trainer`` (TRL's ``SFTTrainer`` included), or one a
             registered adapter runs. Never modified.
-        rtol, atol: tolerances; None = per compute dtype (bf16 under the trainer's bf16 autocast).
+        rtol: relative tolerance; None = per compute dtype (bf16 under the trainer's bf16 autocast).
+        atol: absolute tolerance; None = per compute dtype, as ``rtol``.
         min_memory_reduction: fraction in [0, 1): required cut of the saved-activation peak.
         seed: reseeds torch before every run.
         timeout: seconds one run may take.
