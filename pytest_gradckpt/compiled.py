@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_gradckpt import settings
 from pytest_gradckpt.errors import GradckptUsageError
 
 WHOLE, PER_BLOCK, REGIONAL = "whole", "per_block", "regional"
@@ -38,8 +39,8 @@ WHOLE, PER_BLOCK, REGIONAL = "whole", "per_block", "regional"
 #: included (checkpoint regions inside compiled code: dynamo traces them, the partitioner recomputes);
 #: ``checkpoint_outside``: the block's own forward is compiled, and the checkpoint around it runs eager
 #: (recompute reruns the compiled forward).
-COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE = "compile_outside", "checkpoint_outside"
-ORDERS = (COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE)
+COMPILE_OUTSIDE, CHECKPOINT_OUTSIDE = settings.COMPILE_ORDERS
+ORDERS = settings.COMPILE_ORDERS
 
 #: Counters of :data:`torch._dynamo.utils.counters` reported per run.
 _FRAMES, _BREAKS = "frames", "graph_break"
@@ -91,8 +92,7 @@ class Compilation:
         """This compilation with checkpoints placed by ``order`` (one of :data:`ORDERS`; None keeps it)."""
         if order is None:
             return self
-        if order not in ORDERS:
-            raise GradckptUsageError(f"compile_order={order!r}: pass one of {', '.join(ORDERS)}")
+        settings.check_compile_order(order)
         if order == CHECKPOINT_OUTSIDE and self.kind == WHOLE:
             raise GradckptUsageError(
                 "compile_order='checkpoint_outside' needs compiled blocks (block.compile() or "

@@ -19,7 +19,8 @@ def gradckpt(*, strategies: list[str] | str | None = None, scenarios: list[str] 
              layers: Any = None, rtol: float | None = None, atol: float | None = None,
              min_memory_reduction: float | None = None, min_cuda_memory_reduction: float | None = None,
              expect: Mapping[str, str] | None = None, seed: int = 0, timeout: float | None = None,
-             baseline: str = "auto", isolate: bool | str = "auto") -> dict[str, Any]:
+             baseline: str = "auto", isolate: bool | str = "auto",
+             compile_order: str | None = None) -> dict[str, Any]:
     """A gradient-checkpointing check: configures the 'gradckpt' fixture, whose gradckpt.check(model, inputs)
     the test must call (a marked test that checks nothing fails). Runs only with --gradckpt.
 
@@ -37,6 +38,7 @@ def gradckpt(*, strategies: list[str] | str | None = None, scenarios: list[str] 
         baseline: auto (whole-model, layerwise if that runs out of memory), whole-model or layerwise.
         isolate: True: every step in a child process; 'auto' (default): in a forked child where that is
             cheap (CPU), so a crash in native code is an error verdict, not the end of the session.
+        compile_order: for a model with compiled blocks: compile_outside (default) or checkpoint_outside.
 
     Returns every setting, validated and normalised (names split, ``expect`` a dict).
 
@@ -54,6 +56,7 @@ def gradckpt(*, strategies: list[str] | str | None = None, scenarios: list[str] 
     settings.check_timeout(timeout)
     settings.check_baseline(baseline)
     settings.check_isolate(isolate)
+    settings.check_compile_order(compile_order)
     given["expect"] = settings.check_expect(expect, "expect")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise GradckptUsageError(f"seed={seed!r} must be an int")
@@ -71,7 +74,7 @@ def marker_settings(args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str
         >>> marker_settings((), {"colour": "red"}, "test_x.py::test_x")
         Traceback (most recent call last):
         ...
-        pytest_gradckpt.errors.GradckptUsageError: test_x.py::test_x: @pytest.mark.gradckpt got unknown argument(s) colour; accepted: strategies, scenarios, layers, rtol, atol, min_memory_reduction, min_cuda_memory_reduction, expect, seed, timeout, baseline, isolate
+        pytest_gradckpt.errors.GradckptUsageError: test_x.py::test_x: @pytest.mark.gradckpt got unknown argument(s) colour; accepted: strategies, scenarios, layers, rtol, atol, min_memory_reduction, min_cuda_memory_reduction, expect, seed, timeout, baseline, isolate, compile_order
     """
     if args:
         raise GradckptUsageError(f"{where}: @pytest.mark.gradckpt takes keyword arguments only, got positional "

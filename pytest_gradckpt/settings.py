@@ -77,6 +77,26 @@ def check_timeout(value: Any) -> float | None:
     return float(value)
 
 
+#: Where checkpoints sit in a model with compiled blocks (``compile_order=``; see docs/compile.md).
+COMPILE_ORDERS = ("compile_outside", "checkpoint_outside")
+
+
+def check_compile_order(value: Any) -> str | None:
+    """Validate ``compile_order`` (None: the default, checkpoints inside the compiled code).
+
+    Example:
+        >>> check_compile_order("checkpoint_outside")
+        'checkpoint_outside'
+        >>> check_compile_order("sideways")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: compile_order='sideways': pass one of compile_outside, checkpoint_outside
+    """
+    if value is not None and value not in COMPILE_ORDERS:
+        raise GradckptUsageError(f"compile_order={value!r}: pass one of {', '.join(COMPILE_ORDERS)}")
+    return value
+
+
 #: What ``isolate=`` accepts: True (every step in a child process), False (in this process), "auto"
 #: (in a forked child where that is cheap: CPU, CUDA not yet used here; else in this process).
 ISOLATE_CHOICES = (True, False, "auto")

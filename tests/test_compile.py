@@ -166,6 +166,33 @@ def test_usage_errors_name_the_fix():
     assert result.outcome == "skipped" and "not compiled" in result.message
 
 
+def test_the_marker_passes_compile_order_to_the_check(pytester):
+    pytester.makepyfile(test_order='''
+import pytest
+from pytest_gradckpt.zoo.plain import tanh_net
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"], compile_order="checkpoint_outside")
+def test_eager_model(gradckpt):
+    gradckpt.check(*tanh_net())
+''')
+    result = pytester.runpytest_subprocess("--gradckpt", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)  # it reached the engine, which refuses an order for an eager model
+    result.stdout.fnmatch_lines(["*compile_order='checkpoint_outside': the model is not compiled*"])
+
+
+def test_a_bad_compile_order_in_the_marker_is_a_usage_error(pytester):
+    pytester.makepyfile(test_order='''
+import pytest
+
+@pytest.mark.gradckpt(compile_order="sideways")
+def test_bad_order(gradckpt):
+    pass
+''')
+    result = pytester.runpytest_subprocess("--gradckpt", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*compile_order='sideways': pass one of compile_outside, checkpoint_outside*"])
+
+
 # --------------------------------------------------------------------------- make test-compile
 
 

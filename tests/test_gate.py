@@ -166,7 +166,7 @@ def test_each(gradckpt, gradckpt_strategy):
 
 def test_marker_help_comes_from_the_marker_function(downstream):
     result = downstream.runpytest_subprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.gradckpt(strategies=None, *baseline='auto', isolate='auto'): "
+    result.stdout.fnmatch_lines(["@pytest.mark.gradckpt(strategies=None, *baseline='auto', isolate='auto', compile_order=None): "
                                  "A gradient-checkpointing check*"])
 
 
