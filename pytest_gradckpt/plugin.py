@@ -175,17 +175,23 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 
 def strategies_help() -> str:
-    """One line per registered strategy: its name and description.
+    """One line per registered strategy: its name and description; those that run only when
+    named (``compile_budget``) say so.
 
     Example:
         >>> print(strategies_help().splitlines()[1])
           reentrant  torch.utils.checkpoint per layer, use_reentrant=True
+        >>> [line.split()[0] for line in strategies_help().splitlines() if "opt-in" in line]
+        ['compile_budget']
     """
+    from pytest_gradckpt import compile_budget  # noqa: F401 - registers the opt-in compile_budget
     from pytest_gradckpt.strategies import available_strategies, get_strategy
 
-    names = available_strategies()
+    names = available_strategies(opt_in=True)
     width = max(map(len, names))
-    lines = [f"  {name:<{width}}  {get_strategy(name).description}".rstrip() for name in names]
+    lines = [f"  {name:<{width}}  {get_strategy(name).description}"
+             + (" (opt-in: runs only when named)" if getattr(get_strategy(name), "opt_in", False) else "")
+             for name in names]
     return "\n".join(["strategies (pass names to --gradckpt-strategies or @pytest.mark.gradckpt(strategies=...)):",
                       *lines])
 
