@@ -352,30 +352,34 @@ def measure_distance(step: Any, subject: Any, scenario: Any, compiled_first: Any
 def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> None:
     """Let a strategy's compiled program differ from the compiled baseline by up to compile's own
     distance from eager (at most ``cap``, the dtype's noise cap): a checkpointed program is another
-    compilation of the same math (other fusions, other rounding), and compiled-vs-eager is a
-    measured pair of two such compilations. The distance is a property of the program, and one
-    pair's per-tensor figure is a single noisy sample (small tensors swing most), so every tensor of
-    a kind (gradients, outputs, loss) tolerates the largest distance measured on that kind. The
-    baseline's noise is tolerated up to :data:`~pytest_gradckpt.probes.gradients.NOISE_FACTOR`
-    times, so the distance enters divided by it.
+    compilation of the same math (other fusions, other rounding, graph breaks that cut it into
+    other pieces), and compiled-vs-eager is a measured pair of two such compilations. The distance
+    is a property of the program, and one tensor's figure is a single noisy sample (a kind with
+    one tensor, the logits or the loss, is one sample only), so every compared tensor tolerates the
+    largest distance measured anywhere in the program. (Per kind was not enough: on an H200, 1.1B
+    bf16 under whole-model compile, ``sequential``'s logits were 0.0284 from the compiled baseline
+    against a logits-only distance of about 0.028, while gradients moved by 0.049.) The baseline's
+    noise is tolerated up to :data:`~pytest_gradckpt.probes.gradients.NOISE_FACTOR` times, so the
+    distance enters divided by it.
 
     Example:
         >>> from pytest_gradckpt.baselines import Baseline
         >>> from pytest_gradckpt.runs import Run
         >>> base = Baseline(Run(loss=torch.ones(()), grads={"a": torch.ones(2), "b": torch.ones(2)}))
-        >>> tolerate_distance(base, CompileDistance(grads={"a": 0.03}, loss={}, outputs={}), cap=0.125)
+        >>> tolerate_distance(base, CompileDistance(grads={"a": 0.03}, loss={"loss": 0.01}, outputs={}), cap=0.125)
         >>> {name: round(3 * noise, 3) for name, noise in base.grad_noise.rel_norm.items()}
         {'a': 0.03, 'b': 0.03}
+        >>> round(3 * base.loss_noise.rel_norm["loss"], 3)
+        0.03
     """
     from pytest_gradckpt.probes.gradients import NOISE_FACTOR
 
+    largest = min(distance.largest, cap)
+    if largest == 0.0:
+        return
     run = baseline.run
-    for noise, measured, names in ((baseline.grad_noise, distance.grads, run.grads),
-                                   (baseline.loss_noise, distance.loss, ("loss",)),
-                                   (baseline.output_noise, distance.outputs, run.outputs)):
-        largest = min(max(measured.values(), default=0.0), cap)
-        if largest == 0.0:
-            continue
+    for noise, names in ((baseline.grad_noise, run.grads), (baseline.loss_noise, ("loss",)),
+                         (baseline.output_noise, run.outputs)):
         for name in names:
             noise.rel_norm[name] = max(noise.rel_norm.get(name, 0.0), largest / NOISE_FACTOR)
 
