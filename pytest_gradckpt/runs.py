@@ -248,17 +248,26 @@ class Stepper:
         full = (lambda g: g) if parallel is None else parallel.full_tensor
         run.grads = {n: None if g is None else full(g).detach() for n, g in found_grads.items()}
         run.buffers = {step.buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
-        run.calls = dict(counter.counts)
-        run.graph_calls = dict(counter.graph_calls)
-        run.reached_calls = dict(counter.reached_calls)
-        original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
-        run.recomputed_units = recomputed_units(original_modules, step.backward_calls.names)
-        run.saved_elsewhere_units = units_saved_elsewhere(step.info.layer_names, step.saved_elsewhere.names)
-        run.activation_bytes = step.memory.peak_bytes
+        read_probes(run, model, step.info.layer_names, module_names, counter, step.backward_calls,
+                    step.saved_elsewhere, step.memory)
         if step.cuda.peak_bytes is not None:
             # A sharded (FSDP2) parameter's gradient on this rank is its local shard, not the whole.
             local = (getattr(p, "_local_tensor", p) for _, p in step.trainable)
             run.cuda_peak_bytes = max(0, step.cuda.peak_bytes - tensor_bytes(local))
+
+
+def read_probes(run: Run, model: nn.Module, layer_names: list[str], module_names: dict[int, str],
+                counter: LayerCounter, backward_calls: Any, saved_elsewhere: Any, memory: Any) -> None:
+    """Put what the probes of one step saw into ``run``, modules named as in the original model
+    (``module_names``: original names by object id, taken before any strategy or wrapper). Every
+    stepper (this module's, a trainer's) reads its probes here, so their runs are judged alike."""
+    run.calls = dict(counter.counts)
+    run.graph_calls = dict(counter.graph_calls)
+    run.reached_calls = dict(counter.reached_calls)
+    original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
+    run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
+    run.saved_elsewhere_units = units_saved_elsewhere(layer_names, saved_elsewhere.names)
+    run.activation_bytes = memory.peak_bytes
 
 
 @dataclasses.dataclass

@@ -19,15 +19,15 @@ from pytest_gradckpt.arguments import model_device, tensor_bytes
 from pytest_gradckpt.errors import GradckptUsageError, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
-from pytest_gradckpt.probes.backward_calls import BackwardCalls, recomputed_units
+from pytest_gradckpt.probes.backward_calls import BackwardCalls
 from pytest_gradckpt.probes.cuda import CudaPeak
 from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.probes.memory import SavedActivationProbe
 from pytest_gradckpt.probes.recompute import LayerCounter
-from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhere, units_saved_elsewhere
+from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhere
 from pytest_gradckpt.probes.warnings import capture_warnings
 from pytest_gradckpt.report import Result
-from pytest_gradckpt.runs import Run
+from pytest_gradckpt.runs import Run, read_probes
 from pytest_gradckpt.scenarios import SCENARIOS
 from pytest_gradckpt.strategies import Strategy
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
@@ -129,12 +129,7 @@ class TrainerStepper:
         run.loss = loss.detach().float()
         run.grads = {n: None if p.grad is None else p.grad.detach() for n, p in trainable}
         run.buffers = {buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
-        run.calls, run.graph_calls = dict(counter.counts), dict(counter.graph_calls)
-        run.reached_calls = dict(counter.reached_calls)
-        run.recomputed_units = recomputed_units(
-            [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names], backward_calls.names)
-        run.saved_elsewhere_units = units_saved_elsewhere(info.layer_names, saved_elsewhere.names)
-        run.activation_bytes = memory.peak_bytes
+        read_probes(run, model, info.layer_names, module_names, counter, backward_calls, saved_elsewhere, memory)
         if cuda.peak_bytes is not None:
             run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(p for _, p in trainable))
 
