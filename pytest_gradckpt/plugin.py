@@ -356,6 +356,12 @@ class Checker:
         if expect and "trainer" in expect:  # the configuration's label is long: "trainer" stands for it
             expect = {**expect, **{r.strategy: expect["trainer"] for r in report.results}}
         problems = report.failures(expect)
+        if not problems and all(r.outcome == "skipped" for r in report.results) \
+                and "skipped" not in (expect or {}).values():
+            # A trainer gate exists to judge the trainer's checkpointing: with it switched off there is
+            # nothing judged, and a gate that passes then would hide a configuration that lost it.
+            problems = [f"{r.strategy}: skipped, so nothing was judged: {r.message} (pass "
+                        "expect={'trainer': 'skipped'} if checkpointing is off on purpose)" for r in report.results]
         if problems:
             pytest.fail("trainer checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n"
                         + format_table(report.results), pytrace=False)

@@ -240,6 +240,19 @@ def test_fixture_gates_a_trainer_configuration(pytester):
         "LlamaConfig(hidden_size", "LlamaConfig(attention_dropout=0.3, hidden_size"))
     result = pytester.runpytest_subprocess("--gradckpt", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["*test_the_hazard_fails_the_test*", "*expected pass, got mismatch*"
-                                 if False else "*mismatch*Remove preserve_rng_state=False from "
-                                 "TrainingArguments.activation_checkpointing_kwargs*"])
+    result.stdout.fnmatch_lines(["*test_the_hazard_fails_the_test*", "*mismatch*Remove preserve_rng_state=False "
+                                 "from TrainingArguments.activation_checkpointing_kwargs*"])
+
+
+def test_a_trainer_gate_with_checkpointing_off_fails_unless_expected(pytester):
+    pytester.makepyfile(test_training=DOWNSTREAM_TRAINER_TEST + '''
+def test_checkpointing_switched_off(gradckpt, tmp_path):
+    gradckpt.check_trainer(trainer(tmp_path))
+
+def test_off_on_purpose(gradckpt, tmp_path):
+    gradckpt.check_trainer(trainer(tmp_path), expect={"trainer": "skipped"})
+''')
+    result = pytester.runpytest_subprocess("--gradckpt", "-p", "no:cacheprovider", "-k", "switched_off or purpose")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*test_checkpointing_switched_off*"])
+    result.stdout.fnmatch_lines(["*skipped, so nothing was judged*"])
