@@ -193,6 +193,80 @@ def test_bad_order(gradckpt):
     result.stderr.fnmatch_lines(["*compile_order='sideways': pass one of compile_outside, checkpoint_outside*"])
 
 
+_ORDER_TESTS = '''
+import pytest
+import torch
+from pytest_gradckpt.zoo.plain import tanh_net
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, hidden):
+        return hidden + self.down(torch.tanh(self.up(hidden)))
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, hidden):
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+def compiled_blocks():
+    torch.manual_seed(0)
+    net = Net()
+    for block in net.blocks:
+        block.compile(backend="aot_eager")
+    return net, torch.randn(4, 8, requires_grad=True)
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"])
+def test_the_option_places_checkpoints(gradckpt):
+    (result,) = gradckpt.check(*compiled_blocks()).results
+    assert result.metrics["compiled"]["order"] == "checkpoint_outside"
+    assert result.metrics["recomputed_layers"] == 2  # eager checkpoints around compiled bodies: counted
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"], compile_order="compile_outside")
+def test_the_marker_wins(gradckpt):
+    (result,) = gradckpt.check(*compiled_blocks()).results
+    assert result.metrics["compiled"]["order"] == "compile_outside"
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"])
+def test_an_eager_model_is_left_alone(gradckpt):
+    (result,) = gradckpt.check(*tanh_net()).results
+    assert "compiled" not in result.metrics
+'''
+
+
+@pytest.mark.parametrize("where", ["option", "ini"])
+def test_the_compile_order_option_and_its_ini_twin(pytester, where):
+    pytester.makepyfile(test_order=_ORDER_TESTS)
+    args = ["--gradckpt", "-p", "no:cacheprovider"]
+    if where == "option":
+        args.append("--gradckpt-compile-order=checkpoint_outside")
+    else:
+        pytester.makeini("[pytest]\ngradckpt_compile_order = checkpoint_outside\n")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=3)
+
+
+@pytest.mark.parametrize("where", ["option", "ini"])
+def test_a_bad_compile_order_option_is_a_usage_error(pytester, where):
+    pytester.makepyfile(test_order="def test_nothing():\n    pass\n")
+    args = ["--gradckpt", "-p", "no:cacheprovider"]
+    if where == "option":
+        args.append("--gradckpt-compile-order=sideways")
+    else:
+        pytester.makeini("[pytest]\ngradckpt_compile_order = sideways\n")
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--gradckpt-compile-order='sideways': pass one of compile_outside, "
+                                 "checkpoint_outside*"])
+
+
 # --------------------------------------------------------------------------- make test-compile
 
 
