@@ -412,3 +412,54 @@ def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> f
         for name in names:
             noise.rel_norm[name] = max(noise.rel_norm.get(name, 0.0), tolerance / NOISE_FACTOR)
     return tolerance
+
+
+# --------------------------------------------------------------------------- memory evidence under compile
+
+
+def boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False) -> int:
+    """Bytes of the tensors that enter or leave the checkpoint units in one forward (each storage
+    once): what a checkpointed program keeps whatever it recomputes (a checkpoint saves its
+    unit's inputs; a unit's output is the next unit's input, or what the code after it saves).
+    Measured on a fresh eager copy under ``torch.no_grad`` (shapes only; nothing is trained).
+
+    Example:
+        >>> from pytest_gradckpt.arguments import Subject
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+        >>> boundary_bytes(Subject(net, torch.ones(4, 8), None, None), ["0", "2"])  # in and out of each: 4 x (4 x 8) floats
+        512
+    """
+    from pytest_gradckpt.arguments import tensor_leaves
+
+    model = subject.fresh_model()
+    seen: dict[tuple[Any, int], int] = {}
+
+    def note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        for value in tensor_leaves((args, kwargs, output)).values():
+            if value.is_floating_point():
+                storage = value.untyped_storage()
+                seen[(value.device, storage.data_ptr())] = storage.nbytes()
+
+    handles = [model.get_submodule(name).register_forward_hook(note, with_kwargs=True) for name in layer_names]
+    mixed = torch.autocast(subject.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), mixed:
+            subject.call(model, subject.fresh_inputs())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(seen.values())
+
+
+def checkpoint_room(baseline_bytes: int, boundary: int) -> int:
+    """How many saved-activation bytes checkpointing could still cut from the compiled baseline's:
+    what the baseline saves beyond the units' :func:`boundary_bytes`. The compiled baseline already
+    rematerialises what is cheap (AOT autograd's min-cut partitioner); where it keeps no more than
+    the units' boundaries, checkpointing has nothing left to cut, and saved memory cannot tell
+    checkpointing applied from not applied (``verdicts.recompute_unobserved`` then stays silent).
+
+    Example:
+        >>> checkpoint_room(512, 512), checkpoint_room(4096, 512)
+        (0, 3584)
+    """
+    return baseline_bytes - boundary
