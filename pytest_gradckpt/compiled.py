@@ -451,15 +451,32 @@ def boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False)
     return sum(seen.values())
 
 
-def checkpoint_room(baseline_bytes: int, boundary: int) -> int:
+def checkpoint_room(baseline_bytes: int, boundary: int | None) -> int | None:
     """How many saved-activation bytes checkpointing could still cut from the compiled baseline's:
     what the baseline saves beyond the units' :func:`boundary_bytes`. The compiled baseline already
     rematerialises what is cheap (AOT autograd's min-cut partitioner); where it keeps no more than
     the units' boundaries, checkpointing has nothing left to cut, and saved memory cannot tell
     checkpointing applied from not applied (``verdicts.recompute_unobserved`` then stays silent).
 
+    ``boundary`` None (not measured): None, and the memory rule judges as without this.
+
     Example:
-        >>> checkpoint_room(512, 512), checkpoint_room(4096, 512)
-        (0, 3584)
+        >>> checkpoint_room(512, 512), checkpoint_room(4096, 512), checkpoint_room(512, None)
+        (0, 3584, None)
     """
-    return baseline_bytes - boundary
+    return None if boundary is None else baseline_bytes - boundary
+
+
+def try_boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False) -> int | None:
+    """:func:`boundary_bytes`, or None when that extra forward fails (the check goes on without it:
+    a model whose forward needs gradients on, say, is judged by memory as before).
+
+    Example:
+        >>> from pytest_gradckpt.arguments import Subject
+        >>> try_boundary_bytes(Subject(torch.nn.Linear(2, 2), torch.ones(1, 2), None, None), ["no.such.unit"]) is None
+        True
+    """
+    try:
+        return boundary_bytes(subject, layer_names, autocast)
+    except Exception:  # noqa: BLE001 - a missing measurement, never a crash of the check
+        return None

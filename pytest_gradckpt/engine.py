@@ -218,7 +218,7 @@ def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: S
     reference.compile_tolerance = tolerance  # type: ignore[attr-defined]
     if reference.run.compiled is not None:  # read by verdicts.recompute_unobserved
         reference.run.compiled["checkpoint_room_bytes"] = compiled.checkpoint_room(
-            reference.run.activation_bytes, compiled.boundary_bytes(subject, layer_names, scenario.autocast))
+            reference.run.activation_bytes, compiled.try_boundary_bytes(subject, layer_names, scenario.autocast))
     reference.why = (f"compiled ({subject.compilation.kind}); compile's distance from eager: "  # type: ignore[union-attr]
                      f"relative error norm up to {distance.largest:.3g}, tolerated up to {tolerance:.3g}")
 

@@ -224,7 +224,7 @@ def test_memory_is_no_evidence_where_checkpointing_has_nothing_to_cut():
     from pytest_gradckpt.strategies import get_strategy
 
     def rule(room: int | None) -> str | None:  # hand-built evidence: compiled, nothing counted, memory unchanged
-        base = Run(activation_bytes=512, compiled={} if room is None else {"checkpoint_room_bytes": room})
+        base = Run(activation_bytes=512, compiled={"checkpoint_room_bytes": room})  # None: not measured
         found = verdicts.Evidence(get_strategy("non_reentrant"), Run(activation_bytes=512, compiled={}),
                                   Baseline(base), grads=Comparison(), activation_reduction=0.0)
         return verdicts.recompute_unobserved(found, verdicts.Limits(rtol=0.0, atol=0.0))
