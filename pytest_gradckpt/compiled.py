@@ -225,6 +225,23 @@ def with_order(compilation: Compilation | None, order: str | None, elsewhere: bo
     return compilation.ordered(order)
 
 
+def blocks_order(model: nn.Module, order: str | None) -> str | None:
+    """A session-wide ``compile_order`` (``--gradckpt-compile-order`` or its ini twin) for ``model``:
+    ``order`` where the model has compiled blocks (the only place an order means something), None
+    for eager and whole-model compiled models, which a suite-wide default must leave alone.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> blocks_order(net, "checkpoint_outside") is None
+        True
+        >>> net[0].compile(backend="aot_eager")
+        >>> blocks_order(net, "checkpoint_outside")
+        'checkpoint_outside'
+    """
+    compilation = Compilation.of(model) if isinstance(model, nn.Module) else None
+    return order if compilation is not None and compilation.kind != WHOLE else None
+
+
 def eager_view(model: nn.Module) -> nn.Module:
     """The caller's own eager module under a top-level ``OptimizedModule`` (not a copy: the
     engine reads facts from it, never trains it); other models unchanged."""
@@ -349,37 +366,117 @@ def measure_distance(step: Any, subject: Any, scenario: Any, compiled_first: Any
         outputs=measure_noise(eager.outputs, compiled_run_.outputs).rel_norm)
 
 
-def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> None:
-    """Let a strategy's compiled program differ from the compiled baseline by up to compile's own
-    distance from eager (at most ``cap``, the dtype's noise cap): a checkpointed program is another
-    compilation of the same math (other fusions, other rounding, graph breaks that cut it into
-    other pieces), and compiled-vs-eager is a measured pair of two such compilations. The distance
-    is a property of the program, and one tensor's figure is a single noisy sample (a kind with
-    one tensor, the logits or the loss, is one sample only), so every compared tensor tolerates the
+#: How far a correct strategy's compiled program may be from the compiled baseline, in units of
+#: compile's measured distance from eager (the triangle inequality, docs/compile.md): with B the
+#: compiled baseline, S a strategy's compiled program and E the eager step, d(S, B) <= d(S, E) +
+#: d(E, B); a correct S is one more compilation of the same math, so d(S, E) is of the size of
+#: d(B, E), and d(S, B) <= 2 d(B, E). A strategy farther than that from its baseline is farther from
+#: eager than compiling itself moved the baseline.
+DISTANCE_FACTOR = 2.0
+
+
+def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> float:
+    """Let a strategy's compiled program differ from the compiled baseline by up to
+    :data:`DISTANCE_FACTOR` times compile's own distance from eager, at most ``cap`` (the dtype's
+    noise cap); returns that tolerance. A checkpointed program is another compilation of the same
+    math (other fusions, other rounding, graph breaks that cut it into other pieces), and
+    compiled-vs-eager is a measured pair of two such compilations; by the triangle inequality two
+    compilations each that far from eager are at most twice that far from each other. The distance
+    is a property of the program, and one tensor's figure is a single noisy sample (a kind with one
+    tensor, the logits or the loss, is one sample only), so every compared tensor tolerates the
     largest distance measured anywhere in the program. (Per kind was not enough: on an H200, 1.1B
     bf16 under whole-model compile, ``sequential``'s logits were 0.0284 from the compiled baseline
-    against a logits-only distance of about 0.028, while gradients moved by 0.049.) The baseline's
-    noise is tolerated up to :data:`~pytest_gradckpt.probes.gradients.NOISE_FACTOR` times, so the
-    distance enters divided by it.
+    against a logits-only distance of about 0.028; with the largest distance alone, 0.0489, its
+    gradients sat at 0.0487, inside by luck.) The baseline's noise is tolerated up to
+    :data:`~pytest_gradckpt.probes.gradients.NOISE_FACTOR` times, so the tolerance enters divided by it.
 
     Example:
         >>> from pytest_gradckpt.baselines import Baseline
         >>> from pytest_gradckpt.runs import Run
         >>> base = Baseline(Run(loss=torch.ones(()), grads={"a": torch.ones(2), "b": torch.ones(2)}))
         >>> tolerate_distance(base, CompileDistance(grads={"a": 0.03}, loss={"loss": 0.01}, outputs={}), cap=0.125)
+        0.06
         >>> {name: round(3 * noise, 3) for name, noise in base.grad_noise.rel_norm.items()}
-        {'a': 0.03, 'b': 0.03}
+        {'a': 0.06, 'b': 0.06}
         >>> round(3 * base.loss_noise.rel_norm["loss"], 3)
-        0.03
+        0.06
     """
     from pytest_gradckpt.probes.gradients import NOISE_FACTOR
 
-    largest = min(distance.largest, cap)
-    if largest == 0.0:
-        return
+    tolerance = min(DISTANCE_FACTOR * distance.largest, cap)
+    if tolerance == 0.0:
+        return tolerance
     run = baseline.run
     for noise, names in ((baseline.grad_noise, run.grads), (baseline.loss_noise, ("loss",)),
                          (baseline.output_noise, run.outputs)):
         for name in names:
-            noise.rel_norm[name] = max(noise.rel_norm.get(name, 0.0), largest / NOISE_FACTOR)
+            noise.rel_norm[name] = max(noise.rel_norm.get(name, 0.0), tolerance / NOISE_FACTOR)
+    return tolerance
 
+
+# --------------------------------------------------------------------------- memory evidence under compile
+
+
+def boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False) -> int:
+    """Bytes of the tensors that enter or leave the checkpoint units in one forward (each storage
+    once): what a checkpointed program keeps whatever it recomputes (a checkpoint saves its
+    unit's inputs; a unit's output is the next unit's input, or what the code after it saves).
+    Measured on a fresh eager copy under ``torch.no_grad`` (shapes only; nothing is trained).
+
+    Example:
+        >>> from pytest_gradckpt.arguments import Subject
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+        >>> boundary_bytes(Subject(net, torch.ones(4, 8), None, None), ["0", "2"])  # in and out of each: 4 x (4 x 8) floats
+        512
+    """
+    from pytest_gradckpt.arguments import tensor_leaves
+
+    model = subject.fresh_model()
+    seen: dict[tuple[Any, int], int] = {}
+
+    def note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        for value in tensor_leaves((args, kwargs, output)).values():
+            if value.is_floating_point():
+                storage = value.untyped_storage()
+                seen[(value.device, storage.data_ptr())] = storage.nbytes()
+
+    handles = [model.get_submodule(name).register_forward_hook(note, with_kwargs=True) for name in layer_names]
+    mixed = torch.autocast(subject.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), mixed:
+            subject.call(model, subject.fresh_inputs())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(seen.values())
+
+
+def checkpoint_room(baseline_bytes: int, boundary: int | None) -> int | None:
+    """How many saved-activation bytes checkpointing could still cut from the compiled baseline's:
+    what the baseline saves beyond the units' :func:`boundary_bytes`. The compiled baseline already
+    rematerialises what is cheap (AOT autograd's min-cut partitioner); where it keeps no more than
+    the units' boundaries, checkpointing has nothing left to cut, and saved memory cannot tell
+    checkpointing applied from not applied (``verdicts.recompute_unobserved`` then stays silent).
+
+    ``boundary`` None (not measured): None, and the memory rule judges as without this.
+
+    Example:
+        >>> checkpoint_room(512, 512), checkpoint_room(4096, 512), checkpoint_room(512, None)
+        (0, 3584, None)
+    """
+    return None if boundary is None else baseline_bytes - boundary
+
+
+def try_boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False) -> int | None:
+    """:func:`boundary_bytes`, or None when that extra forward fails (the check goes on without it:
+    a model whose forward needs gradients on, say, is judged by memory as before).
+
+    Example:
+        >>> from pytest_gradckpt.arguments import Subject
+        >>> try_boundary_bytes(Subject(torch.nn.Linear(2, 2), torch.ones(1, 2), None, None), ["no.such.unit"]) is None
+        True
+    """
+    try:
+        return boundary_bytes(subject, layer_names, autocast)
+    except Exception:  # noqa: BLE001 - a missing measurement, never a crash of the check
+        return None

@@ -177,19 +177,24 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                                                   atol=default_atol if given_atol is None else given_atol,
                                                   **memory_cuts)
                 key = (report.model, scenario.name, seed, str(subject.device), tuple(stepper.layer_names),
-                       tuple(sorted(settings.items())) if scenario.distributed else (), baseline_kind)
+                       tuple(sorted(settings.items())) if scenario.distributed else (), baseline_kind,
+                       # an eager and a compiled model of one name, or two compile orders, have other baselines
+                       None if subject.compilation is None else (subject.compilation.kind, subject.compilation.order))
                 if cache is not None and key in cache:
                     reference = cache[key]
                 else:
                     reference = baselines.build(step, scenario, subject.name, dtype, baseline_kind)
                     if subject.compilation is not None and isinstance(reference, baselines.Baseline):
-                        _judge_under_compile(step, subject, scenario, reference, dtype)
+                        _judge_under_compile(step, subject, scenario, reference, dtype, stepper.layer_names)
                     _make_room(reference, subject)
                     if cache is not None:
                         cache[key] = reference
                 report.baseline[scenario.name] = reference.summary()
                 if hasattr(reference, "compile_distance"):
                     report.baseline[scenario.name]["compile_distance"] = reference.compile_distance
+                    report.baseline[scenario.name]["compile_tolerance"] = reference.compile_tolerance
+                    report.baseline[scenario.name]["checkpoint_room_bytes"] = (
+                        reference.run.compiled or {}).get("checkpoint_room_bytes")
                 if scenario.distributed:
                     report.baseline[scenario.name]["ranks"] = describe_ranks(settings, subject.device)
                 if determinism.note:
@@ -204,14 +209,18 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
 
 
 def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: Scenario,
-                         reference: baselines.Baseline, dtype: torch.dtype) -> None:
+                         reference: baselines.Baseline, dtype: torch.dtype, layer_names: list[str]) -> None:
     """Compiled strategies are compared with the compiled baseline, within compile's own measured
-    distance from eager (docs/compile.md)."""
+    distance from eager, and judged by memory only where checkpointing has room to cut (docs/compile.md)."""
     distance = compiled.measure_distance(step, subject, scenario, reference.run)
-    compiled.tolerate_distance(reference, distance, noise_cap(dtype))
+    tolerance = compiled.tolerate_distance(reference, distance, noise_cap(dtype))
     reference.compile_distance = distance.largest  # type: ignore[attr-defined]
+    reference.compile_tolerance = tolerance  # type: ignore[attr-defined]
+    if reference.run.compiled is not None:  # read by verdicts.recompute_unobserved
+        reference.run.compiled["checkpoint_room_bytes"] = compiled.checkpoint_room(
+            reference.run.activation_bytes, compiled.try_boundary_bytes(subject, layer_names, scenario.autocast))
     reference.why = (f"compiled ({subject.compilation.kind}); compile's distance from eager: "  # type: ignore[union-attr]
-                     f"relative error norm up to {distance.largest:.3g}")
+                     f"relative error norm up to {distance.largest:.3g}, tolerated up to {tolerance:.3g}")
 
 
 def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subject) -> None:

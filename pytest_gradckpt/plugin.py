@@ -67,6 +67,9 @@ _OPTIONS: list[tuple[str, str, Literal["bool", "string", "linelist"], dict[str, 
      "exit codes for 'git bisect run': 0 good, 1 bad, 125 when the code under test cannot be imported"),
     ("--gradckpt-update-expected", "gradckpt_update_expected", "bool", {"action": "store_true", "default": None},
      "packaged suite: write this run's verdicts as the installed transformers line's expectations, for review"),
+    ("--gradckpt-compile-order", "gradckpt_compile_order", "string", {"metavar": "compile_outside|checkpoint_outside"},
+     "for models with compiled blocks, where checkpoints sit (default compile_outside); eager and whole-model "
+     "compiled models are unaffected; the marker's compile_order= wins"),
 ]
 
 
@@ -156,6 +159,7 @@ def pytest_configure(config: pytest.Config) -> None:
             settings.check_baseline(option(config, "gradckpt_baseline"), "--gradckpt-baseline")
         settings.check_scenario_names(settings.split_names(option(config, "gradckpt_scenarios")),
                                       "--gradckpt-scenarios")
+        settings.check_compile_order(option(config, "gradckpt_compile_order"), "--gradckpt-compile-order")
         if option(config, "gradckpt_compare"):
             from pytest_gradckpt import golden
 
@@ -373,6 +377,9 @@ class Checker:
         pytest.skip(f"{model}: {reason}")
 
 
+#: ``check_options`` key for --gradckpt-compile-order (validated at configure), resolved per model by run_check.
+SESSION_COMPILE_ORDER = "session_compile_order"
+
 #: The check options a trainer check takes (the trainer decides strategy and scenario itself).
 TRAINER_OPTIONS = frozenset({"rtol", "atol", "min_memory_reduction", "seed", "timeout"})
 
@@ -394,6 +401,9 @@ def check_options(config: pytest.Config, marker: dict[str, Any], strategies: lis
     chosen["device"] = option(config, "gradckpt_device")
     if option(config, "gradckpt_baseline") is not None:
         chosen.setdefault("baseline", option(config, "gradckpt_baseline"))
+    if "compile_order" not in chosen and option(config, "gradckpt_compile_order") is not None:
+        # a session-wide default: run_check applies it to models with compiled blocks only
+        chosen[SESSION_COMPILE_ORDER] = option(config, "gradckpt_compile_order")
     return chosen
 
 
@@ -405,6 +415,11 @@ def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[...,
     from pytest_gradckpt.engine import check
 
     node.stash[checks_key] = node.stash.get(checks_key, 0) + 1
+    if SESSION_COMPILE_ORDER in options:
+        from pytest_gradckpt.compiled import blocks_order
+
+        options = dict(options)
+        options["compile_order"] = blocks_order(model, options.pop(SESSION_COMPILE_ORDER))
     try:
         report = check(model, inputs, loss=loss, name=name, cache=node.config.stash[baselines_key], **options)
     except GradckptUsageError as error:

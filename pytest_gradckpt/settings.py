@@ -81,7 +81,7 @@ def check_timeout(value: Any) -> float | None:
 COMPILE_ORDERS = ("compile_outside", "checkpoint_outside")
 
 
-def check_compile_order(value: Any) -> str | None:
+def check_compile_order(value: Any, where: str = "compile_order") -> str | None:
     """Validate ``compile_order`` (None: the default, checkpoints inside the compiled code).
 
     Example:
@@ -93,7 +93,7 @@ def check_compile_order(value: Any) -> str | None:
         pytest_gradckpt.errors.GradckptUsageError: compile_order='sideways': pass one of compile_outside, checkpoint_outside
     """
     if value is not None and value not in COMPILE_ORDERS:
-        raise GradckptUsageError(f"compile_order={value!r}: pass one of {', '.join(COMPILE_ORDERS)}")
+        raise GradckptUsageError(f"{where}={value!r}: pass one of {', '.join(COMPILE_ORDERS)}")
     return value
 
 

@@ -193,6 +193,160 @@ def test_bad_order(gradckpt):
     result.stderr.fnmatch_lines(["*compile_order='sideways': pass one of compile_outside, checkpoint_outside*"])
 
 
+class TanhBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(hidden))
+
+
+class TinyNet(torch.nn.Module):
+    """Blocks so cheap that the compiled program without checkpointing already keeps only what
+    enters and leaves each block: checkpointing has nothing to cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(TanhBlock() for _ in range(3))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+def test_memory_is_no_evidence_where_checkpointing_has_nothing_to_cut():
+    from pytest_gradckpt import verdicts
+    from pytest_gradckpt.baselines import Baseline
+    from pytest_gradckpt.probes.gradients import Comparison
+    from pytest_gradckpt.runs import Run
+    from pytest_gradckpt.strategies import get_strategy
+
+    def rule(room: int | None) -> str | None:  # hand-built evidence: compiled, nothing counted, memory unchanged
+        base = Run(activation_bytes=512, compiled={"checkpoint_room_bytes": room})  # None: not measured
+        found = verdicts.Evidence(get_strategy("non_reentrant"), Run(activation_bytes=512, compiled={}),
+                                  Baseline(base), grads=Comparison(), activation_reduction=0.0)
+        return verdicts.recompute_unobserved(found, verdicts.Limits(rtol=0.0, atol=0.0))
+
+    assert rule(0) is None and rule(-128) is None
+    assert "under compile" in rule(128) and "under compile" in rule(None)
+
+
+@pytest.mark.parametrize("how", ["whole", "per_block"])
+def test_tiny_blocks_under_compile_are_no_false_alarm(how):
+    torch.manual_seed(0)
+    model = TinyNet()
+    eager_model = copy.deepcopy(model)
+    if how == "whole":
+        model = torch.compile(model, backend="aot_eager")
+    else:
+        for block in model.blocks:
+            block.compile(backend="aot_eager")
+    inputs = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    report = gc.check(model, inputs, strategies=["non_reentrant", "sac", strategy(mutations.not_checkpointing)])
+    assert report.baseline["train"]["checkpoint_room_bytes"] == 0
+    for result in report.results:  # before: non_reentrant and sac 'not_applied' (saved activations fell by 0%)
+        assert result.outcome == "pass", (result.strategy, result.message)
+    # Ground truth in plain torch: compiled with and without checkpointing save the same bytes
+    # (the blocks' inputs and the last output: 4 x 4 x 8 floats) and give the same gradients.
+    plain, plain_bytes = _saved_step(eager_model, inputs, None)
+    ckpt, ckpt_bytes = _saved_step(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False))
+    assert plain_bytes == ckpt_bytes == 4 * 4 * 8 * 4 and torch.equal(plain, ckpt)
+
+
+def _saved_step(model: torch.nn.Module, inputs: torch.Tensor, wrap) -> tuple[torch.Tensor, int]:
+    """Plain torch: the blocks compiled as one program (aot_eager); (gradients, bytes autograd saved, each storage once)."""
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    step = torch.compile(lambda x: _blocks(target, x, wrap), backend="aot_eager")
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.nn.Parameter):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(inputs.detach().requires_grad_()).square().mean()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in target.parameters()]), sum(saved.values())
+
+
+_ORDER_TESTS = '''
+import pytest
+import torch
+from pytest_gradckpt.zoo.plain import tanh_net
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, hidden):
+        return hidden + self.down(torch.tanh(self.up(hidden)))
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, hidden):
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+def compiled_blocks():
+    torch.manual_seed(0)
+    net = Net()
+    for block in net.blocks:
+        block.compile(backend="aot_eager")
+    return net, torch.randn(4, 8, requires_grad=True)
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"])
+def test_the_option_places_checkpoints(gradckpt):
+    (result,) = gradckpt.check(*compiled_blocks()).results
+    assert result.metrics["compiled"]["order"] == "checkpoint_outside"
+    assert result.metrics["recomputed_layers"] == 2  # eager checkpoints around compiled bodies: counted
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"], compile_order="compile_outside")
+def test_the_marker_wins(gradckpt):
+    (result,) = gradckpt.check(*compiled_blocks()).results
+    assert result.metrics["compiled"]["order"] == "compile_outside"
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"])
+def test_an_eager_model_is_left_alone(gradckpt):
+    (result,) = gradckpt.check(*tanh_net()).results
+    assert "compiled" not in result.metrics
+'''
+
+
+@pytest.mark.parametrize("where", ["option", "ini"])
+def test_the_compile_order_option_and_its_ini_twin(pytester, where):
+    pytester.makepyfile(test_order=_ORDER_TESTS)
+    args = ["--gradckpt", "-p", "no:cacheprovider"]
+    if where == "option":
+        args.append("--gradckpt-compile-order=checkpoint_outside")
+    else:
+        pytester.makeini("[pytest]\ngradckpt_compile_order = checkpoint_outside\n")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=3)
+
+
+@pytest.mark.parametrize("where", ["option", "ini"])
+def test_a_bad_compile_order_option_is_a_usage_error(pytester, where):
+    pytester.makepyfile(test_order="def test_nothing():\n    pass\n")
+    args = ["--gradckpt", "-p", "no:cacheprovider"]
+    if where == "option":
+        args.append("--gradckpt-compile-order=sideways")
+    else:
+        pytester.makeini("[pytest]\ngradckpt_compile_order = sideways\n")
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--gradckpt-compile-order='sideways': pass one of compile_outside, "
+                                 "checkpoint_outside*"])
+
+
 # --------------------------------------------------------------------------- make test-compile
 
 
