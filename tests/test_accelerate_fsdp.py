@@ -121,3 +121,11 @@ def test_unsharded_copy_trains_like_the_plain_model(one_rank, version):
     for name, expected in truth.items():
         torch.testing.assert_close(got[name], expected, rtol=1.3e-6, atol=1e-5)
     assert all(a is b for a, b in zip(before, [p.grad for p in sharded.parameters()], strict=True))
+
+
+def test_an_fsdp_model_that_cannot_be_copied_is_refused_by_name(one_rank):
+    sharded = _sharded(1)
+    sharded.module.model.layers[0]._checkpoint_wrapped_module.handle = torch.cuda  # a Python module: no copy
+    with pytest.raises(gc.GradckptUsageError, match=r"attribute model.layers.0._checkpoint_wrapped_module.handle "
+                                                    r"\(module\) fails to copy \(TypeError: cannot pickle"):
+        unsharded_copy(sharded)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_gradckpt.errors import GradckptUsageError
+
 _FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable")
 
 
@@ -56,7 +58,28 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
 
         context = FullyShardedDataParallel.summon_full_params(model, writeback=False)
     with context, torch.no_grad():
-        return _plain(model, {})
+        twin = _plain(model, {})
+    _refuse_uncopyable(twin)
+    return twin
+
+
+def _refuse_uncopyable(twin: nn.Module) -> None:
+    """The check deep-copies the copy for every run: name the attribute that cannot be copied, if any,
+    rather than let the first run fail as if the model did (the modules and tensors themselves are
+    copied by their own rules, so the memo stops there)."""
+    memo: dict[int, Any] = {id(x): x for x in [*twin.modules(), *twin.parameters(), *twin.buffers()]}
+    for name, module in twin.named_modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            try:
+                copy.deepcopy(value, dict(memo))
+            except Exception as error:  # noqa: BLE001 - named in the usage error
+                where = f"{name}.{key}" if name else key
+                raise GradckptUsageError(
+                    f"check_trainer: the FSDP-prepared model cannot be copied for the check: its attribute {where} "
+                    f"({type(value).__name__}) fails to copy ({type(error).__name__}: {error}); remove or rebuild that "
+                    "attribute, or check the model before FSDP wraps it") from error
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
