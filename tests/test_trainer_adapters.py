@@ -155,6 +155,7 @@ def test_lightning_policy_on_layernorm_blocks_passes():
     before = copy.deepcopy(fit.module.state_dict())
     [result] = gc.check_trainer(fit).results
     assert result.outcome == "pass", result.message
+    assert result.strategy == "FSDPStrategy(activation_checkpointing_policy={Block})"
     assert result.metrics["recomputed_units"]
     assert not any("_checkpoint_wrapped_module" in n for n, _ in fit.module.named_parameters())
     assert all(torch.equal(before[n], t) for n, t in fit.module.state_dict().items())
@@ -167,3 +168,11 @@ def test_lightning_policy_on_batchnorm_blocks_updates_statistics_twice():
     assert result.outcome == "buffers"
     assert "blocks.0.norm" in result.message
     assert "out of FSDPStrategy.activation_checkpointing_policy" in result.message
+
+
+def test_lightning_fit_names_an_unknown_accelerator():
+    import dataclasses
+
+    fit = dataclasses.replace(_fit(torch.nn.LayerNorm), accelerator="tpu")
+    with pytest.raises(gc.GradckptUsageError, match=r"Fit\(accelerator='tpu'\); use 'auto', 'cuda' or 'cpu'"):
+        gc.check_trainer(fit)

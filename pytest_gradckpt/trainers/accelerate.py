@@ -6,7 +6,8 @@ Checkpointing is what the prepared model carries: transformers' switch
 (``gradient_checkpointing_enable``, called before ``prepare``) or torch's checkpoint wrappers
 (``apply_activation_checkpointing``, as accelerate's FSDP plugin applies them with
 ``activation_checkpointing=True``). "Off" is the same model with the switch off and the
-wrappers removed.
+wrappers removed. A model FSDP wraps is stepped as a copy without FSDP
+(:mod:`pytest_gradckpt.trainers.unshard`): its checkpoint wrappers and parameters, not its sharding.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pytest_gradckpt.layers import transformers_model_in
 from pytest_gradckpt.trainers.adapter import (Configuration, TrainerAdapter, count_checkpoint_wrappers,
                                               kwargs_advice, unwrap_checkpoint_wrappers)
 from pytest_gradckpt.trainers.preserve import restored_attributes
+from pytest_gradckpt.trainers.unshard import unsharded_copy
 
 
 @dataclasses.dataclass
@@ -69,10 +71,9 @@ class AccelerateAdapter(TrainerAdapter):
         parts = []
         if kwargs is not None:
             parts.append(f"model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={kwargs})")
-        impls = sorted({str(getattr(getattr(m, "checkpoint_impl", None), "name", "OFFLOAD"))
-                        for m in trainer.model.modules() if type(m).__name__ in ("CheckpointWrapper", "OffloadWrapper")})
         if wrappers:
-            parts.append(f"{wrappers} torch checkpoint wrapper(s) ({', '.join(impls)}; apply_activation_checkpointing)")
+            settings = ", ".join(_wrapper_settings(trainer.model))
+            parts.append(f"{wrappers} torch checkpoint wrapper(s) ({settings}; apply_activation_checkpointing)")
         label = " + ".join(parts) or "no checkpointing in the prepared model"
         field = ("the gradient_checkpointing_kwargs given to model.gradient_checkpointing_enable before "
                  "accelerator.prepare" if kwargs is not None else
@@ -86,7 +87,8 @@ class AccelerateAdapter(TrainerAdapter):
                                    getattr(accelerator, "state", None))
 
     def model(self, trainer: Any) -> nn.Module:
-        return trainer.model
+        # An FSDP-prepared model cannot be deep-copied: the runs start from a copy without FSDP
+        return unsharded_copy(trainer.model)
 
     def batches(self, trainer: Any) -> Any:
         steps = getattr(trainer.accelerator, "gradient_accumulation_steps", 1) or 1
@@ -113,7 +115,7 @@ class AccelerateAdapter(TrainerAdapter):
         model.train()
         total = torch.zeros(())
         for batch in batches:
-            with accelerator.accumulate(model), accelerator.autocast():
+            with _accumulating(accelerator, model), accelerator.autocast():
                 output = model(**batch) if isinstance(batch, Mapping) else model(*_positional(batch))
                 loss = loss_fn(output, batch)
             accelerator.backward(loss)
@@ -125,6 +127,11 @@ class AccelerateAdapter(TrainerAdapter):
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, super().compute_dtype(trainer, model))
 
     def advice(self, configuration: Configuration, outcome: str, message: str) -> str:
+        if "preserve_rng_state=False" in configuration.label and outcome in ("mismatch", "buffers"):
+            return ("The checkpoint wrappers are built with preserve_rng_state=False (accelerate's FSDP2 "
+                    "activation_checkpointing builds them so): the recompute draws new dropout masks, so gradients no "
+                    "longer belong to the forward that made the loss. Wrap with checkpoint_wrapper(...) keeping "
+                    "preserve_rng_state=True (apply_activation_checkpointing yourself), or train without dropout")
         if "REENTRANT" in configuration.label.replace("NO_REENTRANT", "") and outcome in ("silent", "error"):
             return ("Wrap with checkpoint_wrapper(..., checkpoint_impl=CheckpointImpl.NO_REENTRANT) in "
                     "apply_activation_checkpointing: reentrant checkpointing loses gradients when no input of a "
@@ -132,6 +139,27 @@ class AccelerateAdapter(TrainerAdapter):
         return kwargs_advice(configuration.kwargs, configuration.kwargs_field, outcome) or (
             f"The prepared model ({configuration.label}) trains differently from the same model without "
             f"checkpointing; change {configuration.field}")
+
+
+def _wrapper_settings(model: nn.Module) -> list[str]:
+    """How the torch checkpoint wrappers in ``model`` checkpoint: their impl, and preserve_rng_state=False if set."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+
+    found = set()
+    for module in model.modules():
+        if isinstance(module, ActivationWrapper):
+            impl = getattr(getattr(module, "checkpoint_impl", None), "name", "OFFLOAD")
+            keywords = getattr(getattr(module, "checkpoint_fn", None), "keywords", {}) or {}
+            found.add(impl + (", preserve_rng_state=False" if keywords.get("preserve_rng_state") is False else ""))
+    return sorted(found)
+
+
+def _accumulating(accelerator: Any, model: nn.Module) -> Any:
+    """``accelerator.accumulate(model)``; for FSDP2 the unsharded copy has no gradient sync to turn off
+    (accelerate would call ``set_requires_gradient_sync`` on it), so only the accumulation bookkeeping runs."""
+    if getattr(accelerator, "is_fsdp2", False) and not hasattr(model, "set_requires_gradient_sync"):
+        return accelerator.accumulate()
+    return accelerator.accumulate(model)
 
 
 def _positional(batch: Any) -> tuple[Any, ...]:

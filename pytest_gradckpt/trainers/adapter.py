@@ -72,6 +72,12 @@ class TrainerAdapter:
         every micro-batch; returns the loss. No optimizer step."""
         raise NotImplementedError
 
+    def device(self, trainer: Any, model: nn.Module) -> torch.device:
+        """Where the trainer runs its step (the memory probes measure there): where ``model`` is, by default."""
+        from pytest_gradckpt.arguments import model_device
+
+        return model_device(model)
+
     def compute_dtype(self, trainer: Any, model: nn.Module) -> torch.dtype:
         """The dtype tolerances are chosen for (bf16 under the trainer's autocast)."""
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

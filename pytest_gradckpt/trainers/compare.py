@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from pytest_gradckpt import baselines, outcomes, verdicts
-from pytest_gradckpt.arguments import model_device, tensor_bytes
+from pytest_gradckpt.arguments import tensor_bytes
 from pytest_gradckpt.errors import GradckptUsageError, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
@@ -64,7 +64,7 @@ class TrainerStepper:
         self.adapter, self.trainer, self.batches = adapter, trainer, batches
         self.seed, self.timeout = seed, timeout
         self.model = adapter.model(trainer)  # taken once: the trainer's step may point the trainer at its copy
-        self.device = model_device(self.model)
+        self.device = adapter.device(trainer, self.model)  # Lightning moves its copies to the GPU
         self.layer_names, self.found_by = find_layers(self.model)
 
     def step(self, scenario: Any, strategy: Strategy | None, grad_targets: Any = None) -> Run:

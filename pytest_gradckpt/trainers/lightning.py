@@ -40,6 +40,17 @@ class Fit:
     train_dataloaders: Iterable[Any]
     accumulate_grad_batches: int = 1
     precision: str = "32-true"
+    #: ``Trainer(accelerator=...)``: ``"auto"`` (CUDA when there is one, as Lightning picks), ``"cuda"`` or ``"cpu"``
+    accelerator: str = "auto"
+
+
+def _device(fit: Fit) -> torch.device:
+    """Where Lightning would train: the module's copy and its batches are moved there."""
+    if fit.accelerator not in ("auto", "cuda", "gpu", "cpu"):
+        raise GradckptUsageError(f"check_trainer: Fit(accelerator={fit.accelerator!r}); use 'auto', 'cuda' or 'cpu'")
+    if fit.accelerator in ("cuda", "gpu") or (fit.accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _policy_kwargs(strategy: Any) -> dict[str, Any]:
@@ -49,6 +60,14 @@ def _policy_kwargs(strategy: Any) -> dict[str, Any]:
             f"check_trainer: {type(strategy).__name__} has no activation_checkpointing_policy; pass the "
             "FSDPStrategy(activation_checkpointing_policy=...) the Trainer is built with")
     return dict(kwargs)
+
+
+def _policy_label(kwargs: dict[str, Any]) -> str:
+    """The policy as the user wrote it: the module classes of Lightning's ``ModuleWrapPolicy``, else its kind."""
+    classes = [c for v in kwargs.values() for c in getattr(v, "_module_classes", ())]
+    if classes:
+        return "{" + ", ".join(sorted(c.__name__ for c in classes)) + "}"
+    return ", ".join(f"{k}={getattr(v, '__qualname__', type(v).__name__)}" for k, v in kwargs.items()) or "none"
 
 
 class LightningAdapter(TrainerAdapter):
@@ -62,8 +81,7 @@ class LightningAdapter(TrainerAdapter):
     def configuration(self, trainer: Any) -> Configuration:
         kwargs = _policy_kwargs(trainer.strategy)
         strategy = type(trainer.strategy).__name__
-        policy = ", ".join(f"{k}={getattr(v, '__qualname__', type(v).__name__)}" for k, v in kwargs.items())
-        label = f"{strategy}(activation_checkpointing_policy -> {policy or 'none'})"
+        label = f"{strategy}(activation_checkpointing_policy={_policy_label(kwargs)})"
         return Configuration(bool(kwargs), label, f"{strategy}.activation_checkpointing_policy", {}, "")
 
     def preserved(self, trainer: Any) -> Any:
@@ -83,6 +101,7 @@ class LightningAdapter(TrainerAdapter):
         from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 
         unwrap_checkpoint_wrappers(model)
+        model.to(_device(trainer))
         if enabled:
             _setup_activation_checkpointing(model, _policy_kwargs(trainer.strategy))
 
@@ -90,14 +109,17 @@ class LightningAdapter(TrainerAdapter):
         from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
         if "mixed" in str(trainer.precision):
-            return MixedPrecision(str(trainer.precision), "cpu")
+            return MixedPrecision(str(trainer.precision), _device(trainer).type)
         return Precision()
 
     def step(self, trainer: Any, model: nn.Module, batches: Any) -> torch.Tensor:
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
         precision = self._precision(trainer)
         model.train()
         total = torch.zeros(())
         for index, batch in enumerate(batches):
+            batch = move_data_to_device(batch, _device(trainer))
             with precision.train_step_context():
                 output = model.training_step(batch, index)
             loss = output["loss"] if isinstance(output, dict) else output
@@ -105,6 +127,9 @@ class LightningAdapter(TrainerAdapter):
             model.backward(loss / max(1, trainer.accumulate_grad_batches))
             total = total + loss.detach().float().cpu()
         return total
+
+    def device(self, trainer: Any, model: nn.Module) -> torch.device:
+        return _device(trainer)
 
     def compute_dtype(self, trainer: Any, model: nn.Module) -> torch.dtype:
         precision = str(trainer.precision)
