@@ -81,11 +81,16 @@ def one_rank(tmp_path):
     dist.destroy_process_group()
 
 
-def _sharded(version):
+def _sharded(version, amp_forward=False):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    if amp_forward:  # what Accelerator.prepare_model does under mixed precision, before FSDP wraps the model
+        from accelerate.utils import convert_outputs_to_fp32
+
+        model._original_forward = model.forward
+        model.forward = types.MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
     if version == 2:
         from torch.distributed.fsdp import fully_shard
 
@@ -102,13 +107,14 @@ def _sharded(version):
     return model
 
 
+@pytest.mark.parametrize("amp_forward", [False, True])
 @pytest.mark.parametrize("version", [1, 2])
-def test_unsharded_copy_trains_like_the_plain_model(one_rank, version):
+def test_unsharded_copy_trains_like_the_plain_model(one_rank, version, amp_forward):
     torch.manual_seed(0)
     plain = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     batch = llama_inputs()
     truth = dict(zip([n for n, _ in plain.named_parameters()], _gradients(plain, batch), strict=True))
-    sharded = _sharded(version)
+    sharded = _sharded(version, amp_forward)
     sharded(**batch).loss.backward()  # the sharded model has run (FSDP's lazy init done) before it is copied
     before = [p.grad for p in sharded.parameters()]
     twin = copy.deepcopy(unsharded_copy(sharded))  # the check deep-copies it for every run

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from collections import OrderedDict
 from typing import Any
 
@@ -103,6 +104,15 @@ def _own_hooks(hooks: dict[Any, Any], original: nn.Module, twin: nn.Module) -> d
     return kept
 
 
+def _rebind_own_methods(twin: nn.Module, original: nn.Module) -> None:
+    """Instance attributes that are methods bound to ``original`` are bound to ``twin``: accelerate's
+    mixed precision replaces ``forward`` (and keeps ``_original_forward``) with methods of the model it
+    prepares; left bound there, the copy would run the prepared, sharded model's forward."""
+    for key, value in list(vars(twin).items()):
+        if isinstance(value, types.MethodType) and value.__self__ is original:
+            twin.__dict__[key] = types.MethodType(value.__func__, twin)
+
+
 def _plain(module: nn.Module, made: dict[int, Any]) -> nn.Module:
     if _fsdp1(module):
         return _plain(module._fsdp_wrapped_module, made)
@@ -116,6 +126,7 @@ def _plain(module: nn.Module, made: dict[int, Any]) -> nn.Module:
     # fully_shard keeps its state under a '__composable_api_state_key_...' attribute: left behind
     twin.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__composable_api_state")})
     made[id(module)] = twin
+    _rebind_own_methods(twin, module)
     for name, value in list(vars(module).items()):
         if name.endswith("hooks") or name.endswith("hooks_with_kwargs") or name.endswith("always_called"):
             twin.__dict__[name] = _own_hooks(value, module, twin) if isinstance(value, dict) else copy.copy(value)
