@@ -159,8 +159,9 @@ class Launcher:
 
     @staticmethod
     def _fold(payloads: dict[int, dict[str, Any]], world_size: int) -> Run:
-        """The ranks' payloads as one Run: rank 0's measurements, every rank's peak, whether
-        they agree, or the first rank's failure."""
+        """The ranks' payloads as one Run: rank 0's tensors, every probe's measurement merged over
+        the ranks (:func:`pytest_gradckpt.probes.registry.merge`), whether they agree, or the first
+        rank's failure."""
         run = Run()
         failed = [p for p in payloads.values() if "error" in p]
         usage = [p for p in failed if p.get("usage")]

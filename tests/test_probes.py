@@ -199,3 +199,14 @@ def test_every_registered_probe_ships_and_comes_back_alike() -> None:
     assert sorted(payload["measured"]) == sorted(kind.name for kind in registry.PROBES)
     assert Run.from_payload(payload).measured == measured
     assert not set(registry.metric_keys()) & {field.name for field in dataclasses.fields(Run)}
+
+
+def test_an_isolated_step_keeps_every_measurement() -> None:
+    """What ships from a child process is every registered probe's measurement. (A hand-kept list
+    of shipped fields once left ``saved_elsewhere_units`` out: isolated offload runs reported none.)"""
+    inputs = torch.randn(4, 8, requires_grad=True)
+    here = gc.check(net(), inputs, strategies=["torch_offload_wrapper"]).results[0]
+    child = gc.check(net(), inputs, strategies=["torch_offload_wrapper"], isolate=True).results[0]
+    assert here.metrics["saved_elsewhere_units"] == ["0", "1", "2"]  # the wrapper offloads every block
+    for key in ("saved_elsewhere_units", "recomputed_units", "layer_calls", "activation_bytes", "warnings"):
+        assert child.metrics[key] == here.metrics[key], key
