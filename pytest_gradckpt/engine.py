@@ -3,6 +3,10 @@
     subject (:mod:`arguments`) -> runs, each with its probes (:mod:`runs`)
     -> baseline (:mod:`baselines`) -> evidence -> verdict rules in one ordered table (:mod:`verdicts`)
 
+:func:`check` is a list of named stages: the options validated once (:class:`_Options`), the
+stepper (:func:`_stepper`), then per scenario (:func:`_check_scenario`) the baseline, built or
+cached (:func:`_baseline`), and every strategy judged against it (:func:`_judge_one`).
+
 Knows nothing of pytest. Distributed scenarios run the same step inside ranks that
 :mod:`distributed` starts; this module only chooses which step function a scenario uses.
 """
