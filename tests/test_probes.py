@@ -210,3 +210,48 @@ def test_an_isolated_step_keeps_every_measurement() -> None:
     assert here.metrics["saved_elsewhere_units"] == ["0", "1", "2"]  # the wrapper offloads every block
     for key in ("saved_elsewhere_units", "recomputed_units", "layer_calls", "activation_bytes", "warnings"):
         assert child.metrics[key] == here.metrics[key], key
+
+
+UNDER_TORCHRUN = """
+import json, sys
+import torch
+import pytest_gradckpt as gc
+from pytest_gradckpt.distributed import join_launch, leave_launch
+from pytest_gradckpt.probes import registry
+from tests.test_probes import ForwardCalls, net
+
+rank = join_launch("cpu")
+with registry.using(ForwardCalls):
+    torch.manual_seed(1)
+    report = gc.check(net(), torch.randn(4, 8, requires_grad=True), strategies=["non_reentrant"], scenarios=["ddp"])
+metrics = report.results[0].metrics
+with open(sys.argv[1] + str(rank), "w") as out:
+    json.dump([report.results[0].outcome, metrics["ranks"], metrics["forward_calls_per_rank"], metrics["forward_calls"]], out)
+leave_launch()
+"""
+
+
+def test_under_torchrun_every_rank_merges_the_ranks_measurements(tmp_path) -> None:
+    """Ranks of a launch someone else started (as torchrun sets them up): each gathers every rank's
+    host form and merges them, so every rank reports the same sum."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    root = pathlib.Path(__file__).parent.parent
+    processes = [subprocess.Popen([sys.executable, "-c", UNDER_TORCHRUN, str(tmp_path / "rank")], cwd=root,
+                                  env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                                           PYTHONPATH=str(root)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [(p.wait(timeout=300), p.stdout.read() if p.stdout else "") for p in processes]
+    assert [status for status, _ in outputs] == [0, 0], outputs
+    for rank in (0, 1):
+        outcome, ranks, per_rank, total = json.loads((tmp_path / f"rank{rank}").read_text())
+        assert (outcome, ranks) == ("pass", "2 ranks of the running process group (torchrun), gloo")
+        assert (per_rank, total) == ([13, 13], 26)  # each rank's copy: the count of plain_forward_calls(True)
