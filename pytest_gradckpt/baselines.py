@@ -30,7 +30,10 @@ import torch
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.errors import (
     GradckptUsageError, HarnessFailure, NotReplayable, StrategyNotApplicable, describe_error)
+from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap
+from pytest_gradckpt.probes.memory import MemoryProbe
+from pytest_gradckpt.probes.timing import StepTime, Timed
 from pytest_gradckpt.runs import Run
 from pytest_gradckpt.strategies import Strategy
 from pytest_gradckpt.replay import LAYER_REPLAY
@@ -66,13 +69,13 @@ class Baseline:
 
     def summary(self) -> dict[str, object]:
         """What the report says of this baseline."""
-        run = self.run
+        run, cuda = self.run, self.run.of(CudaProbe)
         summary: dict[str, object] = {
             "judged": True, "kind": self.kind, "loss": None if run.loss is None else float(run.loss), "noise": self.noise,
-            "activation_bytes": run.activation_bytes, "cuda_peak_bytes": run.cuda_peak_bytes,
-            "seconds": run.seconds}
-        if run.rank_cuda_peak_bytes:
-            summary["rank_cuda_peak_bytes"] = run.rank_cuda_peak_bytes
+            "activation_bytes": run.of(MemoryProbe).activation_bytes, "cuda_peak_bytes": cuda.cuda_peak_bytes,
+            "seconds": run.of(StepTime).seconds}
+        if cuda.rank_cuda_peak_bytes:
+            summary["rank_cuda_peak_bytes"] = cuda.rank_cuda_peak_bytes
         if self.why:
             summary["why"] = self.why
         if not self.measures_cost:
@@ -233,7 +236,8 @@ def layerwise(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dt
         >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), torch.nn.Linear, seed=0, timeout=None)
         >>> local = layerwise(stepper.step, SCENARIOS["train"], "net", torch.float32)
         >>> whole = whole_model(stepper.step, SCENARIOS["train"], "net", torch.float32)
-        >>> all(torch.equal(local.run.grads[n], g) for n, g in whole.run.grads.items()), local.run.calls
+        >>> from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+        >>> all(torch.equal(local.run.grads[n], g) for n, g in whole.run.grads.items()), local.run.of(RecomputeProbe).calls
         (True, {'0': 1, '2': 1})
     """
     # The replay runs as a strategy of the step, so local and distributed steps need nothing new.
@@ -275,7 +279,7 @@ def _two_runs(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dt
             return _not_reproducible(scenario, f"{len(differing.mismatched)} {what} differ; worst {worst}: relative "
                                                f"error norm {noise.rel_norm[worst]:.3g}, above the {cap:.3g} that "
                                                f"{str(dtype).replace('torch.', '')} rounding can explain")
-    first.seconds = min(first.seconds, second.seconds)
+    first.measured[StepTime.name] = Timed(min(first.of(StepTime).seconds, second.of(StepTime).seconds))
     del second
     return baseline
 

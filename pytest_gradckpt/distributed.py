@@ -25,6 +25,7 @@ from pytest_gradckpt.arguments import model_device
 from pytest_gradckpt.tensors import map_tensors, tensors_in
 from pytest_gradckpt.errors import GradckptUsageError, HarnessFailure, StrategyNotApplicable
 from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.probes import registry
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario
 from pytest_gradckpt.strategies import Strategy
@@ -191,11 +192,6 @@ def describe_exception(error: BaseException) -> dict[str, Any]:
             "not_applicable": not_applicable, "usage": isinstance(error, GradckptUsageError)}
 
 
-#: The fields of a :class:`Run` a rank sends back (its error travels separately, described).
-MEASURED = ("loss", "grads", "buffers", "calls", "graph_calls", "reached_calls", "expected_recompute", "recomputed_units",
-            "warnings", "seconds", "activation_bytes", "outputs", "cuda_peak_bytes")
-
-
 #: Attempts at one distributed step when the launch itself fails (rendezvous, transport, a rank
 #: killed from outside): such failures say nothing about the strategy.
 LAUNCH_ATTEMPTS = 3
@@ -303,9 +299,9 @@ def step_in_existing_group(stepper: Stepper, scenario: Scenario, strategy: Strat
     settings = dict(stepper.distributed or DEFAULTS, world_size=dist.get_world_size())
     parallel = Parallel(scenario.distributed, dist.get_rank(), settings)
     run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
-    # Every rank must reach the same verdict: share failures, peaks and gradient fingerprints.
-    mine = {"error": None if run.error is None else describe_exception(run.error), "peak": run.cuda_peak_bytes,
-            "fingerprint": fingerprint(run.grads)}
+    # Every rank must reach the same verdict: share failures, measurements and gradient fingerprints.
+    mine = {"error": None if run.error is None else describe_exception(run.error),
+            "measured": registry.to_host(run.measured), "fingerprint": fingerprint(run.grads)}
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     failed = [(rank, e["error"]) for rank, e in enumerate(everyone) if e["error"] is not None]
@@ -314,7 +310,7 @@ def step_in_existing_group(stepper: Stepper, scenario: Scenario, strategy: Strat
         run.error = StrategyNotApplicable(error["error"]) if error["not_applicable"] else RankFailure(
             f"rank {rank}: {error['error']}")
     if run.error is None:
-        fold_peaks(run, [e["peak"] for e in everyone])
+        run.measured = registry.merge(run.measured, [registry.from_host(e["measured"]) for e in everyone])
         run.rank_disagreement = disagreement([e["fingerprint"] for e in everyone])
     return run
 
@@ -359,14 +355,6 @@ def death(rank: int, code: int | None, ranks: int) -> RankFailure:
             return StepCrashed(f"{where}: {sig.name} (a fault in native code)")
         return LaunchFailure(f"rank {rank} was killed by {sig.name}")
     return RankFailure(f"rank {rank} died with exit code {code}")
-
-
-def fold_peaks(run: Run, peaks: list[int | None]) -> None:
-    """Every rank's CUDA peak is kept; the run's is the largest, so thresholds hold on every rank."""
-    known = [p for p in peaks if p is not None]
-    if len(known) == len(peaks):
-        run.rank_cuda_peak_bytes = known
-        run.cuda_peak_bytes = max(known)
 
 
 def disagreement(fingerprints: list[dict[str, Any]]) -> str | None:

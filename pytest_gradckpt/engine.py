@@ -3,12 +3,17 @@
     subject (:mod:`arguments`) -> runs, each with its probes (:mod:`runs`)
     -> baseline (:mod:`baselines`) -> evidence -> verdict rules in one ordered table (:mod:`verdicts`)
 
+:func:`check` is a list of named stages: the options validated once (:class:`_Options`), the
+stepper (:func:`_stepper`), then per scenario (:func:`_check_scenario`) the baseline, built or
+cached (:func:`_baseline`), and every strategy judged against it (:func:`_judge_one`).
+
 Knows nothing of pytest. Distributed scenarios run the same step inside ranks that
 :mod:`distributed` starts; this module only chooses which step function a scenario uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import multiprocessing
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -25,7 +30,9 @@ from pytest_gradckpt.environment import versions
 from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.launcher import Launcher
 from pytest_gradckpt.layers import unit_stacks
+from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap
+from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario, resolve_scenarios
@@ -57,7 +64,7 @@ def _fingerprint(run: Run, scenario: Scenario) -> dict[str, Any]:
     peak varies between identical runs and is left out there."""
     return {"loss": None if run.loss is None else float(run.loss),
             "grad_norms": {n: float(g.double().norm()) for n, g in run.grads.items() if g is not None},
-            "activation_bytes": None if scenario.distributed == "fsdp2" else run.activation_bytes}
+            "activation_bytes": None if scenario.distributed == "fsdp2" else run.of(MemoryProbe).activation_bytes}
 
 
 def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
@@ -144,68 +151,121 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         >>> [(r.strategy, r.outcome) for r in report.results]
         [('non_reentrant', 'pass')]
     """
-    given_rtol, given_atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)  # None: per dtype
-    memory_cuts = {"min_memory_reduction": check_fraction("min_memory_reduction", min_memory_reduction),
-                   "min_cuda_memory_reduction": check_fraction("min_cuda_memory_reduction", min_cuda_memory_reduction)}
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise GradckptUsageError(f"seed={seed!r}: pass an int")
-    timeout = check_timeout(timeout)
-    baseline_kind = check_baseline(baseline)
-    check_isolate(isolate)
-    chosen = resolve_strategies(strategies)
-    chosen_scenarios = resolve_scenarios(scenarios)
-    settings = distributed_options(distributed)
+    options = _Options.validated(rtol=rtol, atol=atol, min_memory_reduction=min_memory_reduction,
+                                 min_cuda_memory_reduction=min_cuda_memory_reduction, seed=seed, timeout=timeout,
+                                 baseline=baseline, isolate=isolate, strategies=strategies, scenarios=scenarios,
+                                 distributed=distributed, cache=cache, fingerprint=fingerprint)
     with preserved_global_state():
         _warm_up()
-        subject = Subject(model, inputs, loss, device)
-        isolated = _isolated(isolate, subject.device, compiled=subject.compilation is not None)
-        subject.compilation = compiled.with_order(subject.compilation, compile_order, elsewhere=isolated or any(
-            s.distributed for s in chosen_scenarios))
-        stepper = Stepper(subject, layers, seed, timeout, settings)
-        report = Report(model=name or subject.name, versions=versions())
-        report.baseline["layers"] = stepper.layer_names
-        report.baseline["layers_found_by"] = stepper.found_by  # which units were chosen, and why
-        report.baseline["unit_stacks"] = unit_stacks(stepper.layer_names)  # per tower / stack
+        stepper, isolated = _stepper(model, inputs, loss, device, layers, isolate, compile_order, options)
+        report = _new_report(name or stepper.subject.name, stepper)
         # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
-        launcher = Launcher(stepper, [*chosen, *chosen_scenarios])
-        with deterministic_kernels(subject.device) as determinism, launcher:
-            for scenario in chosen_scenarios:
+        launcher = Launcher(stepper, [*options.strategies, *options.scenarios])
+        with deterministic_kernels(stepper.subject.device) as determinism, launcher:
+            for scenario in options.scenarios:
                 step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
-                dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
-                default_rtol, default_atol = default_tolerances(dtype)
-                scenario_limits = verdicts.Limits(rtol=default_rtol if given_rtol is None else given_rtol,
-                                                  atol=default_atol if given_atol is None else given_atol,
-                                                  **memory_cuts)
-                key = (report.model, scenario.name, seed, str(subject.device), tuple(stepper.layer_names),
-                       tuple(sorted(settings.items())) if scenario.distributed else (), baseline_kind,
-                       # an eager and a compiled model of one name, or two compile orders, have other baselines
-                       None if subject.compilation is None else (subject.compilation.kind, subject.compilation.order))
-                if cache is not None and key in cache:
-                    reference = cache[key]
-                else:
-                    reference = baselines.build(step, scenario, subject.name, dtype, baseline_kind)
-                    if subject.compilation is not None and isinstance(reference, baselines.Baseline):
-                        _judge_under_compile(step, subject, scenario, reference, dtype, stepper.layer_names)
-                    _make_room(reference, subject)
-                    if cache is not None:
-                        cache[key] = reference
-                report.baseline[scenario.name] = reference.summary()
-                if hasattr(reference, "compile_distance"):
-                    report.baseline[scenario.name]["compile_distance"] = reference.compile_distance
-                    report.baseline[scenario.name]["compile_tolerance"] = reference.compile_tolerance
-                    report.baseline[scenario.name]["checkpoint_room_bytes"] = (
-                        reference.run.compiled or {}).get("checkpoint_room_bytes")
-                if scenario.distributed:
-                    report.baseline[scenario.name]["ranks"] = describe_ranks(settings, subject.device)
-                if determinism.note:
-                    report.baseline[scenario.name]["determinism"] = determinism.note
-                for strategy in chosen:
-                    result = _judge_one(step, scenario, strategy, reference, scenario_limits, report.model,
-                                        fingerprint)
-                    if scenario.distributed:
-                        result.metrics["ranks"] = report.baseline[scenario.name]["ranks"]
-                    report.results.append(result)
+                _check_scenario(report, step, scenario, stepper, options, determinism)
     return report
+
+
+@dataclasses.dataclass
+class _Options:
+    """:func:`check`'s arguments, validated once (bad input fails before anything runs)."""
+
+    rtol: float | None  # None: per compute dtype
+    atol: float | None
+    memory_cuts: dict[str, float | None]
+    seed: int
+    timeout: float | None
+    baseline: str
+    strategies: list[Strategy]
+    scenarios: list[Scenario]
+    distributed: dict[str, Any]
+    cache: MutableMapping[Any, Any] | None
+    fingerprint: bool
+
+    @classmethod
+    def validated(cls, *, rtol: float | None, atol: float | None, min_memory_reduction: float | None,
+                  min_cuda_memory_reduction: float | None, seed: int, timeout: float | None, baseline: str,
+                  isolate: bool | str, strategies: Any, scenarios: Any, distributed: Mapping[str, Any] | None,
+                  cache: MutableMapping[Any, Any] | None, fingerprint: bool) -> _Options:
+        given_rtol, given_atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
+        memory_cuts = {"min_memory_reduction": check_fraction("min_memory_reduction", min_memory_reduction),
+                       "min_cuda_memory_reduction": check_fraction("min_cuda_memory_reduction",
+                                                                   min_cuda_memory_reduction)}
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise GradckptUsageError(f"seed={seed!r}: pass an int")
+        checked_timeout, baseline_kind = check_timeout(timeout), check_baseline(baseline)
+        check_isolate(isolate)
+        return cls(given_rtol, given_atol, memory_cuts, seed, checked_timeout, baseline_kind,
+                   resolve_strategies(strategies), resolve_scenarios(scenarios),
+                   distributed_options(distributed), cache, fingerprint)
+
+    def limits(self, dtype: torch.dtype) -> verdicts.Limits:
+        """The tolerances (given, else the compute dtype's) and memory cuts of one scenario."""
+        default_rtol, default_atol = default_tolerances(dtype)
+        return verdicts.Limits(rtol=default_rtol if self.rtol is None else self.rtol,
+                               atol=default_atol if self.atol is None else self.atol, **self.memory_cuts)
+
+
+def _stepper(model: Any, inputs: Any, loss: Any, device: Any, layers: Any, isolate: bool | str,
+             compile_order: str | None, options: _Options) -> tuple[Stepper, bool]:
+    """The subject and its stepper, and whether steps run isolated in a child process."""
+    subject = Subject(model, inputs, loss, device)
+    isolated = _isolated(isolate, subject.device, compiled=subject.compilation is not None)
+    subject.compilation = compiled.with_order(subject.compilation, compile_order, elsewhere=isolated or any(
+        s.distributed for s in options.scenarios))
+    return Stepper(subject, layers, options.seed, options.timeout, options.distributed), isolated
+
+
+def _new_report(model: str, stepper: Stepper) -> Report:
+    report = Report(model=model, versions=versions())
+    report.baseline["layers"] = stepper.layer_names
+    report.baseline["layers_found_by"] = stepper.found_by  # which units were chosen, and why
+    report.baseline["unit_stacks"] = unit_stacks(stepper.layer_names)  # per tower / stack
+    return report
+
+
+def _check_scenario(report: Report, step: Callable[..., Run], scenario: Scenario, stepper: Stepper,
+                    options: _Options, determinism: Any) -> None:
+    """One scenario: its baseline (built, or found in the cache), then every strategy judged against it."""
+    subject = stepper.subject
+    dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
+    reference = _baseline(report.model, step, scenario, stepper, dtype, options)
+    summary = report.baseline[scenario.name] = reference.summary()
+    if isinstance(reference, baselines.Baseline) and hasattr(reference, "compile_distance"):
+        summary["compile_distance"] = reference.compile_distance
+        summary["compile_tolerance"] = getattr(reference, "compile_tolerance", None)
+        summary["checkpoint_room_bytes"] = (reference.run.compiled or {}).get("checkpoint_room_bytes")
+    if scenario.distributed:
+        summary["ranks"] = describe_ranks(options.distributed, subject.device)
+    if determinism.note:  # read after the baseline: building it may have relaxed the kernels
+        summary["determinism"] = determinism.note
+    limits = options.limits(dtype)
+    for strategy in options.strategies:
+        result = _judge_one(step, scenario, strategy, reference, limits, report.model, options.fingerprint)
+        if scenario.distributed:
+            result.metrics["ranks"] = summary["ranks"]
+        report.results.append(result)
+
+
+def _baseline(model: str, step: Callable[..., Run], scenario: Scenario, stepper: Stepper, dtype: torch.dtype,
+              options: _Options) -> baselines.Baseline | baselines.NotJudged:
+    """The scenario's baseline: from ``options.cache`` when an equal check built it, else built here."""
+    subject, cache = stepper.subject, options.cache
+    key = (model, scenario.name, options.seed, str(subject.device), tuple(stepper.layer_names),
+           tuple(sorted(options.distributed.items())) if scenario.distributed else (), options.baseline,
+           # an eager and a compiled model of one name, or two compile orders, have other baselines
+           None if subject.compilation is None else (subject.compilation.kind, subject.compilation.order))
+    if cache is not None and key in cache:
+        return cache[key]
+    reference = baselines.build(step, scenario, subject.name, dtype, options.baseline)
+    if subject.compilation is not None and isinstance(reference, baselines.Baseline):
+        _judge_under_compile(step, subject, scenario, reference, dtype, stepper.layer_names)
+    _make_room(reference, subject)
+    if cache is not None:
+        cache[key] = reference
+    return reference
 
 
 def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: Scenario,
@@ -218,7 +278,7 @@ def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: S
     reference.compile_tolerance = tolerance  # type: ignore[attr-defined]
     if reference.run.compiled is not None:  # read by verdicts.recompute_unobserved
         reference.run.compiled["checkpoint_room_bytes"] = compiled.checkpoint_room(
-            reference.run.activation_bytes, compiled.try_boundary_bytes(subject, layer_names, scenario.autocast))
+            reference.run.of(MemoryProbe).activation_bytes, compiled.try_boundary_bytes(subject, layer_names, scenario.autocast))
     reference.why = (f"compiled ({subject.compilation.kind}); compile's distance from eager: "  # type: ignore[union-attr]
                      f"relative error norm up to {distance.largest:.3g}, tolerated up to {tolerance:.3g}")
 
@@ -231,7 +291,7 @@ def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subj
     run = baseline.run
     free, _ = torch.cuda.mem_get_info(subject.device)
     free += torch.cuda.memory_reserved(subject.device) - torch.cuda.memory_allocated(subject.device)
-    needed = tensor_bytes(subject.peek().parameters()) + (run.cuda_peak_bytes or 0) + tensor_bytes(run.grads.values())
+    needed = tensor_bytes(subject.peek().parameters()) + (run.of(CudaProbe).cuda_peak_bytes or 0) + tensor_bytes(run.grads.values())
     if free < 1.1 * needed:
         baseline.park()
 

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from pytest_gradckpt.distributed import (
-    DEFAULTS, LAUNCH_ATTEMPTS, MEASURED, LaunchFailure, RaisedInChild, RankFailure, disagreement, fold_peaks,
-    launched_from_outside, step_in_existing_group, _is_transport_failure)
+    DEFAULTS, LAUNCH_ATTEMPTS, LaunchFailure, RaisedInChild, RankFailure, disagreement, launched_from_outside,
+    step_in_existing_group, _is_transport_failure)
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.probes import registry
 from pytest_gradckpt.rank_group import RankGroup, TimeLimit
 from pytest_gradckpt.replay import LAYER_REPLAY
 from pytest_gradckpt.runs import Run, Stepper
@@ -104,7 +105,7 @@ class Launcher:
         determinism = (torch.are_deterministic_algorithms_enabled(),
                        torch.is_deterministic_algorithms_warn_only_enabled(),
                        deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
-        command = (self._ref(scenario), self._ref(strategy), grad_targets, determinism)
+        command = (self._ref(scenario), self._ref(strategy), grad_targets, determinism, registry.registered())
         what = (f"the step of {strategy.name!r}" if strategy is not None else "the step without checkpointing") + \
             f" under {scenario.name}"
         try:
@@ -158,8 +159,9 @@ class Launcher:
 
     @staticmethod
     def _fold(payloads: dict[int, dict[str, Any]], world_size: int) -> Run:
-        """The ranks' payloads as one Run: rank 0's measurements, every rank's peak, whether
-        they agree, or the first rank's failure."""
+        """The ranks' payloads as one Run: rank 0's tensors, every probe's measurement merged over
+        the ranks (:func:`pytest_gradckpt.probes.registry.merge`), whether they agree, or the first
+        rank's failure."""
         run = Run()
         failed = [p for p in payloads.values() if "error" in p]
         usage = [p for p in failed if p.get("usage")]
@@ -175,10 +177,10 @@ class Launcher:
                 run.error = RaisedInChild(first["error"])
             else:
                 run.error = RankFailure(f"rank {first['rank']}: {first['error']}")
-            run.warnings = first.get("warnings", [])
+            run.measured = registry.from_host(first.get("measured", {}))  # its warnings may say why
             return run
-        for key in MEASURED:
-            setattr(run, key, payloads[0][key])
-        fold_peaks(run, [payloads[r]["cuda_peak_bytes"] for r in sorted(payloads)])
+        run = Run.from_payload(payloads[0])
+        run.measured = registry.merge(run.measured, [registry.from_host(payloads[r]["measured"])
+                                                     for r in sorted(payloads)])
         run.rank_disagreement = disagreement([payloads[r]["fingerprint"] for r in sorted(payloads)])
         return run

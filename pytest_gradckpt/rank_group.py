@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt.distributed import (
-    MEASURED, Parallel, RankTimeout, death, describe_exception, fingerprint)
+from pytest_gradckpt.distributed import Parallel, RankTimeout, death, describe_exception, fingerprint
 from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.probes import registry
 from pytest_gradckpt.runs import Stepper
 
 #: The first command's limit covers starting the ranks, importing, meeting and building the
@@ -244,35 +244,43 @@ def serve(rank: int, world_size: int, store: str, stepper: Stepper, catalog: lis
 def _answer(rank: int, world_size: int, store: str, stepper: Stepper, catalog: list[Any],
             command: tuple[Any, ...], settings: dict[str, Any]) -> dict[str, Any]:
     """One step on this rank, as a payload: what was measured, or what went wrong."""
-    import torch.distributed as dist
 
     payload: dict[str, Any] = {"rank": rank, "pid": os.getpid()}
     started = time.perf_counter()
     try:
-        scenario_ref, strategy_ref, grad_targets, determinism = command
+        scenario_ref, strategy_ref, grad_targets, determinism, probes = command
         scenario, strategy = _resolve(catalog, scenario_ref), _resolve(catalog, strategy_ref)
         _follow(determinism)
         parallel = None
         if store:
-            if not dist.is_initialized():
-                payload["launch"] = True  # until the ranks have met, a failure is the harness's
-                backend = "nccl" if stepper.subject.device.type == "cuda" else "gloo"
-                dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
-                                        timeout=timedelta(seconds=settings["group_timeout"]))
-                payload["launch"] = False
+            _meet(payload, rank, world_size, store, stepper, settings)
             parallel = Parallel(scenario.distributed, rank, dict(settings, world_size=world_size))
-        run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
-        payload["fingerprint"] = fingerprint(run.grads)
-        if rank:  # rank 0 ships the gradients; the others only what proves theirs are the same
-            run.grads, run.outputs, run.buffers = {}, {}, {}
-        run = run.to_host()
-        payload.update({key: getattr(run, key) for key in MEASURED})
+        with registry.using(*probes, only=True):  # the probes in force where the check runs
+            run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
+            payload["fingerprint"] = fingerprint(run.grads)
+            if rank:  # rank 0 ships the gradients; the others only what proves theirs are the same
+                run.grads, run.outputs, run.buffers = {}, {}, {}
+            payload.update(run.to_payload())
         if run.error is not None:
             payload.update(describe_exception(run.error))
     except BaseException as error:  # noqa: BLE001 - reported to the parent, whatever it is
         payload.update(describe_exception(error))
     payload["wall"] = time.perf_counter() - started
     return payload
+
+
+def _meet(payload: dict[str, Any], rank: int, world_size: int, store: str, stepper: Stepper,
+          settings: dict[str, Any]) -> None:
+    """Join the ranks' process group once (the first command); until then a failure is the harness's."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    payload["launch"] = True
+    backend = "nccl" if stepper.subject.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=settings["group_timeout"]))
+    payload["launch"] = False
 
 
 def _follow(determinism: tuple[bool, bool, bool, bool]) -> None:

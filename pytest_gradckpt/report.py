@@ -1,16 +1,104 @@
-"""Results and reports: plain data, no torch, safe to import anywhere."""
+"""Results and reports: plain data, safe to import anywhere (torch is imported only once a
+result's metrics are checked or a table is drawn: the probes declare their keys and columns).
+
+A result's ``metrics`` is a :class:`Metrics`: a dict whose keys must be declared, by a registered
+probe (:mod:`pytest_gradckpt.probes.registry`) or in :data:`OWN_METRICS`, so a mistyped key is an
+error instead of a blank column.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pytest_gradckpt import outcomes
 
 #: Outcomes that never fail a check: the strategy was fine, or did not apply.
 OK_OUTCOMES = frozenset({outcomes.PASS, outcomes.SKIPPED})
+
+#: Metric keys no probe declares, with where they come from.
+OWN_METRICS: dict[str, str] = {
+    "max_grad_diff": "verdicts: the largest |gradient difference|",
+    "worst_parameter": "verdicts: the parameter whose gradient differs most",
+    "baseline": "verdicts: the baseline's kind (whole-model or layerwise)",
+    "baseline_noise": "verdicts: the baseline's run-to-run noise",
+    "within_noise": "verdicts: tensors judged against that noise",
+    "ranks": "engine: where a distributed scenario's ranks ran",
+    "compiled": "engine: what dynamo compiled for the run",
+    "fingerprint": "engine: the golden record's numbers",
+    "setting": "trainers: the trainer configuration judged",
+}
+
+
+class UnknownMetric(KeyError):
+    """A metric key nobody declares (most often a typo)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def known_metrics() -> frozenset[str]:
+    """Every metric key a result may hold: :data:`OWN_METRICS` and the registered probes'."""
+    from pytest_gradckpt.probes import registry  # imports torch: not at module level
+
+    return frozenset(OWN_METRICS) | registry.metric_keys()
+
+
+class Metrics(dict[str, Any]):
+    """A result's measured facts: a ``dict`` whose keys must be declared, in writing and reading
+    alike (``get`` of an undeclared key raises too). The keys declared when the metrics were made
+    stay known to them (a probe added for one ``with`` block, say).
+
+    Example:
+        >>> m = Metrics(max_grad_diff=0.0)
+        >>> m.get("activation_reduction") is None, m["max_grad_diff"]
+        (True, 0.0)
+        >>> m.get("max_grad_dif")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.report.UnknownMetric: unknown metric 'max_grad_dif': declared keys are ...
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.known = known_metrics()
+        self.update(*args, **kwargs)
+
+    def declared(self, key: str) -> str:
+        """``key``, if it is declared; else :class:`UnknownMetric` naming the declared ones."""
+        if key not in self.known:
+            raise UnknownMetric(f"unknown metric {key!r}: declared keys are {', '.join(sorted(self.known))} (a probe "
+                                "declares its own in metric_keys)")
+        return key
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(self.declared(key), value)
+
+    def __getitem__(self, key: str) -> Any:
+        return super().__getitem__(self.declared(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(self.declared(key), default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        return super().setdefault(self.declared(key), default)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles and copies keep what was declared
+        return _rebuilt, (dict(self), self.known)
+
+
+def _rebuilt(items: dict[str, Any], known: frozenset[str]) -> Metrics:
+    metrics = Metrics.__new__(Metrics)
+    metrics.known = known
+    dict.update(metrics, items)
+    return metrics
 
 
 @dataclasses.dataclass
@@ -35,8 +123,12 @@ class Result:
     scenario: str
     outcome: str
     message: str = ""
-    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
     model: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metrics, Metrics):
+            self.metrics = Metrics(self.metrics)
 
     @property
     def ok(self) -> bool:
@@ -49,8 +141,9 @@ class Result:
         return f"{self.strategy}/{self.scenario}"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict of every field (``metrics`` as a plain dict)."""
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**fields, "metrics": copy.deepcopy(dict(self.metrics))}
 
 
 def expected_outcome(result: Result, expect: Mapping[str, str] | None) -> str | None:
@@ -156,28 +249,26 @@ class Report:
 
 
 
-def _row(result: Result) -> list[str]:
+#: The columns no probe declares: the gradient comparison's (before the probes').
+_MAX_GRAD_DIFF = ("max|dgrad|", ("max_grad_diff",), lambda diff: "" if diff is None else f"{diff:.1e}")
+
+
+def _columns() -> list[tuple[str, tuple[str, ...], Callable[..., str]]]:
+    from pytest_gradckpt.probes import registry  # imports torch: not at module level
+
+    return [_MAX_GRAD_DIFF, *((c.header, c.keys, c.cell) for c in registry.columns())]
+
+
+def _row(result: Result, columns: list[tuple[str, tuple[str, ...], Callable[..., str]]]) -> list[str]:
     m = result.metrics
-    diff = m.get("max_grad_diff")
-    reduction = m.get("activation_reduction")
-    cuda = m.get("cuda_reduction")
-    recomputed, total = m.get("recomputed_layers"), m.get("layers")
-    ratio = m.get("time_ratio")
     return [
         result.model,
         result.strategy,
         result.scenario,
         result.outcome,
-        "" if diff is None else f"{diff:.1e}",
-        "" if reduction is None else f"{-reduction * 100:.0f}%",
-        "" if cuda is None else f"{-cuda * 100:.0f}%",
-        "" if total is None else f"{recomputed}/{total}",
-        "" if ratio is None else f"{ratio:.2f}x",
+        *(cell(*(m.get(key) for key in keys)) for _, keys, cell in columns),
         result.message.splitlines()[0][:70] if result.message else "",
     ]
-
-
-HEADER = ["model", "strategy", "scenario", "outcome", "max|dgrad|", "act.mem", "cuda.mem", "recomp", "time", "message"]
 
 
 def format_table(results: Iterable[Result]) -> str:
@@ -187,9 +278,11 @@ def format_table(results: Iterable[Result]) -> str:
         >>> print(format_table([Result("sac", "train", "pass", model="toy")]).splitlines()[2])
         toy    sac       train     pass
     """
-    rows = [_row(r) for r in results]
-    keep = [i for i in range(len(HEADER)) if i < 4 or any(row[i] for row in rows)]
-    table = [[HEADER[i] for i in keep]] + [[row[i] for i in keep] for row in rows]
+    columns = _columns()
+    header = ["model", "strategy", "scenario", "outcome", *(name for name, _, _ in columns), "message"]
+    rows = [_row(r, columns) for r in results]
+    keep = [i for i in range(len(header)) if i < 4 or any(row[i] for row in rows)]
+    table = [[header[i] for i in keep]] + [[row[i] for i in keep] for row in rows]
     widths = [max(len(line[c]) for line in table) for c in range(len(keep))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

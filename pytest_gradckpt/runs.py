@@ -1,5 +1,10 @@
 """One *run*: one training step on a private copy of the model, with every probe attached.
 
+The probes are those of :mod:`pytest_gradckpt.probes.registry`; :func:`prepare_copy` attaches
+them to a copy and :func:`probed` runs a step under them (a trainer's stepper uses both too). A
+:class:`Run` keeps the step's outputs, gradients and buffers as fields and each probe's
+measurement under the probe's name (``run.of(Probe)``).
+
 The :class:`Stepper` knows the subject and its checkpoint units and runs a step the way a
 scenario says, with or without a strategy. It runs in this process; the distributed
 launcher (:mod:`pytest_gradckpt.distributed`) calls the same :meth:`Stepper.step` inside
@@ -14,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import time
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -25,45 +30,46 @@ from pytest_gradckpt.arguments import Subject, tensor_bytes, tensor_leaves
 from pytest_gradckpt.tensors import map_tensors
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, seed_everything
-from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
-from pytest_gradckpt.probes.backward_calls import BackwardCalls, recomputed_units
-from pytest_gradckpt.probes.cuda import CudaPeak
-from pytest_gradckpt.probes.memory import SavedActivationProbe
-from pytest_gradckpt.probes.recompute import LayerCounter
-from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhere, units_saved_elsewhere
-from pytest_gradckpt.probes.warnings import capture_warnings
+from pytest_gradckpt.layers import ModelInfo, find_layers
+from pytest_gradckpt.probes import registry
+from pytest_gradckpt.probes.protocol import Attached, Probe, ProbeStep
 from pytest_gradckpt.scenarios import Scenario
 from pytest_gradckpt.strategies import Strategy
+
+M = TypeVar("M")
 
 
 @dataclasses.dataclass
 class Run:
     """Everything measured in one step. Tensors are named as in the model before any
-    strategy was applied (wrappers that rename modules do not rename what is compared)."""
+    strategy was applied (wrappers that rename modules do not rename what is compared).
+    Each probe's measurement is kept under its name in ``measured``, read typed with :meth:`of`."""
 
     loss: torch.Tensor | None = None
     outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     grads: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
     buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    calls: dict[str, int] = dataclasses.field(default_factory=dict)
-    graph_calls: dict[str, int] = dataclasses.field(default_factory=dict)
-    #: calls whose output backward really reached (a gradient arrived); None: not measured
-    reached_calls: dict[str, int] | None = None
     expected_recompute: dict[str, bool] = dataclasses.field(default_factory=dict)
-    #: outermost modules that really ran again during backward, whoever checkpointed them
-    recomputed_units: list[str] = dataclasses.field(default_factory=list)
-    #: checkpoint units whose forward ran under someone else's saved-tensor hooks (activations offloaded)
-    saved_elsewhere_units: list[str] = dataclasses.field(default_factory=list)
-    activation_bytes: int = 0
-    cuda_peak_bytes: int | None = None
-    #: distributed runs on GPUs: each rank's peak (``cuda_peak_bytes`` is the largest)
-    rank_cuda_peak_bytes: list[int] | None = None
-    seconds: float = 0.0
-    warnings: list[str] = dataclasses.field(default_factory=list)
+    #: what the probes measured, by probe name (:mod:`pytest_gradckpt.probes.registry`)
+    measured: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: BaseException | None = None
     rank_disagreement: str | None = None  # distributed runs: ranks must hold the same gradients
     #: a compiled subject's run: what dynamo compiled for it (:func:`pytest_gradckpt.compiled.compiled_run`)
     compiled: dict[str, Any] | None = None
+
+    #: The step's own fields a rank sends back; its measurements travel beside them (:meth:`to_payload`).
+    SHIPPED: ClassVar[tuple[str, ...]] = ("loss", "outputs", "grads", "buffers", "expected_recompute")
+
+    def of(self, kind: type[Probe[M]]) -> M:
+        """What probe ``kind`` measured in this run (its empty measurement if it measured nothing).
+
+        Example:
+            >>> from pytest_gradckpt.probes.memory import MemoryProbe, SavedMemory
+            >>> Run(measured={"memory": SavedMemory(64)}).of(MemoryProbe).activation_bytes, Run().of(MemoryProbe)
+            (64, SavedMemory(activation_bytes=0))
+        """
+        found = self.measured.get(kind.name)
+        return kind.empty() if found is None else found
 
     def to_host(self) -> Run:
         """This run with every tensor copied to host memory (for sending between processes).
@@ -78,6 +84,23 @@ class Run:
         return dataclasses.replace(self, loss=host(self.loss), outputs=map_tensors(self.outputs, host),
                                    grads={n: host(g) for n, g in self.grads.items()},
                                    buffers=map_tensors(self.buffers, host))
+
+    def to_payload(self) -> dict[str, Any]:
+        """What a rank sends back: the shipped fields on the host, every measurement in its host form.
+
+        Example:
+            >>> from pytest_gradckpt.probes.memory import SavedMemory
+            >>> payload = Run(loss=torch.ones(()), measured={"memory": SavedMemory(8)}).to_payload()
+            >>> payload["measured"], Run.from_payload(payload).measured
+            ({'memory': {'activation_bytes': 8}}, {'memory': SavedMemory(activation_bytes=8)})
+        """
+        host = self.to_host()
+        return {**{key: getattr(host, key) for key in self.SHIPPED}, "measured": registry.to_host(self.measured)}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Run:
+        """The run a rank described with :meth:`to_payload`."""
+        return cls(**{key: payload[key] for key in cls.SHIPPED}, measured=registry.from_host(payload["measured"]))
 
     def drop_tensors(self) -> None:
         """Release the tensors once judged, so the next run has the device memory."""
@@ -107,7 +130,8 @@ class Stepper:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
         >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), None, seed=0, timeout=None)
         >>> run = stepper.step(SCENARIOS["train"], None)
-        >>> run.error is None, sorted(run.grads), run.calls
+        >>> from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+        >>> run.error is None, sorted(run.grads), run.of(RecomputeProbe).calls
         (True, ['0.bias', '0.weight', '1.bias', '1.weight'], {'0': 1, '1': 1})
     """
 
@@ -148,23 +172,17 @@ class Stepper:
         self._collect(run, step, scenario, parallel)
 
     def _prepare(self, scenario: Scenario) -> _Step:
-        """A fresh copy set up as the scenario says, its names taken and its units instrumented."""
+        """A fresh copy set up as the scenario says, its names taken and its probes attached."""
         subject = self.subject
         model = subject.fresh_model()
         if scenario.freeze_input_embeddings:
             freeze_input_embeddings(model)
         model.train(scenario.train_mode)
         compilation = subject.compilation
-        # Names, and the modules to compile, are taken before the strategy runs: a wrapper may
-        # rename modules (and the modules that were compiled), never the tensors.
-        step = _Step(model=model, info=ModelInfo(model, self.layer_names, self.found_by),
-                     param_names={id(p): n for n, p in model.named_parameters()},
-                     buffer_names={id(b): n for n, b in model.named_buffers()},
-                     module_names={id(m): n for n, m in model.named_modules()},
+        # The modules to compile are taken before the strategy runs, as the names are.
+        step = _Step(copy=prepare_copy(model, self.layer_names, self.found_by, subject.device),
                      compiled_modules={} if compilation is None else compilation.targets(model))
         step.info.state["compilation"] = compilation  # strategies that apply to compiled models only ask
-        for name, layer in zip(step.info.layer_names, step.info.layers, strict=True):
-            instrument(layer, name, step.counter)
         return step
 
     def _switch_on(self, run: Run, step: _Step, strategy: Strategy | None) -> None:
@@ -183,22 +201,21 @@ class Stepper:
             run.compiled = {}
 
     def _wrap(self, step: _Step, grad_targets: set[str] | None, parallel: Any) -> None:
-        """The parallel wrap, the parameters to differentiate, this rank's inputs and the memory probe."""
+        """The parallel wrap, the parameters to differentiate and this rank's inputs."""
         model, subject = step.model, self.subject
         # After the strategy and before wrapping for parallelism: FSDP2 swaps parameter objects
         # but keeps their names, a checkpoint wrapper keeps the objects but renames them.
-        renamed = {n: step.param_names.get(id(p), n) for n, p in model.named_parameters()}
+        renamed = {n: step.copy.param_names.get(id(p), n) for n, p in model.named_parameters()}
         step.runner = model if parallel is None else parallel.wrap(model, step.info)
         step.trainable = [(renamed.get(n, n), p) for n, p in model.named_parameters() if p.requires_grad]
+        step.copy.view.trainable = step.trainable
         step.targets = [(n, p) for n, p in step.trainable if grad_targets is None or n in grad_targets]
         step.inputs = subject.fresh_inputs() if parallel is None else parallel.shard(subject.fresh_inputs())
-        step.memory = SavedActivationProbe(subject.device, [p for _, p in model.named_parameters()])
-        step.counter.memory = step.memory
 
     def _train(self, run: Run, step: _Step, scenario: Scenario, strategy: Strategy | None,
                grad_targets: set[str] | None, parallel: Any) -> None:
-        """Every micro-batch of the step, timed, under every probe."""
-        subject, device, memory = self.subject, self.subject.device, step.memory
+        """Every micro-batch of the step, under every probe."""
+        subject, device = self.subject, self.subject.device
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if scenario.autocast
                     else contextlib.nullcontext())
         seed_everything(self.seed, device)
@@ -206,26 +223,18 @@ class Stepper:
         compilation = subject.compilation
         compiling = (contextlib.nullcontext() if compilation is None
                      else compiled.compiled_run(compilation, run.compiled, step.info.state))  # type: ignore[arg-type]
-        with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(device) as step.cuda, \
-                BackwardCalls(step.module_names) as step.backward_calls, compiling, \
-                SavedElsewhere(step.module_names, ours=memory._pack) as step.saved_elsewhere:
-            started = time.perf_counter()
-            with memory:
-                micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)
-                for micro_batch in range(micro_batches):
-                    last = micro_batch == micro_batches - 1
-                    sync = contextlib.nullcontext() if parallel is None else parallel.sync(step.runner, last)
-                    with sync:  # DDP's no_sync must cover forward and backward of a micro-batch
-                        with autocast:
-                            step.output = subject.call(step.runner, step.inputs)
-                            step.loss = subject.loss(step.output, step.inputs)
-                        if strategy is not None:
-                            strategy.after_forward(step.info)
-                        self._backward(step, scenario, grad_targets)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            run.seconds = time.perf_counter() - started
-        step.counter.memory = None
+        with probed(run, step.copy, deadline(self.timeout), compiling):
+            micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)
+            for micro_batch in range(micro_batches):
+                last = micro_batch == micro_batches - 1
+                sync = contextlib.nullcontext() if parallel is None else parallel.sync(step.runner, last)
+                with sync:  # DDP's no_sync must cover forward and backward of a micro-batch
+                    with autocast:
+                        step.output = subject.call(step.runner, step.inputs)
+                        step.loss = subject.loss(step.output, step.inputs)
+                    if strategy is not None:
+                        strategy.after_forward(step.info)
+                    self._backward(step, scenario, grad_targets)
 
     @staticmethod
     def _backward(step: _Step, scenario: Scenario, grad_targets: set[str] | None) -> None:
@@ -240,56 +249,81 @@ class Stepper:
                 step.grads[name] = grad if known is None else known + grad
 
     def _collect(self, run: Run, step: _Step, scenario: Scenario, parallel: Any) -> None:
-        """What the step produced and what the probes saw, named as in the original model."""
-        model, counter, module_names = step.model, step.counter, step.module_names
+        """What the step produced, named as in the original model (the probes' measurements are in already)."""
+        model = step.model
         run.loss = step.loss.detach().float()
         run.outputs = {k: v.detach() for k, v in tensor_leaves(step.output).items()}
         found_grads = step.grads if scenario.autograd_grad else {n: p.grad for n, p in step.trainable}
         full = (lambda g: g) if parallel is None else parallel.full_tensor
         run.grads = {n: None if g is None else full(g).detach() for n, g in found_grads.items()}
-        run.buffers = {step.buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
-        read_probes(run, model, step.info.layer_names, module_names, counter, step.backward_calls,
-                    step.saved_elsewhere, step.memory)
-        if step.cuda.peak_bytes is not None:
-            # A sharded (FSDP2) parameter's gradient on this rank is its local shard, not the whole.
-            local = (getattr(p, "_local_tensor", p) for _, p in step.trainable)
-            run.cuda_peak_bytes = max(0, step.cuda.peak_bytes - tensor_bytes(local))
-
-
-def read_probes(run: Run, model: nn.Module, layer_names: list[str], module_names: dict[int, str],
-                counter: LayerCounter, backward_calls: Any, saved_elsewhere: Any, memory: Any) -> None:
-    """Put what the probes of one step saw into ``run``, modules named as in the original model
-    (``module_names``: original names by object id, taken before any strategy or wrapper). Every
-    stepper (this module's, a trainer's) reads its probes here, so their runs are judged alike."""
-    run.calls = dict(counter.counts)
-    run.graph_calls = dict(counter.graph_calls)
-    run.reached_calls = dict(counter.reached_calls)
-    original_modules = [(module_names[id(m)], m) for m in model.modules() if id(m) in module_names]
-    run.recomputed_units = recomputed_units(original_modules, backward_calls.names)
-    run.saved_elsewhere_units = units_saved_elsewhere(layer_names, saved_elsewhere.names)
-    run.activation_bytes = memory.peak_bytes
+        run.buffers = {step.copy.buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
 
 
 @dataclasses.dataclass
-class _Step:
-    """What the stages of one :meth:`Stepper._step` hand each other (the copy, its names, the probes)."""
+class PreparedCopy:
+    """A private copy of the model with its original names and every registered probe attached."""
 
     model: nn.Module
     info: ModelInfo
     #: original names by object id, taken before any strategy or wrapper
     param_names: dict[int, str]
     buffer_names: dict[int, str]
-    module_names: dict[int, str]
+    #: what the probes see of the step; set ``view.trainable`` before the step runs
+    view: ProbeStep
+    probes: Attached
+
+
+def prepare_copy(model: nn.Module, layer_names: list[str], found_by: str, device: torch.device) -> PreparedCopy:
+    """Name ``model`` (a private copy) and attach the probes in force to it, before any strategy or
+    checkpointing switch runs: a wrapper may rename modules, never the tensors. Every stepper (this
+    module's, a trainer's) prepares its copies here, so their runs are measured alike.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> prepared = prepare_copy(net, ["0", "1"], "given", torch.device("cpu"))
+        >>> sorted(prepared.param_names.values())[:2], list(prepared.view.probes)[:2]
+        (['0.bias', '0.weight'], ['warnings', 'memory'])
+    """
+    info = ModelInfo(model, layer_names, found_by)
+    view = ProbeStep(model, device, info.layer_names, info.layers, {id(m): n for n, m in model.named_modules()})
+    return PreparedCopy(model, info, {id(p): n for n, p in model.named_parameters()},
+                        {id(b): n for n, b in model.named_buffers()}, view, Attached(registry.registered(), view))
+
+
+@contextlib.contextmanager
+def probed(run: Run, prepared: PreparedCopy, *outer: contextlib.AbstractContextManager[Any]) -> Iterator[None]:
+    """The block is the step: inside ``outer`` (a deadline, a compiler's run), the probes around the
+    step, then around its micro-batches. Their measurements land in ``run.measured`` whether the
+    step completes or raises."""
+    try:
+        with contextlib.ExitStack() as stack:
+            for context in (*outer, prepared.probes.around_step(), prepared.probes.around_batches()):
+                stack.enter_context(context)
+            yield
+    except BaseException:
+        run.measured = prepared.probes.read(completed=False)
+        raise
+    run.measured = prepared.probes.read(completed=True)
+
+
+@dataclasses.dataclass
+class _Step:
+    """What the stages of one :meth:`Stepper._step` hand each other (the prepared copy, the step's state)."""
+
+    copy: PreparedCopy
     compiled_modules: Any
-    counter: LayerCounter = dataclasses.field(default_factory=LayerCounter)
     runner: Any = None
     trainable: list[tuple[str, nn.Parameter]] = dataclasses.field(default_factory=list)
     targets: list[tuple[str, nn.Parameter]] = dataclasses.field(default_factory=list)
     inputs: Any = None
-    memory: Any = None
     grads: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
     output: Any = None
     loss: Any = None
-    cuda: Any = None
-    backward_calls: Any = None
-    saved_elsewhere: Any = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.copy.model
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.copy.info

@@ -1,7 +1,9 @@
 """From a run and its baseline to a verdict: the evidence, then the rules in one ordered table.
 
 :func:`gather` compares what can be compared (loss, outputs, gradients, buffers, recompute
-counts, memory) and :data:`RULES` reads the evidence: the first rule that fires gives the
+counts) and lets each registered probe (:mod:`pytest_gradckpt.probes.registry`) add the evidence
+it declares (memory cuts, say); :meth:`Evidence.metrics` is the comparison's metrics plus each
+probe's. :data:`RULES` reads the evidence: the first rule that fires gives the
 outcome. The table is sorted by :data:`pytest_gradckpt.outcomes.SEVERITY`, the one place the
 severity policy lives (a lost gradient is never reported as a mere mismatch, a mismatch never
 hides behind a memory complaint); rules of one outcome keep the order they are listed in. Where
@@ -14,14 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
+from pytest_gradckpt.probes import registry
+from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.gradients import NOISE_FACTOR, Comparison, Noise, compare
+from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.recompute import recompute_verdict
-from pytest_gradckpt.probes.warnings import silent_warning
+from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
+from pytest_gradckpt.probes.warnings import WarningsProbe, silent_warning
+from pytest_gradckpt.report import Metrics, UnknownMetric
 from pytest_gradckpt.runs import Run
 from pytest_gradckpt.strategies import Strategy
 
@@ -55,6 +61,11 @@ class Evidence:
     cuda_reduction: float | None = None
 
     @property
+    def compared(self) -> bool:
+        """Whether the run completed and was compared with the baseline."""
+        return self.grads is not None
+
+    @property
     def values_equal(self) -> bool:
         return all(c is None or c.equal for c in (self.loss, self.outputs, self.grads))
 
@@ -62,49 +73,42 @@ class Evidence:
     def within_noise(self) -> list[str]:
         return [n for c in (self.loss, self.outputs, self.grads) if c is not None for n in c.within_noise]
 
-    def metrics(self) -> dict[str, Any]:
-        """The measured facts a :class:`~pytest_gradckpt.report.Result` carries."""
-        run, base = self.run, self.baseline.run
-        metrics: dict[str, Any] = {"warnings": run.warnings, "seconds": run.seconds}
-        if self.grads is None:
-            return metrics
-        metrics.update(max_grad_diff=self.grads.max_abs, worst_parameter=self.grads.worst,
-                       baseline_seconds=base.seconds, activation_bytes=run.activation_bytes,
-                       baseline_activation_bytes=base.activation_bytes,
-                       recomputed_layers=self.recomputed, checkpointable_layers=self.checkpointable,
-                       layers=sum(1 for c in base.calls.values() if c), layer_calls=run.calls,
-                       recomputed_units=run.recomputed_units, baseline=self.baseline.kind,
-                       saved_elsewhere_units=run.saved_elsewhere_units)
-        # One unwarmed CUDA step says little about steady-state speed (first-call kernel
-        # selection, allocator growth), so no ratio is shown there; see benchmarks/ for timings.
-        if run.cuda_peak_bytes is None and base.seconds > 0 and self.baseline.measures_cost:
-            metrics["time_ratio"] = run.seconds / base.seconds
-        if self.activation_reduction is not None:
-            metrics["activation_reduction"] = self.activation_reduction
-        if run.cuda_peak_bytes is not None:  # measured whatever the baseline; compared only with a whole-model one
-            metrics["cuda_peak_bytes"] = run.cuda_peak_bytes
-        if run.rank_cuda_peak_bytes:
-            metrics["rank_cuda_peak_bytes"] = run.rank_cuda_peak_bytes
-        if self.cuda_reduction is not None:
-            metrics.update(baseline_cuda_peak_bytes=base.cuda_peak_bytes, cuda_reduction=self.cuda_reduction)
-        if self.baseline.noisy:
+    def metrics(self) -> Metrics:
+        """The measured facts a :class:`~pytest_gradckpt.report.Result` carries: the comparison's,
+        then each registered probe's (only the keys it declares)."""
+        metrics = Metrics()
+        if self.grads is not None:
+            metrics.update(max_grad_diff=self.grads.max_abs, worst_parameter=self.grads.worst,
+                           baseline=self.baseline.kind)
+        for kind in registry.registered():
+            found = kind.metrics(self)
+            undeclared = sorted(set(found) - set(kind.metric_keys))
+            if undeclared:
+                raise UnknownMetric(f"probe {kind.name!r} wrote metric(s) {', '.join(undeclared)} it does not declare "
+                                    f"in metric_keys ({', '.join(kind.metric_keys) or 'none'}): declare them, or fix "
+                                    "the key")
+            metrics.update(found)
+        if self.grads is not None and self.baseline.noisy:
             metrics.update(baseline_noise=self.baseline.noise, within_noise=self.within_noise)
         return metrics
 
 
 def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> Evidence:
-    """Compare ``run`` with ``baseline`` (on the device where they live).
+    """Compare ``run`` with ``baseline`` (on the device where they live), then let each
+    registered probe add its evidence.
 
     Example:
         >>> import torch
+        >>> from pytest_gradckpt.probes.layer_calls import LayerCalls
         >>> from pytest_gradckpt.strategies import get_strategy
-        >>> base = Run(loss=torch.ones(()), grads={"w": torch.ones(3)}, calls={"0": 1}, graph_calls={"0": 1})
-        >>> lost = Run(loss=torch.ones(()), grads={"w": None}, calls={"0": 2})
+        >>> base = Run(loss=torch.ones(()), grads={"w": torch.ones(3)},
+        ...            measured={"recompute": LayerCalls(calls={"0": 1}, graph_calls={"0": 1})})
+        >>> lost = Run(loss=torch.ones(()), grads={"w": None}, measured={"recompute": LayerCalls(calls={"0": 2})})
         >>> evidence = gather(get_strategy("non_reentrant"), Baseline(base), lost, Limits(1.3e-6, 1e-5))
         >>> evidence.grads.vanished, judge(evidence, Limits(1.3e-6, 1e-5))[0]
         (['w'], 'silent')
     """
-    evidence = Evidence(strategy, run, baseline, lost_warning=silent_warning(run.warnings))
+    evidence = Evidence(strategy, run, baseline, lost_warning=silent_warning(run.of(WarningsProbe).warnings))
     if run.error is not None:
         return evidence
     base = baseline.run
@@ -113,15 +117,17 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
     evidence.outputs = compare(base.outputs, {k: run.outputs.get(k) for k in base.outputs}, limits.rtol,
                                limits.atol, baseline.output_noise)
     evidence.buffers = compare(base.buffers, run.buffers, limits.rtol, limits.atol, Noise())
+    base_calls, run_calls = base.of(RecomputeProbe), run.of(RecomputeProbe)
     evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
-        base.calls, run.calls, _expected_recompute(strategy, base, run), base.graph_calls,
-        own_units=strategy.units != "chosen", reached_calls=base.reached_calls)
-    if not baseline.measures_cost:
-        return evidence
-    if base.activation_bytes:
-        evidence.activation_reduction = 1 - run.activation_bytes / base.activation_bytes
-    if run.cuda_peak_bytes is not None and base.cuda_peak_bytes:
-        evidence.cuda_reduction = 1 - run.cuda_peak_bytes / base.cuda_peak_bytes
+        base_calls.calls, run_calls.calls, _expected_recompute(strategy, base, run), base_calls.graph_calls,
+        own_units=strategy.units != "chosen", reached_calls=base_calls.reached_calls)
+    fields = {field.name for field in dataclasses.fields(Evidence)}
+    for kind in registry.registered():
+        for name, value in kind.evidence(evidence).items():
+            if name not in fields:
+                raise AttributeError(f"probe {kind.name!r} adds evidence {name!r}, which Evidence has no field "
+                                     f"for; a probe's own facts stay in its measurement (evidence.run.of(probe))")
+            setattr(evidence, name, value)
     return evidence
 
 
@@ -131,9 +137,11 @@ def _expected_recompute(strategy: Strategy, base: Run, run: Run) -> dict[str, bo
     that it did not recompute is not expected to."""
     if strategy.recomputes is not None:
         return run.expected_recompute
-    offloaded = set(run.saved_elsewhere_units) - set(base.saved_elsewhere_units)
+    offloaded = (set(run.of(SavedElsewhereProbe).saved_elsewhere_units)
+                 - set(base.of(SavedElsewhereProbe).saved_elsewhere_units))
+    run_calls, base_calls = run.of(RecomputeProbe).calls, base.of(RecomputeProbe).calls
     return {**run.expected_recompute, **{name: False for name in offloaded
-                                         if run.calls.get(name, 0) == base.calls.get(name, 0)}}
+                                         if run_calls.get(name, 0) == base_calls.get(name, 0)}}
 
 
 # --------------------------------------------------------------------------- the rules
@@ -204,7 +212,7 @@ def buffers_differ(e: Evidence, limits: Limits) -> str | None:
 
 
 def _nothing_recomputed(e: Evidence) -> bool:
-    return bool(e.checkpointable) and e.recomputed == 0 and not e.run.recomputed_units
+    return bool(e.checkpointable) and e.recomputed == 0 and not e.run.of(BackwardCallsProbe).recomputed_units
 
 
 def never_recomputed(e: Evidence, limits: Limits) -> str | None:
@@ -227,8 +235,9 @@ def recompute_unobserved(e: Evidence, limits: Limits) -> str | None:
     observable is memory: the saved activations (autograd still packs what the compiled forward
     saves) must fall below the baseline's, else no checkpointing took effect."""
     run = e.run
-    if (run.compiled is None or e.strategy.recomputes is False or e.checkpointable or run.recomputed_units
-            or run.saved_elsewhere_units):  # an offload keeps its activations elsewhere: not a recompute
+    if (run.compiled is None or e.strategy.recomputes is False or e.checkpointable
+            or run.of(BackwardCallsProbe).recomputed_units
+            or run.of(SavedElsewhereProbe).saved_elsewhere_units):  # an offload keeps its activations elsewhere
         return None
     reduction = e.activation_reduction
     if reduction is None or reduction > 0:

@@ -220,12 +220,14 @@ def test_memory_is_no_evidence_where_checkpointing_has_nothing_to_cut():
     from pytest_gradckpt import verdicts
     from pytest_gradckpt.baselines import Baseline
     from pytest_gradckpt.probes.gradients import Comparison
+    from pytest_gradckpt.probes.memory import SavedMemory
     from pytest_gradckpt.runs import Run
     from pytest_gradckpt.strategies import get_strategy
 
     def rule(room: int | None) -> str | None:  # hand-built evidence: compiled, nothing counted, memory unchanged
-        base = Run(activation_bytes=512, compiled={"checkpoint_room_bytes": room})  # None: not measured
-        found = verdicts.Evidence(get_strategy("non_reentrant"), Run(activation_bytes=512, compiled={}),
+        saved = {"memory": SavedMemory(512)}
+        base = Run(measured=saved, compiled={"checkpoint_room_bytes": room})  # None: not measured
+        found = verdicts.Evidence(get_strategy("non_reentrant"), Run(measured=saved, compiled={}),
                                   Baseline(base), grads=Comparison(), activation_reduction=0.0)
         return verdicts.recompute_unobserved(found, verdicts.Limits(rtol=0.0, atol=0.0))
 

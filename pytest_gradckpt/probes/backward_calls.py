@@ -7,16 +7,22 @@ pre-hook records those calls; :func:`recomputed_units` turns them into the outer
 that were recomputed whole. The unit's own ``forward`` may be reached without ``__call__``
 (transformers 5.23 checkpoints ``partial(forward, layer)``), so hooks alone would miss it;
 its children are called normally, and a module counts as recomputed when every child
-holding parameters was.
+holding parameters was. :class:`BackwardCallsProbe` is the probe (:mod:`pytest_gradckpt.probes.protocol`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from pytest_gradckpt.probes.protocol import Probe, ProbeStep
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.verdicts import Evidence
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
@@ -97,3 +103,37 @@ def recomputed_units(modules: Iterable[tuple[str, nn.Module]], ran: set[str]) ->
 
     return [name for name, module in modules if done.get(name) and not isinstance(module, _CONTAINERS)
             and not parent_recomputed(name) and any(True for _ in module.parameters())]
+
+
+@dataclasses.dataclass
+class RecomputedUnits:
+    """The outermost modules that really ran again during backward, whoever checkpointed them."""
+
+    recomputed_units: list[str] = dataclasses.field(default_factory=list)
+
+
+class BackwardCallsProbe(Probe[RecomputedUnits]):
+    """Which modules of the copy ran during backward (:class:`BackwardCalls`), as units."""
+
+    name = "backward_calls"
+    metric_keys = ("recomputed_units",)
+
+    def __init__(self, step: ProbeStep) -> None:
+        super().__init__(step)
+        self.calls = BackwardCalls(step.module_names)
+
+    def around_step(self) -> BackwardCalls:
+        return self.calls
+
+    def read(self) -> RecomputedUnits:
+        module_names = self.step.module_names
+        original = [(module_names[id(m)], m) for m in self.step.model.modules() if id(m) in module_names]
+        return RecomputedUnits(recomputed_units(original, self.calls.names))
+
+    @classmethod
+    def empty(cls) -> RecomputedUnits:
+        return RecomputedUnits()
+
+    @classmethod
+    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+        return {"recomputed_units": evidence.run.of(cls).recomputed_units} if evidence.compared else {}

@@ -12,17 +12,26 @@ host memory (:meth:`SavedActivationProbe.mark_offloaded`) are not activation mem
 There is no module-level state: a probe belongs to one run. Code running inside a checkpoint
 unit (a strategy's checkpoint function, built-in or a user's) reaches that run's probe through
 the unit, :func:`pytest_gradckpt.layers.memory_probe_of`, so both are measured the same way.
+:class:`MemoryProbe` is the probe (:mod:`pytest_gradckpt.probes.protocol`) that hands the units
+their run's :class:`SavedActivationProbe`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.probes.protocol import Column, Probe
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.verdicts import Evidence
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
     try:
@@ -170,3 +179,60 @@ def note_sac_saved_outputs(probe: SavedActivationProbe, forward_context: Any,
     """Wrap SAC's forward context so ``probe`` sees the outputs of ``ops`` that SAC keeps."""
     with forward_context, _NoteSavedOutputs(probe, ops):
         yield
+
+
+@dataclasses.dataclass
+class SavedMemory:
+    """The saved-activation peak of one step, in bytes."""
+
+    activation_bytes: int = 0
+
+
+class MemoryProbe(Probe[SavedMemory]):
+    """The saved-activation peak of the micro-batches (:class:`SavedActivationProbe`), parameters
+    excluded. Its :class:`SavedActivationProbe` exists from the start of the step (the units report
+    what they hold to it through the recompute probe's counter) and counts inside the micro-batches."""
+
+    name = "memory"
+    metric_keys = ("activation_bytes", "baseline_activation_bytes", "activation_reduction")
+    columns = (Column("act.mem", ("activation_reduction",), lambda cut: "" if cut is None else f"{-cut * 100:.0f}%"),)
+
+    saved: SavedActivationProbe
+
+    @contextlib.contextmanager
+    def around_step(self) -> Iterator[None]:
+        # After the strategy and the parallel wrap: FSDP2 swaps the parameter objects.
+        self.saved = SavedActivationProbe(self.step.device, [p for _, p in self.step.model.named_parameters()])
+        counter = self.step.probe(RecomputeProbe).counter
+        counter.memory = self.saved
+        try:
+            yield
+        finally:
+            counter.memory = None
+
+    def around_batches(self) -> SavedActivationProbe:
+        return self.saved
+
+    def read(self) -> SavedMemory:
+        return SavedMemory(self.saved.peak_bytes)
+
+    @classmethod
+    def empty(cls) -> SavedMemory:
+        return SavedMemory()
+
+    @classmethod
+    def evidence(cls, evidence: Evidence) -> Mapping[str, Any]:
+        run, base = evidence.run.of(cls).activation_bytes, evidence.baseline.run.of(cls).activation_bytes
+        if not evidence.baseline.measures_cost or not base:
+            return {}
+        return {"activation_reduction": 1 - run / base}
+
+    @classmethod
+    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+        if not evidence.compared:
+            return {}
+        found: dict[str, Any] = {"activation_bytes": evidence.run.of(cls).activation_bytes,
+                                 "baseline_activation_bytes": evidence.baseline.run.of(cls).activation_bytes}
+        if evidence.activation_reduction is not None:
+            found["activation_reduction"] = evidence.activation_reduction
+        return found

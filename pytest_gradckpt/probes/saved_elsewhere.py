@@ -4,18 +4,26 @@ held what autograd saves (torch's ``save_on_cpu``, ``offload_wrapper``, a user's
 Such a module keeps its activations elsewhere instead of recomputing them, so a strategy need
 not say so (``recomputes = False``): the engine sees it. Checkpointing's own hooks
 (``torch.utils.checkpoint``) and the engine's memory probe are not "elsewhere": under them a
-module is recomputed, or keeps its activations where they were.
+module is recomputed, or keeps its activations where they were. :class:`SavedElsewhereProbe` is
+the probe (:mod:`pytest_gradckpt.probes.protocol`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pytest_gradckpt.probes.backward_calls import in_backward
+from pytest_gradckpt.probes.memory import MemoryProbe
+from pytest_gradckpt.probes.protocol import Probe, ProbeStep
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.verdicts import Evidence
 
 #: Modules whose pack hooks do not move activations anywhere: checkpointing's bookkeeping.
 _NOT_ELSEWHERE = ("torch.utils.checkpoint",)
@@ -86,3 +94,39 @@ def units_saved_elsewhere(units: Iterable[str], seen: set[str]) -> list[str]:
         ['layers.1']
     """
     return [unit for unit in units if any(name == unit or name.startswith(unit + ".") for name in seen)]
+
+
+@dataclasses.dataclass
+class SavedElsewhereUnits:
+    """Checkpoint units whose forward ran under someone else's saved-tensor hooks (activations offloaded)."""
+
+    saved_elsewhere_units: list[str] = dataclasses.field(default_factory=list)
+
+
+class SavedElsewhereProbe(Probe[SavedElsewhereUnits]):
+    """The units that kept their activations elsewhere (:class:`SavedElsewhere`); the memory
+    probe's own hook is not "elsewhere" (it is registered before this one)."""
+
+    name = "saved_elsewhere"
+    metric_keys = ("saved_elsewhere_units",)
+
+    def __init__(self, step: ProbeStep) -> None:
+        super().__init__(step)
+        self.seen = SavedElsewhere(step.module_names)
+
+    @contextlib.contextmanager
+    def around_step(self) -> Iterator[None]:
+        self.seen.ours = self.step.probe(MemoryProbe).saved._pack
+        with self.seen:
+            yield
+
+    def read(self) -> SavedElsewhereUnits:
+        return SavedElsewhereUnits(units_saved_elsewhere(self.step.layer_names, self.seen.names))
+
+    @classmethod
+    def empty(cls) -> SavedElsewhereUnits:
+        return SavedElsewhereUnits()
+
+    @classmethod
+    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+        return {"saved_elsewhere_units": evidence.run.of(cls).saved_elsewhere_units} if evidence.compared else {}

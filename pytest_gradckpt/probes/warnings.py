@@ -1,10 +1,21 @@
-"""Captures warnings raised during a run and classifies the ones that mean lost gradients."""
+"""Captures warnings raised during a run and classifies the ones that mean lost gradients.
+
+:class:`WarningsProbe` is the probe (:mod:`pytest_gradckpt.probes.protocol`): it keeps what it
+captured even when the step raised, since a warning often explains the failure.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pytest_gradckpt.probes.protocol import Probe, ProbeStep
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.verdicts import Evidence
 
 #: torch's reentrant checkpoint says this when no input requires grad: every
 #: parameter inside that layer then silently gets no gradient.
@@ -43,3 +54,40 @@ def silent_warning(messages: list[str]) -> str | None:
         'UserWarning: None of the inputs have requires_grad=True. Gradients will be None'
     """
     return next((m for m in messages if any(marker in m for marker in SILENT_MARKERS)), None)
+
+
+@dataclasses.dataclass
+class Warned:
+    """The warnings of one step, deduplicated, in order."""
+
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+class WarningsProbe(Probe[Warned]):
+    """Every warning raised during the step (:func:`capture_warnings`)."""
+
+    name = "warnings"
+    metric_keys = ("warnings",)
+
+    def __init__(self, step: ProbeStep) -> None:
+        super().__init__(step)
+        self.messages: list[str] = []
+
+    @contextlib.contextmanager
+    def around_step(self) -> Iterator[None]:
+        with capture_warnings() as self.messages:
+            yield
+
+    def read(self) -> Warned:
+        return Warned(self.messages)
+
+    def after_failure(self) -> Warned:
+        return Warned(self.messages)  # a warning often says why the step failed
+
+    @classmethod
+    def empty(cls) -> Warned:
+        return Warned()
+
+    @classmethod
+    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+        return {"warnings": evidence.run.of(cls).warnings}

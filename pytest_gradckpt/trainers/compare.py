@@ -1,33 +1,26 @@
 """A trainer's checkpointing configuration against the same trainer with checkpointing off.
 
-Each run takes a private copy of the trainer's model, switches checkpointing on (as the
-trainer would) or off, and runs one step through the trainer's own code with the engine's
-probes attached; the engine's baseline and verdict rules then judge it like any strategy.
+Each run takes a private copy of the trainer's model, prepared (named, probes attached) by the
+engine's own :func:`~pytest_gradckpt.runs.prepare_copy`, switches checkpointing on (as the
+trainer would) or off, and runs one step through the trainer's own code under
+:func:`~pytest_gradckpt.runs.probed`; the engine's baseline and verdict rules then judge it like any strategy.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from typing import Any
 
 from torch import nn
 
 from pytest_gradckpt import baselines, outcomes, verdicts
-from pytest_gradckpt.arguments import tensor_bytes
 from pytest_gradckpt.errors import GradckptUsageError, StrategyTimeout
 from pytest_gradckpt.isolation import deadline, seed_everything
-from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
-from pytest_gradckpt.probes.backward_calls import BackwardCalls
-from pytest_gradckpt.probes.cuda import CudaPeak
+from pytest_gradckpt.layers import ModelInfo, find_layers
 from pytest_gradckpt.probes.gradients import default_tolerances
-from pytest_gradckpt.probes.memory import SavedActivationProbe
-from pytest_gradckpt.probes.recompute import LayerCounter
-from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhere
-from pytest_gradckpt.probes.warnings import capture_warnings
 from pytest_gradckpt.report import Result
-from pytest_gradckpt.runs import Run, read_probes
+from pytest_gradckpt.runs import Run, prepare_copy, probed
 from pytest_gradckpt.scenarios import SCENARIOS
 from pytest_gradckpt.strategies import Strategy
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
@@ -101,37 +94,21 @@ class TrainerStepper:
         return model
 
     def _step(self, run: Run, checkpointing: bool) -> None:
-        model = self._fresh_model()
-        # Names are taken before checkpointing is switched: a wrapper may rename modules, never the tensors.
-        names = {id(p): n for n, p in model.named_parameters()}
-        buffer_names = {id(b): n for n, b in model.named_buffers()}
-        module_names = {id(m): n for n, m in model.named_modules()}
-        info = ModelInfo(model, self.layer_names, self.found_by)
-        counter = LayerCounter()
-        for name, layer in zip(info.layer_names, info.layers, strict=True):
-            instrument(layer, name, counter)
+        # Named and probed before checkpointing is switched, as the engine's copies are (runs.prepare_copy).
+        prepared = prepare_copy(self._fresh_model(), self.layer_names, self.found_by, self.device)
+        model = prepared.model
         self.adapter.set_checkpointing(self.trainer, model, checkpointing)
         if checkpointing:
-            run.expected_recompute = {name: True for name in info.layer_names}
-        trainable = [(names.get(id(p), n), p) for n, p in model.named_parameters() if p.requires_grad]
-        memory = SavedActivationProbe(self.device, list(model.parameters()))
-        counter.memory = memory
+            run.expected_recompute = {name: True for name in prepared.info.layer_names}
+        trainable = [(prepared.param_names.get(id(p), n), p) for n, p in model.named_parameters() if p.requires_grad]
+        prepared.view.trainable = trainable
         batches = copy.deepcopy(self.batches)  # the trainer's step may pop keys from its inputs
         seed_everything(self.seed, self.device)
-        with capture_warnings() as run.warnings, deadline(self.timeout), CudaPeak(self.device) as cuda, \
-                BackwardCalls(module_names) as backward_calls, \
-                SavedElsewhere(module_names, ours=memory._pack) as saved_elsewhere:
-            started = time.perf_counter()
-            with memory:
-                loss = self.adapter.step(self.trainer, model, batches)
-            run.seconds = time.perf_counter() - started
-        counter.memory = None
+        with probed(run, prepared, deadline(self.timeout)):
+            loss = self.adapter.step(self.trainer, model, batches)
         run.loss = loss.detach().float()
         run.grads = {n: None if p.grad is None else p.grad.detach() for n, p in trainable}
-        run.buffers = {buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
-        read_probes(run, model, info.layer_names, module_names, counter, backward_calls, saved_elsewhere, memory)
-        if cuda.peak_bytes is not None:
-            run.cuda_peak_bytes = max(0, cuda.peak_bytes - tensor_bytes(p for _, p in trainable))
+        run.buffers = {prepared.buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
 
 
 def compare_configuration(adapter: TrainerAdapter, trainer: Any, configuration: Configuration, *,

@@ -1,0 +1,110 @@
+"""Every probe a step runs, in one ordered table (:data:`PROBES`), and what iterates it: a run's
+measurements to and from the host form that ships from a rank, merged across ranks, and the
+metric keys and report columns the probes declare.
+
+The order is the order probes are entered around a step (the first outermost; the step time
+last, so it times the micro-batches only) and the order of their report columns. Adding a probe
+is one module with a :class:`~pytest_gradckpt.probes.protocol.Probe` subclass and one line here;
+:func:`using` adds probes for the code inside a ``with`` block only (a test's, or a check's own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
+from pytest_gradckpt.probes.cuda import CudaProbe
+from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.probes.memory import MemoryProbe
+from pytest_gradckpt.probes.protocol import Column, Probe
+from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
+from pytest_gradckpt.probes.timing import StepTime
+from pytest_gradckpt.probes.warnings import WarningsProbe
+
+Kinds = tuple[type[Probe[Any]], ...]
+
+#: The probes of every step, in order.
+PROBES: Kinds = (
+    WarningsProbe,        # outermost: warnings raised while the others attach are kept too
+    MemoryProbe,          # before the recompute counter's units report to it, and before saved_elsewhere
+    CudaProbe,
+    RecomputeProbe,
+    BackwardCallsProbe,
+    SavedElsewhereProbe,  # after MemoryProbe: its hook is ours, not "elsewhere"
+    StepTime,             # innermost: times the micro-batches only
+)
+
+_active: contextvars.ContextVar[Kinds] = contextvars.ContextVar("pytest_gradckpt_probes", default=PROBES)
+
+
+def registered() -> Kinds:
+    """The probes in force: :data:`PROBES`, plus any :func:`using` added here.
+
+    Example:
+        >>> [kind.name for kind in registered()]
+        ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'seconds']
+    """
+    return _active.get()
+
+
+@contextlib.contextmanager
+def using(*kinds: type[Probe[Any]], only: bool = False) -> Iterator[Kinds]:
+    """Run the block with ``kinds`` added after the registered probes (``only``: exactly these).
+    Nothing outlives the block; rank processes get the probes in force with each step.
+
+    Example:
+        >>> from pytest_gradckpt.probes.timing import StepTime
+        >>> with using(StepTime, only=True) as kinds:
+        ...     [kind.name for kind in kinds]
+        ['seconds']
+        >>> len(registered())
+        7
+    """
+    chosen = tuple(kinds) if only else (*registered(), *kinds)
+    names = [kind.name for kind in chosen]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"probe name(s) {', '.join(duplicated)} registered twice; give each probe its own name")
+    token = _active.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _active.reset(token)
+
+
+def metric_keys() -> frozenset[str]:
+    """Every metric key the probes in force declare."""
+    return frozenset(key for kind in registered() for key in kind.metric_keys)
+
+
+def columns() -> tuple[Column, ...]:
+    """The probes' report columns, in registry order."""
+    return tuple(column for kind in registered() for column in kind.columns)
+
+
+def to_host(measured: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's measurements (by probe name) as picklable host forms."""
+    return {kind.name: kind.to_host(measured[kind.name]) for kind in registered() if kind.name in measured}
+
+
+def from_host(forms: Mapping[str, Any]) -> dict[str, Any]:
+    """Measurements back from :func:`to_host`'s forms."""
+    return {kind.name: kind.from_host(forms[kind.name]) for kind in registered() if kind.name in forms}
+
+
+def merge(mine: Mapping[str, Any], ranks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One run's measurements from every rank's (``mine``: this process's), probe by probe.
+
+    Example:
+        >>> from pytest_gradckpt.probes.cuda import CudaMemory
+        >>> merge({"cuda": CudaMemory(1)}, [{"cuda": CudaMemory(1)}, {"cuda": CudaMemory(4)}])["cuda"]
+        CudaMemory(cuda_peak_bytes=4, rank_cuda_peak_bytes=[1, 4])
+    """
+    merged = dict(mine)
+    for kind in registered():
+        if kind.name in mine and all(kind.name in rank for rank in ranks):
+            merged[kind.name] = kind.merge(mine[kind.name], [rank[kind.name] for rank in ranks])
+    return merged
