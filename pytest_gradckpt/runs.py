@@ -295,15 +295,18 @@ def probed(run: Run, prepared: PreparedCopy, *outer: contextlib.AbstractContextM
     """The block is the step: inside ``outer`` (a deadline, a compiler's run), the probes around the
     step, then around its micro-batches. Their measurements land in ``run.measured`` whether the
     step completes or raises."""
+    completed = False
     try:
         with contextlib.ExitStack() as stack:
             for context in (*outer, prepared.probes.around_step(), prepared.probes.around_batches()):
                 stack.enter_context(context)
             yield
-    except BaseException:
-        run.measured = prepared.probes.read(completed=False)
-        raise
-    run.measured = prepared.probes.read(completed=True)
+        completed = True
+    finally:
+        run.measured = prepared.probes.read(completed=completed)
+        # The probes and their step refer to each other: a cycle that only the cyclic collector
+        # frees, which would keep this copy's weights and gradients on the device into the next run.
+        prepared.probes.detach()
 
 
 @dataclasses.dataclass

@@ -209,3 +209,8 @@ class Attached:
         """Every probe's measurement, by probe name."""
         return {name: probe.read() if completed else probe.after_failure()
                 for name, probe in self.step.probes.items()}
+
+    def detach(self) -> None:
+        """Forget the step's probes once they are read: they and the step refer to each other, and
+        without this the copy they see lives until Python's cyclic collector runs."""
+        self.step.probes.clear()
