@@ -198,43 +198,58 @@ def _instrumented_class(base: type[nn.Module]) -> type[nn.Module]:
     """
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            # Traced by dynamo: the probes' Python side effects would break the graph (and a checkpoint
-            # around them would fall back to eager). The compiled program is the caller's, untouched.
-            return _compiled_forward(self, base, args, kwargs)
-        probe = self._gradckpt_counter.memory
-        if probe is not None:
-            probe.hold(args, kwargs)
-        call = self.__dict__.get("_gradckpt_call")
-        if call is not None:
-            output = call(self._gradckpt_forward, args, kwargs)
-        else:
-            output = self._gradckpt_forward(*args, **kwargs)
-        self._gradckpt_counter.saw_output(self._gradckpt_name, output)
-        return output
+        return _routed_forward(self, base, args, kwargs)
 
     def _gradckpt_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        counter = self._gradckpt_counter
-        counter.hit(self._gradckpt_name)
-        inner = self.__dict__.get("_gradckpt_inner_forward")
-        run = inner if inner is not None else functools.partial(base.forward, self)
-        # A compiled body (compile_order='checkpoint_outside') must recompute as it ran forward: under
-        # a dispatch mode dynamo would trace another program, and checkpoint would reject its saves.
-        if (counter.memory is not None and torch._C._current_graph_task_id() != -1
-                and "_gradckpt_compiled_body" not in self.__dict__):
-            with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
-                return run(*args, **kwargs)
-        return run(*args, **kwargs)
+        return _counted_body(self, base, args, kwargs)
 
     namespace = {"forward": forward, "_gradckpt_forward": _gradckpt_forward,
                  "__module__": base.__module__, "__qualname__": base.__qualname__}
     return type(base.__name__, (base,), namespace)
 
 
+def _original_forward(layer: nn.Module, base: type[nn.Module]) -> Callable[..., Any]:
+    """The forward ``layer`` ran before it was instrumented: one set on the instance (an accelerate hook) first."""
+    inner = layer.__dict__.get("_gradckpt_inner_forward")
+    return inner if inner is not None else functools.partial(base.forward, layer)
+
+
+def _routed_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """An instrumented layer's forward: inputs shown to the memory probe, the counted body run through
+    the strategy's call where one is set (else directly), the output shown to the recompute counter."""
+    if torch.compiler.is_compiling():
+        # Traced by dynamo: the probes' Python side effects would break the graph (and a checkpoint
+        # around them would fall back to eager). The compiled program is the caller's, untouched.
+        return _compiled_forward(layer, base, args, kwargs)
+    probe = layer._gradckpt_counter.memory
+    if probe is not None:
+        probe.hold(args, kwargs)
+    call = layer.__dict__.get("_gradckpt_call")
+    if call is not None:
+        output = call(layer._gradckpt_forward, args, kwargs)
+    else:
+        output = layer._gradckpt_forward(*args, **kwargs)
+    layer._gradckpt_counter.saw_output(layer._gradckpt_name, output)
+    return output
+
+
+def _counted_body(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The layer's own forward, counted: the function a strategy checkpoints, so its recompute counts too."""
+    counter = layer._gradckpt_counter
+    counter.hit(layer._gradckpt_name)
+    run = _original_forward(layer, base)
+    # A compiled body (compile_order='checkpoint_outside') must recompute as it ran forward: under
+    # a dispatch mode dynamo would trace another program, and checkpoint would reject its saves.
+    if (counter.memory is not None and torch._C._current_graph_task_id() != -1
+            and "_gradckpt_compiled_body" not in layer.__dict__):
+        with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
+            return run(*args, **kwargs)
+    return run(*args, **kwargs)
+
+
 def _compiled_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An instrumented layer's forward as dynamo sees it: the strategy's call, no counting."""
-    inner = layer.__dict__.get("_gradckpt_inner_forward")
-    run = inner if inner is not None else functools.partial(base.forward, layer)
+    run = _original_forward(layer, base)
     call = layer.__dict__.get("_gradckpt_call")
     return run(*args, **kwargs) if call is None else call(run, args, kwargs)
 
