@@ -118,48 +118,70 @@ def find_layers(model: nn.Module, spec: Any = None, *, reference: nn.Module | No
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
         >>> find_layers(net)
         (['0', '1'], 'repeated blocks: the blocks of the model itself (100% of the parameters)')
+        >>> find_layers(net, "1"), find_layers(net, torch.nn.Linear), find_layers(net, [net[1]])
+        ((['1'], 'path'), (['0', '1'], 'class'), (['1'], 'modules'))
     """
     if spec is None:
-        if transformers_model_in(model) is not None:
-            found = _transformers_layers(model)
-            if found:
-                return [n for n, _ in found], "transformers"
-        found, why = _repeated_blocks(model)
-        if not found:
-            raise GradckptUsageError(
-                f"layers=None: found no repeated layers in {type(model).__name__} (no nn.ModuleList or "
-                "nn.Sequential holds two or more blocks of one type with parameters); pass layers= as a "
-                "dotted path such as 'blocks', a block class, or a list of modules")
-        return [n for n, _ in found], why
+        return _automatic_layers(model)
     if isinstance(spec, str):
-        try:
-            target = model.get_submodule(spec)
-        except AttributeError:
-            children = ", ".join(n for n, _ in model.named_children()) or "none"
-            raise GradckptUsageError(
-                f"layers={spec!r}: {type(model).__name__} has no submodule at that path; top-level "
-                f"children are: {children}") from None
-        if isinstance(target, (nn.ModuleList, nn.Sequential)):
-            return [f"{spec}.{child}" for child, _ in target.named_children()], "path"
-        return [spec], "path"
+        return _layers_at_path(model, spec), "path"
     if isinstance(spec, type) and issubclass(spec, nn.Module):
-        found = _outermost([(n, m) for n, m in model.named_modules() if isinstance(m, spec) and n])
-        if not found:
-            raise GradckptUsageError(
-                f"layers={spec.__name__}: no submodule of {type(model).__name__} is an instance of it")
-        return [n for n, _ in found], "class"
+        return _layers_of_class(model, spec), "class"
     if isinstance(spec, (list, tuple)) and all(isinstance(m, nn.Module) for m in spec) and spec:
-        owner = reference if reference is not None else model
-        names = {id(m): n for n, m in owner.named_modules()}
-        missing = [type(m).__name__ for m in spec if id(m) not in names]
-        if missing:
-            raise GradckptUsageError(
-                f"layers=[...]: {len(missing)} module(s) ({', '.join(missing)}) are not part of the model "
-                "passed to check(); with a model factory, pass a dotted path or a class instead")
-        return [names[id(m)] for m in spec], "modules"
+        # The modules are the caller's; ``model`` may be the engine's copy, so names come from ``reference``.
+        return _layers_given(list(spec), reference if reference is not None else model), "modules"
     raise GradckptUsageError(
         f"layers={spec!r}: expected None, a dotted path like 'model.layers', an nn.Module subclass, "
         "or a non-empty list of modules")
+
+
+def _automatic_layers(model: nn.Module) -> tuple[list[str], str]:
+    """transformers' own checkpointing layers where the model has them, else the repeated blocks."""
+    if transformers_model_in(model) is not None:
+        found = _transformers_layers(model)
+        if found:
+            return [n for n, _ in found], "transformers"
+    found, why = _repeated_blocks(model)
+    if not found:
+        raise GradckptUsageError(
+            f"layers=None: found no repeated layers in {type(model).__name__} (no nn.ModuleList or "
+            "nn.Sequential holds two or more blocks of one type with parameters); pass layers= as a "
+            "dotted path such as 'blocks', a block class, or a list of modules")
+    return [n for n, _ in found], why
+
+
+def _layers_at_path(model: nn.Module, path: str) -> list[str]:
+    """The children of the block list at ``path``, or the one module there."""
+    try:
+        target = model.get_submodule(path)
+    except AttributeError:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise GradckptUsageError(
+            f"layers={path!r}: {type(model).__name__} has no submodule at that path; top-level "
+            f"children are: {children}") from None
+    if isinstance(target, (nn.ModuleList, nn.Sequential)):
+        return [f"{path}.{child}" for child, _ in target.named_children()]
+    return [path]
+
+
+def _layers_of_class(model: nn.Module, block: type[nn.Module]) -> list[str]:
+    """The outermost submodules that are instances of ``block`` (the model itself is never a unit)."""
+    found = _outermost([(n, m) for n, m in model.named_modules() if isinstance(m, block) and n])
+    if not found:
+        raise GradckptUsageError(
+            f"layers={block.__name__}: no submodule of {type(model).__name__} is an instance of it")
+    return [n for n, _ in found]
+
+
+def _layers_given(modules: list[nn.Module], owner: nn.Module) -> list[str]:
+    """The names of ``modules`` inside ``owner``, the model they were taken from."""
+    names = {id(m): n for n, m in owner.named_modules()}
+    missing = [type(m).__name__ for m in modules if id(m) not in names]
+    if missing:
+        raise GradckptUsageError(
+            f"layers=[...]: {len(missing)} module(s) ({', '.join(missing)}) are not part of the model "
+            "passed to check(); with a model factory, pass a dotted path or a class instead")
+    return [names[id(m)] for m in modules]
 
 
 # --------------------------------------------------------------------------- instrumentation
@@ -176,43 +198,58 @@ def _instrumented_class(base: type[nn.Module]) -> type[nn.Module]:
     """
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            # Traced by dynamo: the probes' Python side effects would break the graph (and a checkpoint
-            # around them would fall back to eager). The compiled program is the caller's, untouched.
-            return _compiled_forward(self, base, args, kwargs)
-        probe = self._gradckpt_counter.memory
-        if probe is not None:
-            probe.hold(args, kwargs)
-        call = self.__dict__.get("_gradckpt_call")
-        if call is not None:
-            output = call(self._gradckpt_forward, args, kwargs)
-        else:
-            output = self._gradckpt_forward(*args, **kwargs)
-        self._gradckpt_counter.saw_output(self._gradckpt_name, output)
-        return output
+        return _routed_forward(self, base, args, kwargs)
 
     def _gradckpt_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        counter = self._gradckpt_counter
-        counter.hit(self._gradckpt_name)
-        inner = self.__dict__.get("_gradckpt_inner_forward")
-        run = inner if inner is not None else functools.partial(base.forward, self)
-        # A compiled body (compile_order='checkpoint_outside') must recompute as it ran forward: under
-        # a dispatch mode dynamo would trace another program, and checkpoint would reject its saves.
-        if (counter.memory is not None and torch._C._current_graph_task_id() != -1
-                and "_gradckpt_compiled_body" not in self.__dict__):
-            with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
-                return run(*args, **kwargs)
-        return run(*args, **kwargs)
+        return _counted_body(self, base, args, kwargs)
 
     namespace = {"forward": forward, "_gradckpt_forward": _gradckpt_forward,
                  "__module__": base.__module__, "__qualname__": base.__qualname__}
     return type(base.__name__, (base,), namespace)
 
 
+def _original_forward(layer: nn.Module, base: type[nn.Module]) -> Callable[..., Any]:
+    """The forward ``layer`` ran before it was instrumented: one set on the instance (an accelerate hook) first."""
+    inner = layer.__dict__.get("_gradckpt_inner_forward")
+    return inner if inner is not None else functools.partial(base.forward, layer)
+
+
+def _routed_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """An instrumented layer's forward: inputs shown to the memory probe, the counted body run through
+    the strategy's call where one is set (else directly), the output shown to the recompute counter."""
+    if torch.compiler.is_compiling():
+        # Traced by dynamo: the probes' Python side effects would break the graph (and a checkpoint
+        # around them would fall back to eager). The compiled program is the caller's, untouched.
+        return _compiled_forward(layer, base, args, kwargs)
+    probe = layer._gradckpt_counter.memory
+    if probe is not None:
+        probe.hold(args, kwargs)
+    call = layer.__dict__.get("_gradckpt_call")
+    if call is not None:
+        output = call(layer._gradckpt_forward, args, kwargs)
+    else:
+        output = layer._gradckpt_forward(*args, **kwargs)
+    layer._gradckpt_counter.saw_output(layer._gradckpt_name, output)
+    return output
+
+
+def _counted_body(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The layer's own forward, counted: the function a strategy checkpoints, so its recompute counts too."""
+    counter = layer._gradckpt_counter
+    counter.hit(layer._gradckpt_name)
+    run = _original_forward(layer, base)
+    # A compiled body (compile_order='checkpoint_outside') must recompute as it ran forward: under
+    # a dispatch mode dynamo would trace another program, and checkpoint would reject its saves.
+    if (counter.memory is not None and torch._C._current_graph_task_id() != -1
+            and "_gradckpt_compiled_body" not in layer.__dict__):
+        with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
+            return run(*args, **kwargs)
+    return run(*args, **kwargs)
+
+
 def _compiled_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An instrumented layer's forward as dynamo sees it: the strategy's call, no counting."""
-    inner = layer.__dict__.get("_gradckpt_inner_forward")
-    run = inner if inner is not None else functools.partial(base.forward, layer)
+    run = _original_forward(layer, base)
     call = layer.__dict__.get("_gradckpt_call")
     return run(*args, **kwargs) if call is None else call(run, args, kwargs)
 

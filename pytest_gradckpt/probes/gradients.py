@@ -128,10 +128,6 @@ class Noise:
         return max(self.rel_norm.values(), default=0.0)
 
 
-def _present(tensor: torch.Tensor | None) -> bool:
-    return tensor is not None
-
-
 def _stats(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> torch.Tensor | None:
     """Six scalars in one tensor, computed where ``got`` lives without leaving the device:
     want non-zero, got non-zero, max abs diff, score, ||diff||, ||want||. None when the two
@@ -178,79 +174,115 @@ def compare(expected: Mapping[str, torch.Tensor | None], actual: Mapping[str, to
         >>> compare(a, {"w": torch.ones(3) * 1.001}, 1.3e-6, 1e-5, Noise({"w": 0.001})).within_noise
         ['w']
     """
-    result = Comparison()
-    names: list[str] = []
-    stats: list[torch.Tensor] = []
-    sizes: dict[str, int] = {}
-    equal_norms: dict[str, torch.Tensor | None] = {}
+    result, pending = Comparison(), _Pending()
     for name, want in expected.items():
-        got = actual.get(name)
-        if want is None:
-            if got is not None and bool(got.ne(0).any()):
-                result.mismatched.append(name)
-            continue
-        if got is None:
-            # None where the baseline had a tensor: vanished if the baseline's was non-zero.
-            if bool(want.ne(0).any()):
-                result.vanished.append(name)
-            continue
-        if got.shape != want.shape or got.dtype != want.dtype:
-            result.mismatched.append(name)
-            result.notes.append(f"{name}: {got.dtype} {tuple(got.shape)} where the baseline has "
-                                f"{want.dtype} {tuple(want.shape)}")
-            result.worst = result.worst or name
-            continue
-        found = _stats(got, want, rtol, atol)
-        sizes[name] = want.numel()
-        if found is None:
-            result.diffs[name] = TensorDiff(close=True, max_abs=0.0, score=0.0, rel_norm=0.0)
-            equal_norms[name] = torch.linalg.vector_norm(want.float()) if want.is_floating_point() else None
-            continue
-        names.append(name)
-        stats.append(found)
-    if not names:
+        _compare_on_device(name, want, actual.get(name), rtol, atol, result, pending)
+    if not pending.stats:
         return result
-    # One transfer per device for all the scalars of this comparison.
-    table: dict[str, list[float]] = {}
+    table = _to_host(pending.stats)
+    scale = _rms_scale(table, pending)
+    worst_score: float | None = None
+    for name in pending.stats:
+        score = _judge(name, table[name], pending.sizes[name], rtol, scale, noise, result)
+        # The worst mismatch by score names the comparison; it replaces a shape or dtype mismatch's name.
+        if score is not None and (worst_score is None or score > worst_score):
+            worst_score, diff = score, result.diffs[name]
+            result.worst, result.worst_abs, result.worst_rel = name, diff.max_abs, diff.rel_norm
+    return result
+
+
+@dataclasses.dataclass
+class _Pending:
+    """What the device-side pass leaves for the host: the scalars of every tensor that is not
+    bitwise equal, and what the comparison's scale needs from all of them."""
+
+    #: name -> the six scalars of :func:`_stats`, still on the tensor's device (insertion order is the names')
+    stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: name -> element count, of every tensor compared numerically (bitwise-equal ones included)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: the norm of each bitwise-equal floating tensor: they count in the scale, though nothing differs
+    equal_norms: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+def _compare_on_device(name: str, want: torch.Tensor | None, got: torch.Tensor | None, rtol: float, atol: float,
+                       result: Comparison, pending: _Pending) -> None:
+    """The decisions that need no scalar on the host: a missing tensor, a changed shape or dtype, a
+    bitwise-equal tensor. Anything else leaves its scalars in ``pending``, to be read in one transfer."""
+    if want is None:
+        if got is not None and bool(got.ne(0).any()):
+            result.mismatched.append(name)
+        return
+    if got is None:
+        # None where the baseline had a tensor: vanished if the baseline's was non-zero.
+        if bool(want.ne(0).any()):
+            result.vanished.append(name)
+        return
+    if got.shape != want.shape or got.dtype != want.dtype:
+        result.mismatched.append(name)
+        result.notes.append(f"{name}: {got.dtype} {tuple(got.shape)} where the baseline has "
+                            f"{want.dtype} {tuple(want.shape)}")
+        result.worst = result.worst or name
+        return
+    found = _stats(got, want, rtol, atol)
+    pending.sizes[name] = want.numel()
+    if found is None:
+        result.diffs[name] = TensorDiff(close=True, max_abs=0.0, score=0.0, rel_norm=0.0)
+        if want.is_floating_point():
+            pending.equal_norms.append(torch.linalg.vector_norm(want.float()))
+        return
+    pending.stats[name] = found
+
+
+def _to_host(stats: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Every name's scalars as floats, in one transfer per device (a transfer per tensor would
+    synchronise the device hundreds of times on a large model)."""
+    names = list(stats)
     by_device: dict[torch.device, list[int]] = {}
-    for index, tensor in enumerate(stats):
+    for index, tensor in enumerate(stats.values()):
         by_device.setdefault(tensor.device, []).append(index)
+    table: dict[str, list[float]] = {}
     for indices in by_device.values():
-        rows = torch.stack([stats[i] for i in indices]).cpu().tolist()
+        rows = torch.stack([stats[names[i]] for i in indices]).cpu().tolist()
         for i, row in zip(indices, rows, strict=True):
             table[names[i]] = row
-    # The comparison's scale: the root mean square of every expected element. A tensor whose true
-    # value is zero (a key bias under softmax) holds only rounding noise, and its own norm is no
-    # yardstick: its error is measured against the scale of the tensors around it instead.
+    return table
+
+
+def _rms_scale(table: dict[str, list[float]], pending: _Pending) -> float:
+    """The comparison's scale: the root mean square of every expected element.
+
+    A tensor whose true value is zero (a key bias under softmax) holds only rounding noise, and
+    its own norm is no yardstick: its error is measured against the scale of the tensors around it.
+    """
     square_sum = sum(row[5] ** 2 for row in table.values())
-    square_sum += sum(float(n) ** 2 for n in equal_norms.values() if n is not None)
-    scale = math.sqrt(square_sum / max(1, sum(sizes.values())))
-    worst_score = -1.0
-    for name in names:
-        want_nonzero, got_nonzero, max_abs, score, diff_norm, want_norm = table[name]
-        max_abs, score = (math.inf if math.isnan(v) else v for v in (max_abs, score))
-        if not want_nonzero:
-            if got_nonzero:
-                result.mismatched.append(name)
-            continue
-        if not got_nonzero:
-            result.vanished.append(name)
-            continue
-        rel_norm = diff_norm / want_norm if want_norm > 0 else math.inf
-        within_norm = diff_norm <= rtol * (want_norm + scale * math.sqrt(sizes[name]))
-        diff = TensorDiff(close=score <= 1.0 and within_norm, max_abs=max_abs, score=score, rel_norm=rel_norm)
-        result.diffs[name] = diff
-        result.max_abs = max(result.max_abs, max_abs)
-        if diff.close:
-            continue
-        if noise is not None and math.isfinite(rel_norm) and noise.allows(name, rel_norm):
-            result.within_noise.append(name)
-            continue
-        result.mismatched.append(name)
-        if score > worst_score:
-            worst_score = score
-            result.worst, result.worst_abs, result.worst_rel = name, max_abs, rel_norm
-    return result
+    square_sum += sum(float(norm) ** 2 for norm in pending.equal_norms)
+    return math.sqrt(square_sum / max(1, sum(pending.sizes.values())))
+
+
+def _judge(name: str, row: list[float], size: int, rtol: float, scale: float, noise: Noise | None,
+           result: Comparison) -> float | None:
+    """Sort one differing tensor into ``result`` from its scalars; its score when it is a mismatch."""
+    want_nonzero, got_nonzero, max_abs, score, diff_norm, want_norm = row
+    max_abs, score = (math.inf if math.isnan(v) else v for v in (max_abs, score))
+    if not want_nonzero:
+        if got_nonzero:
+            result.mismatched.append(name)
+        return None
+    if not got_nonzero:
+        result.vanished.append(name)
+        return None
+    rel_norm = diff_norm / want_norm if want_norm > 0 else math.inf
+    within_norm = diff_norm <= rtol * (want_norm + scale * math.sqrt(size))
+    diff = TensorDiff(close=score <= 1.0 and within_norm, max_abs=max_abs, score=score, rel_norm=rel_norm)
+    result.diffs[name] = diff
+    result.max_abs = max(result.max_abs, max_abs)
+    if diff.close:
+        return None
+    if noise is not None and math.isfinite(rel_norm) and noise.allows(name, rel_norm):
+        result.within_noise.append(name)
+        return None
+    result.mismatched.append(name)
+    return score
 
 
 def measure_noise(first: Mapping[str, torch.Tensor | None],

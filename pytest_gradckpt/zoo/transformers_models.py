@@ -98,6 +98,32 @@ def _config_for(model_class: type, config: Any) -> Any:
 
 
 def _build_head(model_type: str, class_name: str, task: str) -> tuple[Any, dict[str, Any]]:
+    """A tiny ``class_name`` and its inputs, once a training step without checkpointing has
+    shown that it runs, computes a loss and stays within the zoo's size and time limits."""
+    model_class = _checkpointable_class(class_name)
+    config = _config_for(model_class, tiny_config(model_type, task))
+    _within_parameter_limit(_meta_parameter_count(model_class, config))
+    torch.manual_seed(0)
+    try:
+        model = model_class(config)
+    except Exception as error:  # noqa: BLE001
+        raise NotTiny(f"cannot build from a tiny config: {type(error).__name__}: {str(error)[:200]}") from None
+    _within_parameter_limit(sum(p.numel() for p in model.parameters()))
+    try:
+        inputs = inputs_for(model, task)
+    except NotTiny:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise NotTiny(f"cannot build inputs: {type(error).__name__}: {str(error)[:200]}") from None
+    _prove_training_step(model, inputs)
+    # The model that is checked is a fresh one with the same weights: the step above may leave
+    # state behind (running statistics, RecurrentGemma's recurrent state still attached to
+    # that step's graph on transformers 4.57).
+    torch.manual_seed(0)
+    return model_class(config), inputs
+
+
+def _checkpointable_class(class_name: str) -> type:
     import transformers
 
     model_class = getattr(transformers, class_name, None)
@@ -105,29 +131,28 @@ def _build_head(model_type: str, class_name: str, task: str) -> tuple[Any, dict[
         raise NotTiny(f"{class_name} is not importable from transformers")
     if not getattr(model_class, "supports_gradient_checkpointing", False):
         raise NotTiny(f"{class_name}.supports_gradient_checkpointing is False")
-    config = _config_for(model_class, tiny_config(model_type, task))
-    limit = MAX_PARAMETERS
-    try:  # count on the meta device first: some towers stay large (a 1B-parameter audio tokenizer)
+    return model_class
+
+
+def _meta_parameter_count(model_class: type, config: Any) -> int:
+    """The parameter count of a build on the meta device (no memory, no time): some towers stay
+    large even from a tiny config (a 1B-parameter audio tokenizer). 0 when that build fails:
+    the real build then reports what fails."""
+    try:
         with torch.device("meta"):
-            count = sum(p.numel() for p in model_class(config).parameters())
-    except Exception:  # noqa: BLE001 - the real build below reports what fails
-        count = 0
-    if count > limit:
-        raise NotTiny(f"{count:,} parameters even with tiny sizes (limit {limit:,})")
-    torch.manual_seed(0)
-    try:
-        model = model_class(config)
-    except Exception as error:  # noqa: BLE001
-        raise NotTiny(f"cannot build from a tiny config: {type(error).__name__}: {str(error)[:200]}") from None
-    count = sum(p.numel() for p in model.parameters())
-    if count > limit:
-        raise NotTiny(f"{count:,} parameters even with tiny sizes (limit {limit:,})")
-    try:
-        inputs = inputs_for(model, task)
-    except NotTiny:
-        raise
-    except Exception as error:  # noqa: BLE001
-        raise NotTiny(f"cannot build inputs: {type(error).__name__}: {str(error)[:200]}") from None
+            return sum(p.numel() for p in model_class(config).parameters())
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _within_parameter_limit(count: int) -> None:
+    if count > MAX_PARAMETERS:
+        raise NotTiny(f"{count:,} parameters even with tiny sizes (limit {MAX_PARAMETERS:,})")
+
+
+def _prove_training_step(model: Any, inputs: dict[str, Any]) -> None:
+    """One training step without checkpointing: the model must compute a loss from its labels,
+    and fast enough for the zoo (a step over the limit would make every check slow)."""
     try:
         model.train()
         started = time.perf_counter()
@@ -143,11 +168,6 @@ def _build_head(model_type: str, class_name: str, task: str) -> tuple[Any, dict[
                       ) from None
     if seconds > MAX_STEP_SECONDS:
         raise NotTiny(f"one tiny training step takes {seconds:.1f} s (limit {MAX_STEP_SECONDS} s)")
-    # The model that is checked is a fresh one with the same weights: the step above may leave
-    # state behind (running statistics, RecurrentGemma's recurrent state still attached to
-    # that step's graph on transformers 4.57).
-    torch.manual_seed(0)
-    return model_class(config), inputs
 
 
 @functools.lru_cache(maxsize=None)
