@@ -27,7 +27,7 @@ from pytest_gradckpt import baselines, compile_budget, compiled, verdicts  # noq
 from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import describe_ranks, launched_from_outside, options as distributed_options
 from pytest_gradckpt.environment import versions
-from pytest_gradckpt.isolation import deterministic_kernels, preserved_global_state
+from pytest_gradckpt.process_state import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.launcher import Launcher
 from pytest_gradckpt.layers import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
@@ -136,7 +136,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
 
     On CUDA the check runs with deterministic kernels and restores every setting after
-    (:func:`~pytest_gradckpt.isolation.deterministic_kernels`); where the baseline still
+    (:func:`~pytest_gradckpt.process_state.deterministic_kernels`); where the baseline still
     differs from itself by rounding noise, strategies are judged against that measured
     noise (:mod:`pytest_gradckpt.baselines`). Gradients are compared on the device.
 

@@ -102,7 +102,7 @@ def check_trainer(trainer: Any, *, rtol: float | None = None, atol: float | None
     """
     from pytest_gradckpt import outcomes
     from pytest_gradckpt.environment import versions
-    from pytest_gradckpt.isolation import preserved_global_state
+    from pytest_gradckpt.process_state import preserved_global_state
     from pytest_gradckpt.report import Report, Result
     from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance
     from pytest_gradckpt.trainers.compare import SCENARIO, compare_configuration

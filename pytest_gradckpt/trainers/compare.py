@@ -16,7 +16,7 @@ from torch import nn
 
 from pytest_gradckpt import baselines, outcomes, verdicts
 from pytest_gradckpt.errors import GradckptUsageError, StrategyTimeout
-from pytest_gradckpt.isolation import deadline, seed_everything
+from pytest_gradckpt.process_state import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers
 from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.report import Result

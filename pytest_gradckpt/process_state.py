@@ -1,4 +1,9 @@
-"""Leave no trace: the process-wide state a check touches is put back exactly."""
+"""The process-wide state a check touches: put back exactly afterwards (RNGs, autocast, grad mode,
+warning filters), made deterministic for the check (CUDA kernels, seeds), and bounded in time.
+
+(Named ``isolation`` before: running a step in a child process, which is isolation, lives in
+:mod:`pytest_gradckpt.launcher` and :mod:`pytest_gradckpt.rank_group`.)
+"""
 
 from __future__ import annotations
 
