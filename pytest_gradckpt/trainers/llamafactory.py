@@ -13,15 +13,12 @@ so the module is imported without running that package's ``__init__``. Nothing i
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import types
-from pathlib import Path
 from typing import Any
 
 from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.strategies import Strategy
+from pytest_gradckpt.trainers.one_module import import_one_module
 
 MODULE = "llamafactory.model.model_utils.checkpointing"
 
@@ -36,24 +33,8 @@ def checkpointing_module() -> Any:
         ...     "not installed" in str(error) or "cannot import" in str(error)
         'prepare_model_for_training'
     """
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
-    spec = importlib.util.find_spec("llamafactory")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("LLaMA-Factory is not installed (pip install llamafactory)")
-    package = "llamafactory.model"
-    stub = package not in sys.modules
-    if stub:  # the package's __init__ imports the whole loader: stand in for it while importing one module
-        shell = types.ModuleType(package)
-        shell.__path__ = [str(Path(next(iter(spec.submodule_search_locations))) / "model")]
-        sys.modules[package] = shell
-    try:
-        return importlib.import_module(MODULE)
-    except Exception as error:  # noqa: BLE001 - reported as the reason the strategy does not apply
-        raise ImportError(f"cannot import {MODULE}: {type(error).__name__}: {error}") from error
-    finally:
-        if stub:
-            sys.modules.pop(package, None)
+    return import_one_module(MODULE, "llamafactory.model", "llamafactory",
+                             "LLaMA-Factory is not installed (pip install llamafactory)")
 
 
 class LlamaFactoryCheckpointing(Strategy):

@@ -23,17 +23,13 @@ Its buffers live on CUDA: off CUDA the strategy is ``skipped``.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.strategies import Strategy
+from pytest_gradckpt.trainers.one_module import import_one_module
 
 MODULE = "unsloth_zoo.gradient_checkpointing"
 
@@ -48,25 +44,8 @@ def checkpointing_module() -> Any:
         ...     "not installed" in str(error) or "cannot import" in str(error)
         True
     """
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
-    spec = importlib.util.find_spec("unsloth_zoo")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("Unsloth is not installed (pip install unsloth unsloth_zoo; it needs a CUDA GPU)")
-    stub = "unsloth_zoo" not in sys.modules
-    if stub:  # the package's __init__ requires `import unsloth` and a GPU: stand in for it for one module
-        shell = types.ModuleType("unsloth_zoo")
-        shell.__path__ = [str(Path(next(iter(spec.submodule_search_locations))))]
-        sys.modules["unsloth_zoo"] = shell
-    try:
-        return importlib.import_module(MODULE)
-    except Exception as error:  # noqa: BLE001 - reported as the reason the strategy does not apply
-        raise ImportError(f"cannot import {MODULE}: {type(error).__name__}: {error}") from error
-    finally:
-        if stub:
-            sys.modules.pop("unsloth_zoo", None)
-            for name in [n for n in sys.modules if n.startswith("unsloth_zoo.") and sys.modules[n] is None]:
-                sys.modules.pop(name)
+    return import_one_module(MODULE, "unsloth_zoo", "unsloth_zoo",
+                             "Unsloth is not installed (pip install unsloth unsloth_zoo; it needs a CUDA GPU)")
 
 
 def _patched_names() -> list[tuple[Any, str]]:
