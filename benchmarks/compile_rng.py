@@ -35,27 +35,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest_gradckpt as gc  # noqa: E402
-
-
-class Block(torch.nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
-        self.dropout = torch.nn.Dropout(0.1)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.dropout(self.down(torch.nn.functional.gelu(self.up(hidden))))
-
-
-class DropoutNet(torch.nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(Block(width) for _ in range(3))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            hidden = block(hidden)
-        return hidden
+from tests.models import DropoutNet  # noqa: E402  (the model tests/test_compile.py checks)
 
 
 def step(model: torch.nn.Module, inputs: torch.Tensor, wrap: Any, budget: float = 1.0,

@@ -21,6 +21,31 @@ class TwoBlocks(torch.nn.Module):
         return self.finish(hidden)
 
 
+class DropoutBlock(torch.nn.Module):
+    """A residual MLP block with dropout inside: a checkpointed copy must replay its masks."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.dropout(self.down(torch.nn.functional.gelu(self.up(hidden))))
+
+
+class DropoutNet(torch.nn.Module):
+    """Three :class:`DropoutBlock` s (dropout inside every checkpointed region)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(DropoutBlock(width) for _ in range(3))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
 class _NoisyBackward(torch.autograd.Function):
     """Identity forward; backward adds noise of bf16 size that differs between runs, the way a
     CUDA kernel accumulating with atomics sums in whatever order its threads finish.

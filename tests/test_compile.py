@@ -19,32 +19,10 @@ import pytest_gradckpt as gc
 from pytest_gradckpt import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from tests import mutations
+from tests.models import DropoutNet
 
 #: The backend of the full set: inductor needs a C++ compiler on the CPU.
 FULL_BACKEND = "inductor" if compiled.cxx_compiler() else "aot_eager"
-
-
-class Block(torch.nn.Module):
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
-        self.dropout = torch.nn.Dropout(0.1)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.dropout(self.down(torch.nn.functional.gelu(self.up(hidden))))
-
-
-class DropoutNet(torch.nn.Module):
-    """Three residual MLP blocks with dropout inside each (inside every checkpointed region)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            hidden = block(hidden)
-        return hidden
 
 
 def subject(how: str, backend: str) -> tuple[torch.nn.Module, torch.Tensor]:
