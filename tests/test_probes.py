@@ -34,6 +34,7 @@ class ForwardCalls(Probe[Forwards]):
     """Counts the forward calls of the copy's modules during the step, summed over ranks."""
 
     name = "forward_calls"
+    measurement = Forwards
     metric_keys = ("forward_calls", "baseline_forward_calls", "forward_calls_per_rank")
     columns = (Column("fwd", ("forward_calls",), lambda n: "" if n is None else str(n)),)
 
@@ -54,10 +55,6 @@ class ForwardCalls(Probe[Forwards]):
 
     def read(self) -> Forwards:
         return Forwards(self.seen)
-
-    @classmethod
-    def empty(cls) -> Forwards:
-        return Forwards()
 
     @classmethod
     def merge(cls, mine: Forwards, ranks: Sequence[Forwards]) -> Forwards:
@@ -166,6 +163,16 @@ def test_nothing_outlives_the_block() -> None:
 def test_a_probe_registered_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="forward_calls registered twice"):
         with registry.using(ForwardCalls, ForwardCalls):
+            pass
+
+
+def test_a_probe_without_a_measurement_is_refused() -> None:
+    class Undeclared(ForwardCalls):
+        name = "undeclared"
+        measurement = int  # not a dataclass
+
+    with pytest.raises(ValueError, match=r"Undeclared declare no measurement: set measurement = <a dataclass>"):
+        with registry.using(Undeclared):
             pass
 
 

@@ -116,6 +116,7 @@ class BackwardCallsProbe(Probe[RecomputedUnits]):
     """Which modules of the copy ran during backward (:class:`BackwardCalls`), as units."""
 
     name = "backward_calls"
+    measurement = RecomputedUnits
     metric_keys = ("recomputed_units",)
 
     def __init__(self, step: ProbeStep) -> None:
@@ -129,10 +130,6 @@ class BackwardCallsProbe(Probe[RecomputedUnits]):
         module_names = self.step.module_names
         original = [(module_names[id(m)], m) for m in self.step.model.modules() if id(m) in module_names]
         return RecomputedUnits(recomputed_units(original, self.calls.names))
-
-    @classmethod
-    def empty(cls) -> RecomputedUnits:
-        return RecomputedUnits()
 
     @classmethod
     def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:

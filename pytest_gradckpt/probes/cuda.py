@@ -71,6 +71,7 @@ class CudaProbe(Probe[CudaMemory]):
     """
 
     name = "cuda"
+    measurement = CudaMemory
     metric_keys = ("cuda_peak_bytes", "rank_cuda_peak_bytes", "baseline_cuda_peak_bytes", "cuda_reduction")
     columns = (Column("cuda.mem", ("cuda_reduction",), lambda cut: "" if cut is None else f"{-cut * 100:.0f}%"),)
 
@@ -87,10 +88,6 @@ class CudaProbe(Probe[CudaMemory]):
         # A sharded (FSDP2) parameter's gradient on this rank is its local shard, not the whole.
         local = (getattr(p, "_local_tensor", p) for _, p in self.step.trainable)
         return CudaMemory(max(0, self.peak.peak_bytes - tensor_bytes(local)))
-
-    @classmethod
-    def empty(cls) -> CudaMemory:
-        return CudaMemory()
 
     @classmethod
     def merge(cls, mine: CudaMemory, ranks: Sequence[CudaMemory]) -> CudaMemory:

@@ -38,6 +38,7 @@ class RecomputeProbe(Probe[LayerCalls]):
     """Counts each unit's forward calls; the recompute rules read them (``verdicts.gather``)."""
 
     name = "recompute"
+    measurement = LayerCalls
     metric_keys = ("recomputed_layers", "checkpointable_layers", "layers", "layer_calls")
     columns = (Column("recomp", ("recomputed_layers", "layers"), _recomputed),)
 
@@ -50,10 +51,6 @@ class RecomputeProbe(Probe[LayerCalls]):
     def read(self) -> LayerCalls:
         counter = self.counter
         return LayerCalls(dict(counter.counts), dict(counter.graph_calls), dict(counter.reached_calls))
-
-    @classmethod
-    def empty(cls) -> LayerCalls:
-        return LayerCalls()
 
     @classmethod
     def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:

@@ -194,6 +194,7 @@ class MemoryProbe(Probe[SavedMemory]):
     what they hold to it through the recompute probe's counter) and counts inside the micro-batches."""
 
     name = "memory"
+    measurement = SavedMemory
     metric_keys = ("activation_bytes", "baseline_activation_bytes", "activation_reduction")
     columns = (Column("act.mem", ("activation_reduction",), lambda cut: "" if cut is None else f"{-cut * 100:.0f}%"),)
 
@@ -215,10 +216,6 @@ class MemoryProbe(Probe[SavedMemory]):
 
     def read(self) -> SavedMemory:
         return SavedMemory(self.saved.peak_bytes)
-
-    @classmethod
-    def empty(cls) -> SavedMemory:
-        return SavedMemory()
 
     @classmethod
     def evidence(cls, evidence: Evidence) -> Mapping[str, Any]:

@@ -2,8 +2,8 @@
 
 A probe declares
 
-- what it measures: its measurement, a dataclass of typed fields (:meth:`Probe.empty` gives the
-  value of a run it never saw);
+- what it measures: its ``measurement``, a dataclass of typed fields whose defaults are the
+  value of a run it never saw (:meth:`Probe.empty`);
 - how it attaches to a step: it is built on the step's private copy before any strategy
   (:meth:`Probe.__init__`), then is entered around the whole step (:meth:`Probe.around_step`)
   and around its micro-batches (:meth:`Probe.around_batches`), and read after it (:meth:`Probe.read`);
@@ -89,6 +89,7 @@ class Probe(ABC, Generic[M]):
         ...     forward_calls: int = 0
         >>> class ForwardCalls(Probe[Calls]):
         ...     name = "forward_calls"
+        ...     measurement = Calls
         ...     metric_keys = ("forward_calls",)
         ...     def __init__(self, step):
         ...         super().__init__(step)
@@ -99,9 +100,6 @@ class Probe(ABC, Generic[M]):
         ...         self.seen += 1
         ...     def read(self):
         ...         return Calls(self.seen)
-        ...     @classmethod
-        ...     def empty(cls):
-        ...         return Calls()
         ...     @classmethod
         ...     def metrics(cls, evidence):
         ...         return {"forward_calls": evidence.run.of(cls).forward_calls}
@@ -115,6 +113,8 @@ class Probe(ABC, Generic[M]):
 
     #: the key of its measurement in a run, and in what ships from a rank
     name: ClassVar[str]
+    #: what it measures: a dataclass whose field defaults are a run it never saw
+    measurement: ClassVar[type[Any]]
     #: every metric key :meth:`metrics` may write (a key not declared here is an error)
     metric_keys: ClassVar[tuple[str, ...]] = ()
     #: its columns in the results table, in the order shown
@@ -141,9 +141,9 @@ class Probe(ABC, Generic[M]):
         return self.empty()
 
     @classmethod
-    @abstractmethod
     def empty(cls) -> M:
         """The measurement of a run this probe never saw (a step that did not start, say)."""
+        return cls.measurement()
 
     @classmethod
     def to_host(cls, measured: M) -> Any:
@@ -153,7 +153,7 @@ class Probe(ABC, Generic[M]):
     @classmethod
     def from_host(cls, form: Any) -> M:
         """The measurement back from :meth:`to_host`'s form."""
-        return type(cls.empty())(**form)
+        return cls.measurement(**form)
 
     @classmethod
     def merge(cls, mine: M, ranks: Sequence[M]) -> M:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,9 @@ def using(*kinds: type[Probe[Any]], only: bool = False) -> Iterator[Kinds]:
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ValueError(f"probe name(s) {', '.join(duplicated)} registered twice; give each probe its own name")
+    undeclared = [kind.__name__ for kind in chosen if not dataclasses.is_dataclass(getattr(kind, "measurement", None))]
+    if undeclared:
+        raise ValueError(f"probe(s) {', '.join(undeclared)} declare no measurement: set measurement = <a dataclass>")
     token = _active.set(chosen)
     try:
         yield chosen

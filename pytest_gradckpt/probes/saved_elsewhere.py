@@ -108,6 +108,7 @@ class SavedElsewhereProbe(Probe[SavedElsewhereUnits]):
     probe's own hook is not "elsewhere" (it is registered before this one)."""
 
     name = "saved_elsewhere"
+    measurement = SavedElsewhereUnits
     metric_keys = ("saved_elsewhere_units",)
 
     def __init__(self, step: ProbeStep) -> None:
@@ -122,10 +123,6 @@ class SavedElsewhereProbe(Probe[SavedElsewhereUnits]):
 
     def read(self) -> SavedElsewhereUnits:
         return SavedElsewhereUnits(units_saved_elsewhere(self.step.layer_names, self.seen.names))
-
-    @classmethod
-    def empty(cls) -> SavedElsewhereUnits:
-        return SavedElsewhereUnits()
 
     @classmethod
     def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:

@@ -34,6 +34,7 @@ class StepTime(Probe[Timed]):
     """
 
     name = "seconds"
+    measurement = Timed
     metric_keys = ("seconds", "baseline_seconds", "time_ratio")
     columns = (Column("time", ("time_ratio",), lambda ratio: "" if ratio is None else f"{ratio:.2f}x"),)
 
@@ -51,10 +52,6 @@ class StepTime(Probe[Timed]):
 
     def read(self) -> Timed:
         return Timed(self.seconds)
-
-    @classmethod
-    def empty(cls) -> Timed:
-        return Timed()
 
     @classmethod
     def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:

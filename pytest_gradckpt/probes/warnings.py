@@ -67,6 +67,7 @@ class WarningsProbe(Probe[Warned]):
     """Every warning raised during the step (:func:`capture_warnings`)."""
 
     name = "warnings"
+    measurement = Warned
     metric_keys = ("warnings",)
 
     def __init__(self, step: ProbeStep) -> None:
@@ -83,10 +84,6 @@ class WarningsProbe(Probe[Warned]):
 
     def after_failure(self) -> Warned:
         return Warned(self.messages)  # a warning often says why the step failed
-
-    @classmethod
-    def empty(cls) -> Warned:
-        return Warned()
 
     @classmethod
     def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
