@@ -57,6 +57,9 @@ class Baseline:
     grad_noise: Noise = dataclasses.field(default_factory=Noise)
     loss_noise: Noise = dataclasses.field(default_factory=Noise)
     output_noise: Noise = dataclasses.field(default_factory=Noise)
+    #: a compiled subject's baseline: compile's distance from eager, and what is tolerated for it
+    compile_distance: float | None = None
+    compile_tolerance: float | None = None
 
     @property
     def noisy(self) -> bool:
@@ -78,6 +81,9 @@ class Baseline:
             summary["rank_cuda_peak_bytes"] = cuda.rank_cuda_peak_bytes
         if self.why:
             summary["why"] = self.why
+        if self.compile_distance is not None:
+            summary.update(compile_distance=self.compile_distance, compile_tolerance=self.compile_tolerance,
+                           checkpoint_room_bytes=(run.compiled or {}).get("checkpoint_room_bytes"))
         if not self.measures_cost:
             summary["memory"] = ("not judged: the layer-local baseline has no peak or time without "
                                  "checkpointing to compare with")

@@ -233,10 +233,6 @@ def _check_scenario(report: Report, step: Callable[..., Run], scenario: Scenario
     dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
     reference = _baseline(report.model, step, scenario, stepper, dtype, options)
     summary = report.baseline[scenario.name] = reference.summary()
-    if isinstance(reference, baselines.Baseline) and hasattr(reference, "compile_distance"):
-        summary["compile_distance"] = reference.compile_distance
-        summary["compile_tolerance"] = getattr(reference, "compile_tolerance", None)
-        summary["checkpoint_room_bytes"] = (reference.run.compiled or {}).get("checkpoint_room_bytes")
     if scenario.distributed:
         summary["ranks"] = describe_ranks(options.distributed, subject.device)
     if determinism.note:  # read after the baseline: building it may have relaxed the kernels
@@ -274,8 +270,7 @@ def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: S
     distance from eager, and judged by memory only where checkpointing has room to cut (docs/compile.md)."""
     distance = compiled.measure_distance(step, subject, scenario, reference.run)
     tolerance = compiled.tolerate_distance(reference, distance, noise_cap(dtype))
-    reference.compile_distance = distance.largest  # type: ignore[attr-defined]
-    reference.compile_tolerance = tolerance  # type: ignore[attr-defined]
+    reference.compile_distance, reference.compile_tolerance = distance.largest, tolerance
     if reference.run.compiled is not None:  # read by verdicts.recompute_unobserved
         reference.run.compiled["checkpoint_room_bytes"] = compiled.checkpoint_room(
             reference.run.of(MemoryProbe).activation_bytes, compiled.try_boundary_bytes(subject, layer_names, scenario.autocast))
