@@ -360,8 +360,7 @@ class Checker:
         if expect and "trainer" in expect:  # the configuration's label is long: "trainer" stands for it
             expect = {**expect, **{r.strategy: expect["trainer"] for r in report.results}}
         problems = report.failures(expect)
-        if not problems and all(r.outcome == "skipped" for r in report.results) \
-                and "skipped" not in (expect or {}).values():
+        if not problems and nothing_judged(report.results, expect):
             # A trainer gate exists to judge the trainer's checkpointing: with it switched off there is
             # nothing judged, and a gate that passes then would hide a configuration that lost it.
             problems = [f"{r.strategy}: skipped, so nothing was judged: {r.message} (pass "
@@ -429,7 +428,25 @@ def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[...,
     if problems:
         pytest.fail("gradient checkpointing check failed:\n  " + "\n  ".join(problems) + "\n\n"
                     + format_table(report.results), pytrace=False)
+    if nothing_judged(report.results, expect):
+        # Every strategy was "does not apply" here: the test judged nothing, so it must not count as passed.
+        pytest.skip("pytest-gradckpt: nothing was judged, every result is skipped: " + "; ".join(
+            f"{r.strategy}/{r.scenario}: {r.message}" for r in report.results))
     return report
+
+
+def nothing_judged(results: list[Result], expect: dict[str, str] | None) -> bool:
+    """Whether a check judged nothing: every result ``skipped``, and no expectation says so.
+
+    Example:
+        >>> skipped = Result("native", "train", "skipped", "not a transformers model")
+        >>> nothing_judged([skipped], None), nothing_judged([skipped], {"native": "skipped"})
+        (True, False)
+        >>> nothing_judged([skipped, Result("non_reentrant", "train", "pass", "")], None)
+        False
+    """
+    return bool(results) and all(r.outcome == "skipped" for r in results) \
+        and "skipped" not in (expect or {}).values()
 
 
 def golden_problems(node: pytest.Item, results: list[Result]) -> list[str]:

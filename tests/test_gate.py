@@ -85,6 +85,25 @@ def test_unrelated():
     result.assert_outcomes(passed=4)
 
 
+def test_a_check_that_judges_nothing_is_skipped_not_passed(downstream):
+    downstream.makepyfile(test_nothing='''
+import pytest
+from conftest import tanh_net
+
+@pytest.mark.gradckpt(strategies=["native"], scenarios=["train"])
+def test_no_switch(gradckpt):
+    gradckpt.check(*tanh_net())  # a plain torch model has no checkpointing switch: native does not apply
+
+@pytest.mark.gradckpt(strategies=["native", "non_reentrant"], scenarios=["train"])
+def test_one_judged(gradckpt):
+    gradckpt.check(*tanh_net())
+''')
+    result = downstream.runpytest_subprocess("--gradckpt", "-rs")
+    result.assert_outcomes(skipped=1, passed=1)
+    result.stdout.fnmatch_lines(["*nothing was judged, every result is skipped: native/train: TanhNet has no "
+                                 "checkpointing switch of its own*"])
+
+
 def test_a_test_that_skips_or_fails_keeps_its_own_outcome(downstream):
     downstream.makepyfile(test_own='''
 import pytest
