@@ -327,6 +327,50 @@ def test_a_bad_compile_order_option_is_a_usage_error(pytester, where):
                                  "checkpoint_outside*"])
 
 
+def compiled_inside(function, *args):
+    """A user's checkpoint function that compiles the layer itself (the pattern of pytorch issue 147565)."""
+    return checkpoint(torch.compile(function, backend=INSIDE_BACKEND[0]), *args, use_reentrant=False)
+
+
+def compiled_inside_on_cpu(function, *args):
+    with torch.autograd.graph.save_on_cpu():
+        return checkpoint(torch.compile(function, backend=INSIDE_BACKEND[0]), *args, use_reentrant=False)
+
+
+def compiled_inside_rng_redrawn(function, *args):
+    return checkpoint(torch.compile(function, backend=INSIDE_BACKEND[0]), *args, use_reentrant=False,
+                      preserve_rng_state=False)
+
+
+#: The backend the user functions above compile with (a test sets it; the functions keep torch's signature).
+INSIDE_BACKEND = ["aot_eager"]
+
+
+def _inside_verdicts(backend: str) -> None:
+    """The check on an eager model whose checkpoint functions compile the layer, against plain torch."""
+    INSIDE_BACKEND[0] = backend
+    torch.manual_seed(0)
+    model = DropoutNet()
+    inputs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    fns = (compiled_inside, compiled_inside_on_cpu, compiled_inside_rng_redrawn)
+    results = {r.strategy: r for r in gc.check(model, inputs, strategies=[strategy(f) for f in fns]).results}
+    # Ground truth: plain torch, the same functions around each block against no checkpoint at all.
+    none = plain_grads(model, inputs)
+    for fn in fns:
+        torch._dynamo.reset()
+        truth = "pass" if torch.equal(plain_grads(model, inputs, fn), none) else "mismatch"
+        assert results[fn.__name__].outcome == truth, (fn.__name__, truth, results[fn.__name__].message)
+        assert results[fn.__name__].metrics["recomputed_layers"] == 3, results[fn.__name__].metrics
+    assert results["compiled_inside_rng_redrawn"].outcome == "mismatch"  # plain torch: the recompute redraws
+
+
+def test_a_checkpoint_function_that_compiles_the_layer_itself():
+    # Before: 'error' (the recompute ran eager under the memory probe's dispatch mode while the
+    # forward ran compiled: CheckpointError, different metadata), then a false 'not_applied'
+    # (the recompute inside compiled code was not counted).
+    _inside_verdicts("aot_eager")
+
+
 # --------------------------------------------------------------------------- make test-compile
 
 
@@ -411,3 +455,8 @@ def test_transformers_llama_bf16_with_dropout():
         broken = result.strategy == "compile_budget" and FULL_BACKEND == "inductor"
         assert result.outcome == ("mismatch" if broken else "pass"), (result.strategy, result.message)
     assert report.baseline["train"]["compile_distance"] < 0.125  # bf16's noise cap
+
+
+@pytest.mark.compile_full
+def test_a_checkpoint_function_that_compiles_the_layer_itself_full_backend():
+    _inside_verdicts(FULL_BACKEND)
