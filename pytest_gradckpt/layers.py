@@ -236,15 +236,35 @@ def _routed_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ..
 def _counted_body(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The layer's own forward, counted: the function a strategy checkpoints, so its recompute counts too."""
     counter = layer._gradckpt_counter
-    counter.hit(layer._gradckpt_name)
     run = _original_forward(layer, base)
-    # A compiled body (compile_order='checkpoint_outside') must recompute as it ran forward: under
-    # a dispatch mode dynamo would trace another program, and checkpoint would reject its saves.
+    if torch.compiler.is_compiling():
+        # The caller's checkpoint function compiled the function it was handed: count before the
+        # graph (dynamo replays side effects after it, and a non-reentrant recompute stops early,
+        # inside it), and run the body as traced, with no dispatch mode that would make it eager.
+        _hit_outside_graph(counter, layer._gradckpt_name)
+        return run(*args, **kwargs)
+    counter.hit(layer._gradckpt_name)
+    # Compiled code in the body (compile_order='checkpoint_outside', or compiled submodules) must
+    # recompute as it ran forward: dynamo runs nothing compiled under a dispatch mode, and checkpoint
+    # would reject the eager recompute's saves.
     if (counter.memory is not None and torch._C._current_graph_task_id() != -1
-            and "_gradckpt_compiled_body" not in layer.__dict__):
+            and not _holds_compiled_code(layer)):
         with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
             return run(*args, **kwargs)
     return run(*args, **kwargs)
+
+
+def _holds_compiled_code(layer: nn.Module) -> bool:
+    """Whether running ``layer`` runs compiled code: a compiled body, or a compiled module inside it."""
+    return "_gradckpt_compiled_body" in layer.__dict__ or any(
+        module._compiled_call_impl is not None or hasattr(module, "_orig_mod") for module in layer.modules())
+
+
+@torch.compiler.disable
+def _hit_outside_graph(counter: LayerCounter, name: str) -> None:
+    """:meth:`LayerCounter.hit`, run eagerly from compiled code: a graph break before the body, whose
+    operations all stay in the graph that follows (what runs compiled is the caller's program)."""
+    counter.hit(name)
 
 
 def _compiled_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

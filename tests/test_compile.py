@@ -327,6 +327,50 @@ def test_a_bad_compile_order_option_is_a_usage_error(pytester, where):
                                  "checkpoint_outside*"])
 
 
+def compiled_inside(function, *args):
+    """A user's checkpoint function that compiles the layer itself (the pattern of pytorch issue 147565)."""
+    return checkpoint(torch.compile(function, backend=INSIDE_BACKEND[0]), *args, use_reentrant=False)
+
+
+def compiled_inside_on_cpu(function, *args):
+    with torch.autograd.graph.save_on_cpu():
+        return checkpoint(torch.compile(function, backend=INSIDE_BACKEND[0]), *args, use_reentrant=False)
+
+
+def compiled_inside_rng_redrawn(function, *args):
+    return checkpoint(torch.compile(function, backend=INSIDE_BACKEND[0]), *args, use_reentrant=False,
+                      preserve_rng_state=False)
+
+
+#: The backend the user functions above compile with (a test sets it; the functions keep torch's signature).
+INSIDE_BACKEND = ["aot_eager"]
+
+
+def _inside_verdicts(backend: str) -> None:
+    """The check on an eager model whose checkpoint functions compile the layer, against plain torch."""
+    INSIDE_BACKEND[0] = backend
+    torch.manual_seed(0)
+    model = DropoutNet()
+    inputs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    fns = (compiled_inside, compiled_inside_on_cpu, compiled_inside_rng_redrawn)
+    results = {r.strategy: r for r in gc.check(model, inputs, strategies=[strategy(f) for f in fns]).results}
+    # Ground truth: plain torch, the same functions around each block against no checkpoint at all.
+    none = plain_grads(model, inputs)
+    for fn in fns:
+        torch._dynamo.reset()
+        truth = "pass" if torch.equal(plain_grads(model, inputs, fn), none) else "mismatch"
+        assert results[fn.__name__].outcome == truth, (fn.__name__, truth, results[fn.__name__].message)
+        assert results[fn.__name__].metrics["recomputed_layers"] == 3, results[fn.__name__].metrics
+    assert results["compiled_inside_rng_redrawn"].outcome == "mismatch"  # plain torch: the recompute redraws
+
+
+def test_a_checkpoint_function_that_compiles_the_layer_itself():
+    # Before: 'error' (the recompute ran eager under the memory probe's dispatch mode while the
+    # forward ran compiled: CheckpointError, different metadata), then a false 'not_applied'
+    # (the recompute inside compiled code was not counted).
+    _inside_verdicts("aot_eager")
+
+
 # --------------------------------------------------------------------------- make test-compile
 
 
@@ -336,33 +380,35 @@ def test_correct_strategies_pass_with_dropout(how):
     results = outcomes(how, FULL_BACKEND, ["non_reentrant", "reentrant", "sac", "torch_wrapper", "compile_budget"])
     for name, result in results.items():
         assert result.metrics["compiled"]["backend"] == FULL_BACKEND
-        if name == "compile_budget" and FULL_BACKEND == "inductor":
-            continue  # torch's own fault, below
+        assert result.metrics["compiled"]["random"] == compiled.RANDOM_AS_EAGER
         assert result.outcome == "pass", (name, result.message)
-    # Ground truth: compiled with checkpointing equals compiled without, dropout included
-    # (the compiled program replays its random numbers in recompute).
+    # Ground truth, the oracle's programs (random ops drawn as eager draws them): compiled with
+    # checkpointing equals compiled without, dropout included, and so does compile's own budget.
     model, inputs = subject("per_block", FULL_BACKEND)
     eager_model = compiled.eager_copy(model)
-    assert torch.equal(_compiled_step(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False))[1],
-                       _compiled_step(eager_model, inputs, None)[1])
+    loss, plain = _compiled_step(eager_model, inputs, None)
+    assert torch.equal(_compiled_step(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False))[1], plain)
+    assert torch.equal(_compiled_step(eager_model, inputs, None, budget=0.5)[1], plain)
     if FULL_BACKEND == "inductor":
-        # Inductor with activation_memory_budget=0.5 rematerialises dropout in backward with new numbers
-        # (its own RNG; with fallback_random it does not): same loss, other gradients. The check says so.
-        assert results["compile_budget"].outcome == "mismatch", results["compile_budget"].message
-        loss, plain = _compiled_step(eager_model, inputs, None)
-        budget_loss, budget = _compiled_step(eager_model, inputs, None, budget=0.5)
-        assert torch.equal(loss, budget_loss) and not torch.allclose(plain, budget, rtol=1e-3)
+        # What the oracle leaves out: inductor's own random numbers. With them, the budget's
+        # rematerialised dropout draws new numbers in backward (same loss, other gradients): a
+        # fault of that program which the check does not judge (docs/compile.md, "The oracle").
+        own_loss, own = _compiled_step(eager_model, inputs, None, eager_draws=False)
+        budget_loss, budget = _compiled_step(eager_model, inputs, None, budget=0.5, eager_draws=False)
+        assert torch.equal(own_loss, budget_loss) and not torch.allclose(own, budget, rtol=1e-3)
 
 
-def _compiled_step(model: torch.nn.Module, inputs: torch.Tensor, wrap, budget: float = 1.0):
-    """Plain torch: the blocks compiled as one program, each called through ``wrap``; (loss, gradients)."""
+def _compiled_step(model: torch.nn.Module, inputs: torch.Tensor, wrap, budget: float = 1.0, eager_draws: bool = True):
+    """Plain torch: the blocks compiled as one program, each called through ``wrap``; (loss, gradients).
+    ``eager_draws``: random ops drawn as eager draws them (inductor's ``fallback_random``)."""
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
     target = copy.deepcopy(model)
     step = torch.compile(lambda x: _blocks(target, x, wrap), backend=FULL_BACKEND)
     torch.manual_seed(0)
-    with functorch_config.patch(activation_memory_budget=budget):
+    with functorch_config.patch(activation_memory_budget=budget), inductor_config.patch(fallback_random=eager_draws):
         loss = step(inputs.detach().requires_grad_()).square().mean()
         loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in target.parameters()])
@@ -400,14 +446,101 @@ def test_transformers_llama_bf16_with_dropout():
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                       attention_dropout=0.1, attn_implementation="eager")
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model = torch.compile(model, backend=FULL_BACKEND)
+    eager_model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = torch.compile(eager_model, backend=FULL_BACKEND)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     report = gc.check(model, {"input_ids": ids, "labels": ids},
                       strategies=["non_reentrant", "hf_non_reentrant", "sac", "compile_budget"])
-    for result in report.results:
-        # compile_budget: inductor redraws the rematerialised attention dropout (ground truth in
-        # test_correct_strategies_pass_with_dropout); seen here at a relative error norm of 0.3.
-        broken = result.strategy == "compile_budget" and FULL_BACKEND == "inductor"
-        assert result.outcome == ("mismatch" if broken else "pass"), (result.strategy, result.message)
+    results = {r.strategy: r for r in report.results}
+    for name in ("non_reentrant", "hf_non_reentrant", "sac"):
+        assert results[name].outcome == "pass", (name, results[name].message)
     assert report.baseline["train"]["compile_distance"] < 0.125  # bf16's noise cap
+    # compile_budget, ground truth in plain torch with the oracle's random draws (fallback_random):
+    # the budget's program against the same compile without it.
+    moved = _relative(_llama_grads(eager_model, ids, 0.5), _llama_grads(eager_model, ids, 1.0))
+    truth = "mismatch" if moved > 0.125 else "pass" if moved < 0.01 else f"unclear ({moved:.3g})"
+    assert results["compile_budget"].outcome == truth, (moved, results["compile_budget"].message)
+
+
+def _llama_grads(model: torch.nn.Module, ids: torch.Tensor, budget: float) -> torch.Tensor:
+    """Plain torch: one step of a copy compiled whole, random ops drawn as eager draws them."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    step = torch.compile(target, backend=FULL_BACKEND)
+    torch.manual_seed(0)
+    with functorch_config.patch(activation_memory_budget=budget), inductor_config.patch(fallback_random=True):
+        step(input_ids=ids, labels=ids).loss.backward()
+    return torch.cat([p.grad.float().flatten() for p in target.parameters() if p.grad is not None])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.compile_full
+def test_a_checkpoint_function_that_compiles_the_layer_itself_full_backend():
+    _inside_verdicts(FULL_BACKEND)
+
+
+def _plain_sac(function, *args):
+    """Plain torch SAC: matmul outputs saved, the rest recomputed (the context function at module
+    level, as dynamo needs)."""
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_plain_sac_contexts)
+
+
+def _plain_sac_contexts():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        saved = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+#: The ground-truth table's cases: the check's strategy -> the plain torch function that stands for it.
+_TABLE = {"non_reentrant": mutations.correct, "sac": _plain_sac, "rng_not_preserved": mutations.rng_not_preserved,
+          "gradient_three_percent_off": mutations.gradient_three_percent_off}
+
+
+def _plain_compiled(model: torch.nn.Module, inputs: torch.Tensor, how: str, wrap) -> torch.Tensor:
+    """Plain torch, one step: ``wrap`` (a checkpoint function, or None) around each block, inside the
+    compiled code (whole: one program; per block and regional: one per block); None as ``how``: eager."""
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    if how == "whole":
+        calls = [torch.compile(lambda x: _blocks(target, x, wrap), backend=FULL_BACKEND)]
+    else:
+        calls = [(lambda x, b=b: wrap(b, x) if wrap else b(x)) for b in target.blocks]
+        calls = calls if how is None else [torch.compile(call, backend=FULL_BACKEND) for call in calls]
+    torch.manual_seed(0)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):  # the check's oracle: random ops drawn as eager
+        hidden = inputs.detach().requires_grad_()
+        for call in calls:
+            hidden = call(hidden)
+        hidden.square().mean().backward()
+    return torch.cat([p.grad.flatten() for p in target.parameters()])
+
+
+@pytest.mark.compile_full
+@pytest.mark.parametrize("how", ["whole", "per_block", "regional"])
+def test_every_verdict_equals_plain_torch(how):
+    # Issue 31's ground-truth table on the CPU: each case's verdict computed in plain torch (the
+    # compiled step with the function against the same compiled step without, within twice
+    # compiled-vs-eager), and the check's verdict on the same model must equal it.
+    results = outcomes(how, FULL_BACKEND, [name if name in ("non_reentrant", "sac") else strategy(fn)
+                                           for name, fn in _TABLE.items()])
+    model, inputs = subject(how, FULL_BACKEND)
+    eager_model = compiled.eager_copy(model)
+    base = _plain_compiled(eager_model, inputs, how, None)
+    tolerance = max(2 * _relative(base, _plain_compiled(eager_model, inputs, None, None)), 1e-5)
+    for name, fn in _TABLE.items():
+        moved = _relative(_plain_compiled(eager_model, inputs, how, fn), base)
+        truth = "pass" if moved <= tolerance else "mismatch" if moved > 1e-2 else f"unclear ({moved:.3g})"
+        assert results[name].outcome == truth, (how, name, moved, results[name].message)
+    assert [results[name].outcome for name in _TABLE] == ["pass", "pass", "pass", "mismatch"]
