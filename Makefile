@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,trainers,dev,docs]"
 	# LLaMA-Factory's checkpointing module needs only transformers and peft; its full dependency set pins old TRL.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llamafactory
+	# DeepSpeed ships an sdist whose setup.py imports torch: build it against the venv's pinned torch
+	# (an isolated build sees no torch, pip could fetch an unpinned one), without precompiled ops
+	# (DS_BUILD_OPS=0: the CPU tests need none). ~25 s.
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt setuptools wheel
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt deepspeed
 	touch $(STAMP)
 
 setup: $(STAMP)
