@@ -19,6 +19,7 @@ rank's verdict.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -186,6 +187,50 @@ def check_gradients_against_plain(flags: dict, plain: dict[str, torch.Tensor]) -
                                                                                      strict=True))
 
 
+def _plain_layers(model) -> list:
+    inner = model.base_model.model if hasattr(model, "base_model") and hasattr(model, "peft_config") else model
+    return list(inner.model.layers)
+
+
+def deepspeed_checkpoint_truth(flags: dict, function_name: str) -> dict:
+    """Plain torch steps without checkpointing and with DeepSpeed's checkpoint function wrapped around
+    every decoder layer's forward by hand (no engine, no transformers switch)."""
+    import deepspeed
+
+    function = getattr(deepspeed.checkpointing, function_name)
+    grads = []
+    for wrapped in (False, True):
+        model = _model(flags)
+        model.train()
+        if wrapped:
+            deepspeed.checkpointing.configure(None)
+            for layer in _plain_layers(model):
+                layer.forward = lambda *a, _forward=layer.forward, **k: function(functools.partial(_forward, **k), *a)
+        batch = _rank_batches(0)[0]
+        torch.manual_seed(1)
+        try:  # use_cache=False as transformers sets it under checkpointing (a cache would grow again in recompute)
+            model(**batch, use_cache=False).loss.backward()
+        except RuntimeError as error:  # reentrant with no input requiring grad: nothing to differentiate
+            return dict(error=f"{type(error).__name__}: {error}")
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    off, on = grads
+    lost = sum(bool(on[n] is None or (off[n] is not None and not on[n].any() and off[n].any())) for n in off)
+    diffs = [float((on[n] - off[n]).abs().max()) for n in off if on[n] is not None and off[n] is not None]
+    return dict(lost=lost, max_grad_diff=max(diffs, default=0.0), gradients=len(off))
+
+
+def deepspeed_strategies(flags: dict) -> dict:
+    """gc.check with DeepSpeed's checkpointing strategies, and plain DeepSpeed's ground truth."""
+    import pytest_gradckpt as gc
+    from pytest_gradckpt.trainers.deepspeed_checkpointing import STRATEGIES
+
+    model = _model(flags)
+    batch = _rank_batches(0)[0]
+    report = gc.check(model, batch, strategies=STRATEGIES)
+    return dict(truth={name: deepspeed_checkpoint_truth(flags, name) for name in ("checkpoint", "non_reentrant_checkpoint")},
+                verdicts={r.strategy: dict(outcome=r.outcome, message=r.message) for r in report.results})
+
+
 def main(path: str, cases: list[str]) -> None:
     import deepspeed
 
@@ -195,6 +240,10 @@ def main(path: str, cases: list[str]) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for case in cases:
+            if case.startswith("dsckpt"):  # DeepSpeed's own checkpointing: dsckpt-<full|lora>[-dropout]
+                flags = _flags("z0-" + case.split("-", 1)[1] + "-reentrant")
+                rows.append(dict(case=case, world=world, **deepspeed_strategies(flags)))
+                continue
             flags = _flags(case)
             truth = ground_truth(flags)
             mine = verdict(flags, out)
