@@ -7,7 +7,9 @@ Run by tests/test_deepspeed.py under ``torchrun --nproc-per-node N`` (any N):
 A case name is ``z<stage>-<full|lora>-<reentrant|nonreentrant>`` plus optional flags: ``-dropout``
 (attention dropout 0.1, LoRA dropout 0.1), ``-norng`` (``preserve_rng_state=False``, the planted
 hazard), ``-fromconfig`` (the model built by ``from_config`` after the ZeRO-3 ``TrainingArguments``,
-so ``zero.Init`` partitions it), ``-engine`` (the raw engine adapter instead of the ``Trainer``).
+so ``zero.Init`` partitions it), ``-engine`` (the raw engine adapter instead of the ``Trainer``),
+``-accelerate`` (accelerate's DeepSpeed plugin: run these in a launch of their own, since accelerate's
+state is one per process).
 
 Ground truth is a few lines of plain DeepSpeed with no part of pytest_gradckpt: the same seeded
 model, ``deepspeed.initialize`` with a torch AdamW, ``engine.backward`` per micro-batch (the
@@ -46,7 +48,7 @@ def _flags(case: str) -> dict:
     parts = case.split("-")
     return dict(stage=int(parts[0][1:]), lora=parts[1] == "lora", reentrant=parts[2] == "reentrant",
                 dropout="dropout" in parts, norng="norng" in parts, fromconfig="fromconfig" in parts,
-                engine="engine" in parts)
+                engine="engine" in parts, accelerate="accelerate" in parts)
 
 
 def _llama_config(flags: dict):
@@ -156,18 +158,58 @@ def _raw_engine(flags: dict):
     return DeepSpeedEngine(engine, _rank_batches(torch.distributed.get_rank()))
 
 
+def _trainer_state(trainer) -> str:
+    accelerator = trainer.accelerator
+    plugin = accelerator.state.deepspeed_plugin
+    return json.dumps(dict(optimizer=repr(trainer.optimizer), scheduler=repr(trainer.lr_scheduler),
+                           wrapped=trainer.model_wrapped is trainer.model, deepspeed=repr(trainer.deepspeed),
+                           engine=repr(accelerator.deepspeed_engine_wrapped), models=len(accelerator._models),
+                           config=plugin.hf_ds_config.config, plugin=repr(plugin.deepspeed_config)), default=repr)
+
+
+def _accelerate_prepared(flags: dict):
+    """accelerate with its DeepSpeed plugin, prepared as an accelerate training script prepares it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    from pytest_gradckpt.trainers.accelerate import Prepared
+
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=_ds_config(flags)))
+    model = _model(flags)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_ckpt_kwargs(flags))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rows = [{k: v[i] for k, v in batch.items()} for batch in _rank_batches(0) + _rank_batches(1) for i in range(MICRO)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=MICRO)  # accelerate shards it across the ranks
+    engine, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    return Prepared(accelerator, engine, loader)
+
+
 def verdict(flags: dict, out: str) -> dict:
     import pytest_gradckpt as gc
 
-    subject = _raw_engine(flags) if flags["engine"] else _trainer(flags, out)
-    model = subject.engine.module if flags["engine"] else subject.model
+    if flags["accelerate"]:
+        subject = _accelerate_prepared(flags)
+        flags = dict(flags, engine=True)  # judged like the raw engine below
+    else:
+        subject = _raw_engine(flags) if flags["engine"] else _trainer(flags, out)
+    model = (getattr(subject, "engine", None) or subject.model).module if flags["engine"] else subject.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer_before = None if flags["engine"] else _trainer_state(subject)
     start = time.perf_counter()
     result = gc.check_trainer(subject).results[0]
     seconds = time.perf_counter() - start
     untouched = all(torch.equal(before[n], p.detach()) and p.grad is None for n, p in model.named_parameters())
+    if not flags["engine"]:  # the trainer, its accelerator and its DeepSpeed config as they were; it still trains
+        untouched = untouched and _trainer_state(subject) == trainer_before
+        try:
+            subject.train()
+        except Exception as error:  # noqa: BLE001 - reported in the row
+            untouched = f"Trainer.train() failed after the check: {type(error).__name__}: {error}"
     metrics = {k: result.metrics.get(k) for k in ("max_grad_diff", "worst_parameter", "recomputed_units")}
+    from pytest_gradckpt.trainers import adapter_for
+
     return dict(outcome=result.outcome, message=result.message, strategy=result.strategy, seconds=round(seconds, 2),
+                adapter=adapter_for(subject).name,
                 untouched=untouched, partitioned=any(hasattr(p, "ds_id") for p in model.parameters()), **metrics)
 
 

@@ -141,6 +141,16 @@ def gather_gradients(engine: Any, model: nn.Module) -> None:
         parameter.grad = grad
 
 
+def is_engine(model: Any) -> bool:
+    """Whether ``model`` is a DeepSpeed engine (``DeepSpeedEngine`` or a subclass), without importing DeepSpeed.
+
+    Example:
+        >>> is_engine(torch.nn.Linear(2, 2))
+        False
+    """
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
 def zero_stage(config: Mapping[str, Any]) -> int:
     """The ZeRO stage a DeepSpeed config asks for (0 when it has no ``zero_optimization``).
 
@@ -272,12 +282,18 @@ class DeepSpeedEngineAdapter(TrainerAdapter):
     def matches(self, trainer: Any) -> bool:
         return isinstance(trainer, DeepSpeedEngine)
 
+    def _engine(self, trainer: Any) -> Any:
+        return trainer.engine
+
+    def _source(self, trainer: Any) -> Iterable[Any]:
+        return trainer.batches
+
     def configuration(self, trainer: Any) -> Configuration:
         from pytest_gradckpt.trainers.accelerate import _hf_checkpoint_kwargs
 
-        module = trainer.engine.module
+        module = self._engine(trainer).module
         kwargs = _hf_checkpoint_kwargs(module)
-        stage = zero_stage(trainer.engine.config)
+        stage = zero_stage(self._engine(trainer).config)
         if kwargs is None:
             return Configuration(False, f"no checkpointing in the engine's module (DeepSpeed ZeRO-{stage})",
                                  "model.gradient_checkpointing_enable() before deepspeed.initialize")
@@ -286,20 +302,20 @@ class DeepSpeedEngineAdapter(TrainerAdapter):
         return Configuration(True, label, field, kwargs, field)
 
     def preserved(self, trainer: Any) -> Any:
-        return restored_attributes(trainer.engine)
+        return restored_attributes(self._engine(trainer))
 
     def model(self, trainer: Any) -> nn.Module:
-        return plain_copy(trainer.engine.module, always=True)
+        return plain_copy(self._engine(trainer).module, always=True)
 
     def batches(self, trainer: Any) -> Any:
-        steps = int(trainer.engine.gradient_accumulation_steps() or 1)
-        iterator = iter(trainer.batches)
+        steps = int(self._engine(trainer).gradient_accumulation_steps() or 1)
+        iterator = iter(self._source(trainer))
         batches = list(itertools.islice(iterator, steps))
         close = getattr(iterator, "close", None)
         if callable(close):
             close()
         if not batches:
-            raise GradckptUsageError("check_trainer: the batches of DeepSpeedEngine(...) yield no batch")
+            raise GradckptUsageError(f"check_trainer: the batches of {type(trainer).__name__}(...) yield no batch")
         return batches
 
     def set_checkpointing(self, trainer: Any, model: nn.Module, enabled: bool) -> None:
@@ -313,13 +329,19 @@ class DeepSpeedEngineAdapter(TrainerAdapter):
     def step(self, trainer: Any, model: nn.Module, batches: Any) -> torch.Tensor:
         import deepspeed
 
-        config = _engine_config(trainer.engine)
-        optimizer = _fresh_optimizer(trainer.engine, model)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+        given = self._engine(trainer)
+        optimizer = _fresh_optimizer(given, model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_engine_config(given),
                                           model_parameters=None if optimizer else
                                           [p for p in model.parameters() if p.requires_grad])
-        loss_fn = trainer.loss or default_loss
         engine.train()
+        total = self._micro_batches(trainer, engine, batches)
+        gather_gradients(engine, model)
+        return total
+
+    def _micro_batches(self, trainer: Any, engine: Any, batches: list[Any]) -> torch.Tensor:
+        """Forward, loss and ``engine.backward`` per micro-batch, the accumulation boundary on the last."""
+        loss_fn = trainer.loss or default_loss
         total = torch.zeros(())
         for index, batch in enumerate(batches):
             batch = _to(batch, engine.device)
@@ -328,11 +350,10 @@ class DeepSpeedEngineAdapter(TrainerAdapter):
             engine.set_gradient_accumulation_boundary(is_boundary=index == len(batches) - 1)
             engine.backward(loss)
             total = total + loss.detach().float().cpu()
-        gather_gradients(engine, model)
         return total
 
     def compute_dtype(self, trainer: Any, model: nn.Module) -> torch.dtype:
-        config = trainer.engine.config
+        config = self._engine(trainer).config
         if (config.get("bf16") or {}).get("enabled") is True:
             return torch.bfloat16
         if (config.get("fp16") or {}).get("enabled") is True:
@@ -343,6 +364,46 @@ class DeepSpeedEngineAdapter(TrainerAdapter):
         return kwargs_advice(configuration.kwargs, configuration.kwargs_field, outcome) or (
             f"The engine's module ({configuration.label}) trains differently from the same engine without "
             f"checkpointing; change {configuration.field}")
+
+
+class AccelerateDeepSpeed(DeepSpeedEngineAdapter):
+    """accelerate with its DeepSpeed plugin: a ``Prepared(accelerator, engine, dataloader)`` whose model is the
+    engine ``accelerator.prepare`` returned. Each micro-batch runs as an accelerate loop runs it
+    (``accelerator.accumulate``, ``accelerator.autocast``, ``accelerator.backward``, which is
+    ``engine.backward`` here, without the optimizer step) on a fresh engine of the same config."""
+
+    name = "accelerate with DeepSpeedPlugin (pytest_gradckpt.trainers.accelerate.Prepared)"
+
+    def matches(self, trainer: Any) -> bool:
+        from pytest_gradckpt.trainers.accelerate import Prepared
+
+        return isinstance(trainer, Prepared) and is_engine(trainer.model)
+
+    def _engine(self, trainer: Any) -> Any:
+        return trainer.model
+
+    def _source(self, trainer: Any) -> Iterable[Any]:
+        return trainer.dataloader
+
+    def preserved(self, trainer: Any) -> Any:
+        accelerator = trainer.accelerator
+        return restored_attributes(trainer.model, accelerator, getattr(accelerator, "gradient_state", None),
+                                   getattr(accelerator, "state", None))
+
+    def _micro_batches(self, trainer: Any, engine: Any, batches: list[Any]) -> torch.Tensor:
+        accelerator, loss_fn = trainer.accelerator, trainer.loss or default_loss
+        total = torch.zeros(())
+        with restored_attributes(accelerator, accelerator.gradient_state):
+            accelerator.deepspeed_engine_wrapped = _BackwardWithoutStep(engine)
+            for index, batch in enumerate(batches):
+                accelerator.gradient_state._set_sync_gradients(index == len(batches) - 1)
+                with accelerator.autocast():
+                    batch = _to(batch, engine.device)
+                    output = engine(**batch) if isinstance(batch, Mapping) else engine(*_positional(batch))
+                    loss = loss_fn(output, batch)
+                accelerator.backward(loss)
+                total = total + loss.detach().float().cpu()
+        return total
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -356,4 +417,4 @@ def _positional(batch: Any) -> tuple[Any, ...]:
 
 
 #: The adapters this module provides (read by the registry).
-ADAPTERS: list[TrainerAdapter] = [DeepSpeedTrainer(), DeepSpeedEngineAdapter()]
+ADAPTERS: list[TrainerAdapter] = [DeepSpeedTrainer(), DeepSpeedEngineAdapter(), AccelerateDeepSpeed()]
