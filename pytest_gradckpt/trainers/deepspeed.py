@@ -1,7 +1,8 @@
-"""DeepSpeed: a transformers ``Trainer`` configured with a ZeRO config, and a raw engine from ``deepspeed.initialize``.
+"""DeepSpeed: a transformers ``Trainer`` configured with a ZeRO config, a raw engine from
+``deepspeed.initialize``, and accelerate with its DeepSpeed plugin.
 
 A DeepSpeed step is the engine's: ``deepspeed.initialize`` wraps a model and its optimizer, and
-``engine.backward`` reduces (ZeRO-2) or reduce-scatters (ZeRO-3) the gradients into partitions
+``engine.backward`` reduces (ZeRO-1/2) or reduce-scatters (ZeRO-3) the gradients into partitions
 that the optimizer owns, so ``parameter.grad`` stays empty. Every run here builds a fresh engine
 on its private copy of the model the way the trainer builds its own, runs ``engine.backward``
 for every micro-batch of one optimizer step with the accumulation boundary on the last, and
@@ -9,7 +10,7 @@ gathers the partitioned gradients with ``deepspeed.utils.safe_get_full_grad`` (a
 every rank calls it in the same order) into the copy's parameters, where the comparison reads
 them. ``engine.step`` (the optimizer step) never runs. A model that ZeRO-3 already partitioned
 (built under ``zero.Init``, e.g. ``from_pretrained`` with a ZeRO-3 ``TrainingArguments`` alive)
-is first gathered into a plain copy.
+(or an engine's module) is first gathered into a plain copy without ZeRO's hooks.
 """
 
 from __future__ import annotations
