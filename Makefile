@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test test-compile lint matrix trainers-4.57 setup clean docs
+.PHONY: check check-full test test-compile test-deepspeed lint matrix trainers-4.57 setup clean docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,qlora,diffusers,trainers,dev,docs]"
 	# LLaMA-Factory's checkpointing module needs only transformers and peft; its full dependency set pins old TRL.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llamafactory
+	# DeepSpeed ships an sdist whose setup.py imports torch: build it against the venv's pinned torch
+	# (an isolated build sees no torch, pip could fetch an unpinned one), without precompiled ops
+	# (DS_BUILD_OPS=0: the CPU tests need none). ~25 s.
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt setuptools wheel
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt deepspeed
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,7 +38,10 @@ check-full: $(STAMP)
 		--gradckpt-models=all --gradckpt-report=gradckpt-report.json $(ARGS)
 
 test: lint
-	$(BIN)/pytest -n 2 -m "not compile_full" $(ARGS)
+	$(BIN)/pytest -n 2 -m "not compile_full and not deepspeed_full" $(ARGS)
+
+test-deepspeed: $(STAMP)  ## every DeepSpeed ZeRO case (ZeRO-2/3 x full/LoRA x reentrant/non-reentrant, hazards) under torchrun, 1 and 2 CPU ranks
+	$(BIN)/pytest -p no:cacheprovider -m deepspeed_full tests/test_deepspeed.py $(ARGS)
 
 test-compile: $(STAMP)  ## every torch.compile test (inductor where a C++ compiler is present)
 	$(BIN)/pytest -n 2 -p no:cacheprovider tests/test_compile.py $(ARGS)

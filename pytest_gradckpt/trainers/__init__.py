@@ -18,7 +18,7 @@ from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 
 #: Modules holding a built-in adapter (each exports ``ADAPTERS``), in the order they are tried.
-BUILTIN_ADAPTERS: tuple[str, ...] = ("pytest_gradckpt.trainers.hf", "pytest_gradckpt.trainers.accelerate",
+BUILTIN_ADAPTERS: tuple[str, ...] = ("pytest_gradckpt.trainers.deepspeed", "pytest_gradckpt.trainers.hf", "pytest_gradckpt.trainers.accelerate",
                                      "pytest_gradckpt.trainers.lightning")
 
 _REGISTERED: list[TrainerAdapter] = []
