@@ -200,8 +200,18 @@ def values_differ(e: Evidence, limits: Limits) -> str | None:
         if comparison is not None and not comparison.equal:
             noise = (f"; the baseline's own run-to-run noise is {e.baseline.noise:.3g} (relative error norm), "
                      f"tolerated up to {NOISE_FACTOR:g}x" if e.baseline.noisy else "")
-            return comparison.describe(what) + noise
+            return comparison.describe(what) + _gradient_damage(e, what) + noise
     return None
+
+
+def _gradient_damage(e: Evidence, what: str) -> str:
+    """What a differing loss or output did to the gradients: the damage a user ships. A loss off
+    by 0.2% can come with gradients off by 5x, and the loss alone would hide it."""
+    if what == "gradients" or e.grads is None:
+        return ""
+    if e.grads.equal:
+        return "; every gradient equals the baseline's"
+    return "; also " + e.grads.describe("gradients")
 
 
 def buffers_differ(e: Evidence, limits: Limits) -> str | None:
