@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import torch
+
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
@@ -24,9 +26,11 @@ from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.gradients import NOISE_FACTOR, Comparison, Noise, compare
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.probes.op_counts import OpCountProbe
 from pytest_gradckpt.probes.recompute import recompute_verdict
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.warnings import WarningsProbe, silent_warning
+from pytest_gradckpt.promises import OpsSeen, broken, recomputed_units
 from pytest_gradckpt.report import Metrics, UnknownMetric
 from pytest_gradckpt.runs import Run
 from pytest_gradckpt.strategies import Strategy
@@ -232,6 +236,27 @@ def never_recomputed(e: Evidence, limits: Limits) -> str | None:
     return None
 
 
+def promise_broken(e: Evidence, limits: Limits) -> str | None:
+    """The strategy's own promise (which units recompute, which ops it keeps, where activations
+    live), against what the probes saw: a configuration can compute the right gradients and still
+    not do what the user chose it for."""
+    promise = e.run.promise
+    if promise is None or not e.compared:
+        return None
+    base_calls, run_calls = e.baseline.run.of(RecomputeProbe).calls, e.run.of(RecomputeProbe).calls
+    run_ops, base_ops = e.run.of(OpCountProbe), e.baseline.run.of(OpCountProbe)
+    counted = run_ops.counted and base_ops.counted
+    ops = OpsSeen(run_ops.backward_matmuls if counted else None, base_ops.backward_matmuls if counted else None,
+                  f"{'compiled' if e.run.compiled is not None else 'eager'} torch {torch.__version__.split('+')[0]}")
+    return broken(promise, recomputed_units(base_calls, run_calls) if base_calls else None, ops,
+                  _host_bytes(e))
+
+
+def _host_bytes(e: Evidence) -> int | None:
+    """Saved activations in host memory after forward, where host and device are two memories."""
+    return None
+
+
 def wrong_recompute_count(e: Evidence, limits: Limits) -> str | None:
     problems = e.recompute_problems
     if problems and not _nothing_recomputed(e):  # nothing recomputed at all is never_recomputed's finding
@@ -284,6 +309,7 @@ _RULES: tuple[tuple[str, Rule], ...] = (
     (outcomes.MISMATCH, ranks_disagree),
     (outcomes.MISMATCH, values_differ),
     (outcomes.BUFFERS, buffers_differ),
+    (outcomes.RECOMPUTE, promise_broken),
     (outcomes.RECOMPUTE, wrong_recompute_count),
     (outcomes.NOT_APPLIED, never_recomputed),
     (outcomes.NOT_APPLIED, recompute_unobserved),
