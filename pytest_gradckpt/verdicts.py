@@ -27,6 +27,7 @@ from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.gradients import NOISE_FACTOR, Comparison, Noise, compare
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.op_counts import OpCountProbe
+from pytest_gradckpt.probes.phases import PhasesProbe
 from pytest_gradckpt.probes.recompute import recompute_verdict
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.warnings import WarningsProbe, silent_warning
@@ -254,7 +255,7 @@ def promise_broken(e: Evidence, limits: Limits) -> str | None:
 
 def _host_bytes(e: Evidence) -> int | None:
     """Saved activations in host memory after forward, where host and device are two memories."""
-    return None
+    return e.run.of(PhasesProbe).host_resident_bytes
 
 
 def wrong_recompute_count(e: Evidence, limits: Limits) -> str | None:

@@ -155,3 +155,34 @@ def test_a_users_strategy_declares_its_promise():
     (result,) = gc.check(*three_block_mlp(), strategies=[lying]).results
     assert result.outcome == "recompute"
     assert result.message.startswith("saves matmuls recomputed matmuls in eager torch")
+
+
+# --------------------------------------------------------------------------- memory in two numbers
+
+
+def test_resident_after_forward_and_peak_against_plain_torch():
+    """Ground truth: the bytes autograd keeps alive when forward returns, counted with plain
+    saved-tensor hooks (one count per storage, weights' storages left out), and the boundary
+    arithmetic of a decoder."""
+    model, inputs = four_layer_llama()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(**inputs)
+    plain_resident = sum(kept.values())
+    del output
+    report = gc.check(*four_layer_llama(), strategies=["non_reentrant"])
+    (result,) = report.results
+    metrics = result.metrics
+    assert metrics["baseline_resident_bytes"] == plain_resident
+    assert metrics["resident_bytes"] < metrics["baseline_resident_bytes"]
+    assert metrics["resident_bytes"] <= metrics["activation_bytes"]
+    assert metrics["boundary_bytes"] == 4 * inputs["input_ids"].numel() * 32 * 4  # units x tokens x hidden x fp32
+    assert "host_resident_bytes" not in metrics  # one memory on a CPU: no host figure

@@ -1,0 +1,132 @@
+"""Memory in two numbers, on the device and on the host: what stays resident after forward (what
+checkpointing and offloading free while backward waits) and the step's peak (often in the
+backward recompute, where offloading does not move it).
+
+*Resident after forward* is read when the model's forward returns (a forward hook on the
+model; for a transformers model with labels the loss is computed inside that forward):
+
+- device, on CUDA: the allocator's bytes above those allocated when the micro-batches began;
+  on CPU: the saved-activation bytes alive then (the memory probe's live set);
+- host, on CUDA: bytes of the pinned host allocator above its start (where ``save_on_cpu``,
+  ``offload_wrapper`` and transformers' ``offload=True`` put saved activations), and the pinned
+  allocator's peak. On CPU, host and device are one memory: no host figure.
+
+For a decoder (a model with ``config.hidden_size`` called with ``input_ids``) the probe also
+gives the arithmetic a user checks against: ``units x tokens x hidden x bytes``, the layer
+inputs a full checkpoint keeps (``boundary_bytes``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pytest_gradckpt.probes.memory import MemoryProbe
+from pytest_gradckpt.probes.protocol import Column, Probe
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.verdicts import Evidence
+
+
+def _pinned_bytes(kind: str) -> int:
+    """The pinned host allocator's ``current`` or ``peak`` bytes (0 where it keeps no statistics)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None:
+        return 0
+    try:
+        return int(stats().get(f"allocated_bytes.all.{kind}", 0))
+    except RuntimeError:
+        return 0
+
+
+def boundary_bytes(model: torch.nn.Module, units: int, tokens: int, dtype: torch.dtype) -> int | None:
+    """``units x tokens x hidden x bytes``: the layer inputs full checkpointing keeps, for a model
+    with a ``config.hidden_size``; None otherwise.
+
+    Example:
+        >>> class Decoder(torch.nn.Module):
+        ...     config = type("Config", (), {"hidden_size": 2048})()
+        >>> boundary_bytes(Decoder(), 16, 2 * 2048, torch.bfloat16) / 2**20
+        256.0
+    """
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int) or not units or not tokens:
+        return None
+    return units * tokens * hidden * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclasses.dataclass
+class Phases:
+    """Resident after forward and peak, on device and host (None: not measurable there)."""
+
+    resident_bytes: int | None = None
+    host_resident_bytes: int | None = None
+    host_peak_bytes: int | None = None
+    boundary_bytes: int | None = None
+
+
+class PhasesProbe(Probe[Phases]):
+    """Memory resident when forward returns, on device and host, and the host peak (the device
+    peaks are the memory and CUDA probes')."""
+
+    name = "phases"
+    measurement = Phases
+    metric_keys = ("resident_bytes", "host_resident_bytes", "host_peak_bytes", "boundary_bytes",
+                   "baseline_resident_bytes", "resident_reduction")
+    columns = (Column("resident", ("resident_reduction",), lambda cut: "" if cut is None else f"{-cut * 100:.0f}%"),)
+
+    seen: Phases | None = None
+
+    @contextlib.contextmanager
+    def around_batches(self) -> Iterator[None]:
+        device = self.step.device
+        cuda = device.type == "cuda"
+        start = torch.cuda.memory_allocated(device) if cuda else 0
+        host_start = _pinned_bytes("current") if cuda else 0
+        if cuda:
+            with contextlib.suppress(RuntimeError, AttributeError):
+                torch.cuda.reset_peak_host_memory_stats()
+        saved = self.step.probe(MemoryProbe).saved
+        seen = Phases()
+
+        def after_forward(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+                return
+            if cuda:
+                resident = torch.cuda.memory_allocated(device) - start
+                seen.host_resident_bytes = max(seen.host_resident_bytes or 0, _pinned_bytes("current") - host_start)
+            else:
+                saved._prune()
+                resident = saved.live_bytes
+            seen.resident_bytes = max(seen.resident_bytes or 0, resident)
+            ids = kwargs.get("input_ids") if isinstance(kwargs, dict) else None
+            if isinstance(ids, torch.Tensor) and seen.boundary_bytes is None:
+                dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+                seen.boundary_bytes = boundary_bytes(module, len(self.step.layers), ids.numel(), dtype)
+
+        handle = self.step.model.register_forward_hook(after_forward, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            if cuda:
+                seen.host_peak_bytes = max(0, _pinned_bytes("peak") - host_start)
+            self.seen = seen
+
+    def read(self) -> Phases:
+        return self.seen or Phases()
+
+    @classmethod
+    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+        run, base = evidence.run.of(cls), evidence.baseline.run.of(cls)
+        if not evidence.compared:
+            return {}
+        found = {key: value for key, value in dataclasses.asdict(run).items() if value is not None}
+        if run.resident_bytes is not None and base.resident_bytes and evidence.baseline.measures_cost:
+            found.update(baseline_resident_bytes=base.resident_bytes,
+                         resident_reduction=1 - run.resident_bytes / base.resident_bytes)
+        return found
