@@ -7,8 +7,9 @@ never ranked, however good its numbers. It then times each correct one, and the 
 checkpointing, in warmed steps of their own (no probe attached, so nothing but the model runs),
 and reads the step's peak memory:
 
-- on CUDA, the allocator's peak during those steps (weights, gradients and activations: what
-  has to fit on the device);
+- on CUDA, the allocator's peak during those steps above what was allocated before the
+  configuration's copy was made (its weights, gradients and activations: what has to fit on the
+  device; the caller's own model is not counted);
 - on CPU, the weights, their gradients and the saved-activation peak the check measured.
 
 The configurations that no other beats on both memory and time are the front; the
@@ -246,6 +247,9 @@ def _measure(option: Option, subject: Subject, layer_names: list[str], found_by:
              warmup: int, repeats: int, activation_bytes: int | None) -> None:
     """Warmed steps of one configuration on a fresh copy, nothing but the model running."""
     device = subject.device
+    cuda = device.type == "cuda"
+    # On CUDA the step's own peak: its copy's weights, their gradients, activations (not the caller's model).
+    before = torch.cuda.memory_allocated(device) if cuda else 0
     with registry.using(RecomputeProbe, only=True):  # the units instrumented, no probe entered
         prepared = prepare_copy(subject.fresh_model(), layer_names, found_by, device)
     model = prepared.model
@@ -253,7 +257,6 @@ def _measure(option: Option, subject: Subject, layer_names: list[str], found_by:
     if strategy is not None:
         strategy.apply(prepared.info)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    cuda = device.type == "cuda"
     times: list[float] = []
     peak = 0
     for index in range(warmup + repeats):
@@ -274,7 +277,7 @@ def _measure(option: Option, subject: Subject, layer_names: list[str], found_by:
         del output
     option.step_seconds, option.seconds = times, statistics.median(times)
     if cuda:
-        option.peak_bytes = peak
+        option.peak_bytes = peak - before
     elif activation_bytes is not None:
         weights = tensor_bytes(model.parameters())
         option.peak_bytes = weights + tensor_bytes(trainable) + activation_bytes

@@ -186,3 +186,17 @@ def test_resident_after_forward_and_peak_against_plain_torch():
     assert metrics["resident_bytes"] <= metrics["activation_bytes"]
     assert metrics["boundary_bytes"] == 4 * inputs["input_ids"].numel() * 32 * 4  # units x tokens x hidden x fp32
     assert "host_resident_bytes" not in metrics  # one memory on a CPU: no host figure
+
+
+def test_a_flop_formula_that_fails_never_fails_the_step():
+    from pytest_gradckpt.probes.op_counts import OpCounter
+
+    def broken_formula(*args, **kwargs):
+        raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    with OpCounter() as seen:
+        seen.formulas = {**seen.formulas, torch.ops.aten.mm: broken_formula}
+        (torch.ones(2, 4) @ w).sum().backward()
+    assert seen.matmuls == {"forward": 1, "backward": 1}
+    assert seen.uncounted == {"aten.mm"}
