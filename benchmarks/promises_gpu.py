@@ -132,17 +132,36 @@ def full_finetune(shape: str, repeats: int, out: pathlib.Path) -> dict[str, Any]
     return summary
 
 
-def plain_step_seconds(model_factory: Any, function: Any, steps: int) -> tuple[float, int]:
-    """Warmed step time and peak in plain transformers: the checkpoint function installed the way
-    transformers installs its own (``_set_gradient_checkpointing``), no engine, no probe."""
+def installer(function: Any) -> Any:
+    """Install a checkpoint function the way transformers installs its own."""
+    def install(base: Any) -> None:
+        base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
+    return install
+
+
+def every_second(base: Any) -> None:
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    key = "activation_checkpointing_kwargs" if enable.__name__.startswith("activation") else "gradient_checkpointing_kwargs"
+    enable(**{key: {"use_reentrant": False}}, every_n_layers=2)
+
+
+def plain_step_seconds(model_factory: Any, install: Any, steps: int) -> tuple[float, int]:
+    """Warmed step time and peak in plain transformers: checkpointing switched on the way transformers
+    does it, no engine, no probe."""
+    import gc as collector
+
+    collector.collect()
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated() if cuda else 0  # the peak counts the model's weights, as plan's does
     model = model_factory()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if function is not None:
-        base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
+    if install is not None:
+        install(base)
         base.enable_input_require_grads()
     model.train()
-    cuda = DEVICE == "cuda"
-    times, before = [], torch.cuda.memory_allocated() if cuda else 0
+    times: list[float] = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for index in range(steps + 1):
@@ -175,8 +194,9 @@ def lora_plan(repeats: int, budget: str, out: pathlib.Path) -> dict[str, Any]:
     del model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-    functions = {"none": None, "non_reentrant": builtin.non_reentrant_checkpoint, "sac": builtin.sac_checkpoint,
-                 "offload": builtin.offload_checkpoint, "selective": builtin.selective_checkpoint}
+    functions = {"none": None, "non_reentrant": installer(builtin.non_reentrant_checkpoint),
+                 "sac": installer(builtin.sac_checkpoint), "offload": installer(builtin.offload_checkpoint),
+                 "selective": installer(builtin.selective_checkpoint), "hf_every_2": every_second}
     # The recommendation and the runner-up by the plan's own times: re-timed outside the engine.
     ranked = sorted((o for o in found.options if o.correct and o.fits and o.strategy in functions),
                     key=lambda o: o.seconds or 0.0)

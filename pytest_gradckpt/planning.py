@@ -20,6 +20,7 @@ recommendation is the fastest correct configuration whose peak fits ``memory_bud
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import pathlib
@@ -248,7 +249,11 @@ def _measure(option: Option, subject: Subject, layer_names: list[str], found_by:
     """Warmed steps of one configuration on a fresh copy, nothing but the model running."""
     device = subject.device
     cuda = device.type == "cuda"
-    # On CUDA the step's own peak: its copy's weights, their gradients, activations (not the caller's model).
+    # On CUDA the step's own peak: its copy's weights, their gradients, activations (not the caller's
+    # model). The last configuration's copy sits in reference cycles: collected first, or it is counted.
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device) if cuda else 0
     with registry.using(RecomputeProbe, only=True):  # the units instrumented, no probe entered
         prepared = prepare_copy(subject.fresh_model(), layer_names, found_by, device)
@@ -281,7 +286,9 @@ def _measure(option: Option, subject: Subject, layer_names: list[str], found_by:
     elif activation_bytes is not None:
         weights = tensor_bytes(model.parameters())
         option.peak_bytes = weights + tensor_bytes(trainable) + activation_bytes
+    prepared.probes.detach()
     del prepared, model, trainable
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
 

@@ -32,15 +32,20 @@ if TYPE_CHECKING:
     from pytest_gradckpt.verdicts import Evidence
 
 
-def _pinned_bytes(kind: str) -> int:
-    """The pinned host allocator's ``current`` or ``peak`` bytes (0 where it keeps no statistics)."""
+def _pinned_bytes(kind: str) -> int | None:
+    """The pinned host allocator's ``current`` or ``peak`` bytes; None where torch keeps no such
+    statistics (then nothing about the host is judged)."""
     stats = getattr(torch.cuda, "host_memory_stats", None)
     if stats is None:
-        return 0
+        return None
     try:
-        return int(stats().get(f"allocated_bytes.all.{kind}", 0))
+        found = stats()
     except RuntimeError:
-        return 0
+        return None
+    for key in (f"allocated_bytes.all.{kind}", f"allocated_bytes.{kind}"):  # the key differs between releases
+        if key in found:
+            return int(found[key])
+    return None
 
 
 def boundary_bytes(model: torch.nn.Module, units: int, tokens: int, dtype: torch.dtype) -> int | None:
@@ -86,7 +91,7 @@ class PhasesProbe(Probe[Phases]):
         device = self.step.device
         cuda = device.type == "cuda"
         start = torch.cuda.memory_allocated(device) if cuda else 0
-        host_start = _pinned_bytes("current") if cuda else 0
+        host_start = _pinned_bytes("current") if cuda else None
         if cuda:
             with contextlib.suppress(RuntimeError, AttributeError):
                 torch.cuda.reset_peak_host_memory_stats()
@@ -98,7 +103,9 @@ class PhasesProbe(Probe[Phases]):
                 return
             if cuda:
                 resident = torch.cuda.memory_allocated(device) - start
-                seen.host_resident_bytes = max(seen.host_resident_bytes or 0, _pinned_bytes("current") - host_start)
+                host = _pinned_bytes("current")
+                if host is not None and host_start is not None:
+                    seen.host_resident_bytes = max(seen.host_resident_bytes or 0, host - host_start)
             else:
                 saved._prune()
                 resident = saved.live_bytes
@@ -113,8 +120,9 @@ class PhasesProbe(Probe[Phases]):
             yield
         finally:
             handle.remove()
-            if cuda:
-                seen.host_peak_bytes = max(0, _pinned_bytes("peak") - host_start)
+            host_peak = _pinned_bytes("peak") if cuda else None
+            if host_peak is not None and host_start is not None:
+                seen.host_peak_bytes = max(0, host_peak - host_start)
             self.seen = seen
 
     def read(self) -> Phases:
