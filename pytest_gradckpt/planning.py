@@ -167,10 +167,12 @@ def draw(found: Plan, path: pathlib.Path) -> pathlib.Path | None:
         return None
     points = {o.strategy: (o, o.point) for o in found.options if o.point is not None}
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    for name, (o, (peak, seconds)) in points.items():
+    for index, (name, (o, (peak, seconds))) in enumerate(points.items()):
         color = "tab:green" if name == found.recommended else ("tab:blue" if o.on_front else "tab:gray")
         axes.scatter(seconds * 1e3, peak / 2**30, color=color, zorder=3)
-        axes.annotate(name, (seconds * 1e3, peak / 2**30), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # labels alternate above and below their point, so two configurations that measure alike stay readable
+        axes.annotate(name, (seconds * 1e3, peak / 2**30), textcoords="offset points",
+                      xytext=(4, 4 if index % 2 else -11), fontsize=8)
     front = sorted(point for o, point in points.values() if o.on_front and point is not None)
     axes.plot([seconds * 1e3 for _, seconds in front], [peak / 2**30 for peak, _ in front], color="tab:blue",
               linewidth=1, zorder=2)

@@ -72,7 +72,8 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def _compiled(model: torch.nn.Module) -> bool:
+def compiled_model(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` is compiled (a dispatch mode must not be active while dynamo traces)."""
     return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
                for m in model.modules())
 
@@ -103,7 +104,7 @@ class OpCountProbe(Probe[OpCounts]):
 
     @contextlib.contextmanager
     def around_batches(self) -> Iterator[None]:
-        if _compiled(self.step.model):
+        if compiled_model(self.step.model):
             yield
             return
         self.counter = OpCounter()

@@ -7,9 +7,9 @@ model; for a transformers model with labels the loss is computed inside that for
 
 - device, on CUDA: the allocator's bytes above those allocated when the micro-batches began;
   on CPU: the saved-activation bytes alive then (the memory probe's live set);
-- host, on CUDA: bytes of the pinned host allocator above its start (where ``save_on_cpu``,
-  ``offload_wrapper`` and transformers' ``offload=True`` put saved activations), and the pinned
-  allocator's peak. On CPU, host and device are one memory: no host figure.
+- host, on CUDA: host tensors made during the step and still alive (where ``save_on_cpu``,
+  ``offload_wrapper`` and transformers' ``offload=True`` put saved activations, pinned or not),
+  and the pinned host allocator's peak. On CPU, host and device are one memory: no host figure.
 
 For a decoder (a model with ``config.hidden_size`` called with ``input_ids``) the probe also
 gives the arithmetic a user checks against: ``units x tokens x hidden x bytes``, the layer
@@ -24,8 +24,11 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_gradckpt.probes.memory import MemoryProbe
+from pytest_gradckpt.probes.op_counts import compiled_model
 from pytest_gradckpt.probes.protocol import Column, Probe
 
 if TYPE_CHECKING:
@@ -64,6 +67,37 @@ def boundary_bytes(model: torch.nn.Module, units: int, tokens: int, dtype: torch
     return units * tokens * hidden * torch.empty((), dtype=dtype).element_size()
 
 
+class HostCopies(TorchDispatchMode):
+    """Host tensors made while a step on an accelerator runs (pinned or pageable: ``save_on_cpu``,
+    ``offload_wrapper``, ``.to("cpu")``): :meth:`live_bytes` is what is still alive, counted once
+    per storage. Pinned-allocator statistics alone miss a pageable copy (transformers 5.17's
+    ``offload=True`` on an H200 held 1 GiB off the device with no pinned byte).
+
+    Example:
+        >>> with HostCopies() as copies:
+        ...     kept = torch.ones(4, 4).to("cpu", copy=True)
+        >>> copies.live_bytes()
+        64
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.numel():
+                with contextlib.suppress(RuntimeError, NotImplementedError):
+                    storage = tensor.untyped_storage()
+                    self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def live_bytes(self) -> int:
+        """Bytes of the host storages made inside that are still alive."""
+        return sum(size for ref, size in self.storages.values() if not ref.expired())
+
+
 @dataclasses.dataclass
 class Phases:
     """Resident after forward and peak, on device and host (None: not measurable there)."""
@@ -97,15 +131,15 @@ class PhasesProbe(Probe[Phases]):
                 torch.cuda.reset_peak_host_memory_stats()
         saved = self.step.probe(MemoryProbe).saved
         seen = Phases()
+        copies = HostCopies() if cuda and not compiled_model(self.step.model) else None
 
         def after_forward(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if torch.compiler.is_compiling() or not torch.is_grad_enabled():
                 return
             if cuda:
                 resident = torch.cuda.memory_allocated(device) - start
-                host = _pinned_bytes("current")
-                if host is not None and host_start is not None:
-                    seen.host_resident_bytes = max(seen.host_resident_bytes or 0, host - host_start)
+                if copies is not None:
+                    seen.host_resident_bytes = max(seen.host_resident_bytes or 0, copies.live_bytes())
             else:
                 saved._prune()
                 resident = saved.live_bytes
@@ -117,7 +151,8 @@ class PhasesProbe(Probe[Phases]):
 
         handle = self.step.model.register_forward_hook(after_forward, with_kwargs=True)
         try:
-            yield
+            with copies if copies is not None else contextlib.nullcontext():
+                yield
         finally:
             handle.remove()
             host_peak = _pinned_bytes("peak") if cuda else None
