@@ -195,13 +195,16 @@ def plan(model: nn.Module | Callable[[], nn.Module], inputs: Any, *, memory_budg
          name: str | None = None, report: str | pathlib.Path | None = None) -> Plan:
     """Judge each candidate configuration, measure the correct ones, rank them, recommend one.
 
+    ``model``, ``inputs``, ``loss``, ``layers``, ``device`` and ``name`` are as for
+    :func:`pytest_gradckpt.check`.
+
     Args:
-        model, inputs, loss, layers, device, name: as for :func:`pytest_gradckpt.check`.
         memory_budget: the most the step's peak may take (bytes, or ``"40GiB"``); None: no limit,
             the fastest correct configuration is recommended.
         strategies: the candidates (default :data:`DEFAULT_CANDIDATES`; those that do not apply
             are listed ``skipped`` and never ranked).
-        warmup, repeats: untimed steps, then timed steps per configuration (their median counts).
+        warmup: untimed steps per configuration.
+        repeats: timed steps per configuration (their median counts).
         report: where to write the JSON; the PNG of the front goes beside it.
 
     Example:
