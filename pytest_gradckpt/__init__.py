@@ -28,6 +28,7 @@ _LAZY = {
     "layer_of": "pytest_gradckpt.layers",
     "memory_probe_of": "pytest_gradckpt.layers",
     "check_trainer": "pytest_gradckpt.trainers",
+    "plan": "pytest_gradckpt.planning",
 }
 
 __all__ = sorted(_LAZY)

@@ -339,6 +339,40 @@ class Checker:
                          expect=self.settings.get("expect") if expect is None else expect, strict=strict,
                          reviewed=reviewed)
 
+    def plan(self, model: Any, inputs: Any, *, memory_budget: Any = None, **kwargs: Any) -> Any:
+        """:func:`pytest_gradckpt.planning.plan` inside a test: rank the correct configurations, write the
+        plan's JSON and PNG beside ``--gradckpt-report`` (``<report>.plan-<test>.json``), and fail the
+        test when no correct configuration fits ``memory_budget``.
+
+        Example (inside a test)::
+
+            def test_which_checkpointing(gradckpt):
+                found = gradckpt.plan(MyModel(), {"input_ids": ids}, memory_budget="40GiB")
+                assert found.recommended == "sac"
+        """
+        from pytest_gradckpt.planning import plan
+
+        node = self._request.node
+        node.stash[checks_key] = node.stash.get(checks_key, 0) + 1
+        try:
+            found = plan(model, inputs, memory_budget=memory_budget, report=self._plan_path(), **kwargs)
+        except GradckptUsageError as error:
+            pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
+        record(node, found.results)
+        if found.recommended is None:
+            pytest.fail(f"pytest-gradckpt plan: {found.why}\n\n{found.table()}", pytrace=False)
+        return found
+
+    def _plan_path(self) -> Path | None:
+        report = option(self._config, "gradckpt_report")
+        if not report:
+            return None
+        target = Path(report)
+        if not target.is_absolute():
+            target = Path(self._config.invocation_params.dir) / target
+        test = "".join(c if c.isalnum() or c in "-_" else "_" for c in self._request.node.name)
+        return target.with_name(f"{target.stem}.plan-{test}.json")
+
     def check_trainer(self, trainer: Any, *, name: str | None = None, expect: dict[str, str] | None = None,
                       **overrides: Any) -> Any:
         """Check ``trainer`` as configured (:func:`pytest_gradckpt.check_trainer`); fail the test unless

@@ -33,6 +33,7 @@ from pytest_gradckpt.process_state import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.protocol import Attached, Probe, ProbeStep
+from pytest_gradckpt.promises import Promise
 from pytest_gradckpt.scenarios import Scenario
 from pytest_gradckpt.strategies import Strategy
 
@@ -56,9 +57,11 @@ class Run:
     rank_disagreement: str | None = None  # distributed runs: ranks must hold the same gradients
     #: a compiled subject's run: what dynamo compiled for it (:func:`pytest_gradckpt.compiled.compiled_run`)
     compiled: dict[str, Any] | None = None
+    #: what the strategy promised for this run (:meth:`pytest_gradckpt.strategies.Strategy.promise`)
+    promise: Promise | None = None
 
     #: The step's own fields a rank sends back; its measurements travel beside them (:meth:`to_payload`).
-    SHIPPED: ClassVar[tuple[str, ...]] = ("loss", "outputs", "grads", "buffers", "expected_recompute")
+    SHIPPED: ClassVar[tuple[str, ...]] = ("loss", "outputs", "grads", "buffers", "expected_recompute", "promise")
 
     def of(self, kind: type[Probe[M]]) -> M:
         """What probe ``kind`` measured in this run (its empty measurement if it measured nothing).
@@ -170,6 +173,7 @@ class Stepper:
         self._wrap(step, grad_targets, parallel)
         self._train(run, step, scenario, strategy, grad_targets, parallel)
         self._collect(run, step, scenario, parallel)
+        run.promise = None if strategy is None else strategy.promise(step.info)
 
     def _prepare(self, scenario: Scenario) -> _Step:
         """A fresh copy set up as the scenario says, its names taken and its probes attached."""

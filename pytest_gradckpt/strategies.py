@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
+from pytest_gradckpt.promises import Promise
 
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_gradckpt.layers import ModelInfo
@@ -56,9 +57,20 @@ class Strategy:
     #: (torch's ``save_on_cpu``, ``offload_wrapper``) is not expected to recompute.
     recomputes: bool | None = None
 
+    #: What the strategy promises beyond equal gradients (which units recompute, which ops it keeps,
+    #: where saved activations live); :meth:`promise` returns it. None: nothing beyond the above.
+    promised: Promise | None = None
+    #: True: runs only when named, never in "every registered strategy".
+    opt_in: bool = False
+
     def applies_to(self, info: ModelInfo) -> str | None:
         """Return why this strategy cannot run on ``info.model``, or None if it can."""
         return None
+
+    def promise(self, info: ModelInfo) -> Promise | None:
+        """What this strategy promised for the run on ``info`` (asked after the step, so a strategy
+        may read what it recorded in ``info.state``); the probes verify it (docs/strategies.md)."""
+        return self.promised
 
     def apply(self, info: ModelInfo) -> None:
         """Switch checkpointing on for the model copy in ``info`` (the engine owns the copy)."""
@@ -77,7 +89,7 @@ class Strategy:
 
     @staticmethod
     def from_checkpoint_fn(name: str, fn: Callable[..., Any], *, skips_frozen: bool = False,
-                           description: str = "") -> Strategy:
+                           description: str = "", promise: Promise | None = None) -> Strategy:
         """Wrap any function with ``torch.utils.checkpoint.checkpoint``'s signature.
 
         Example:
@@ -91,8 +103,10 @@ class Strategy:
                 f"Strategy.from_checkpoint_fn({name!r}, fn={fn!r}): fn is not callable; pass a function "
                 "with torch.utils.checkpoint.checkpoint's signature, fn(function, *args, **kwargs)"
             )
-        return CheckpointFunctionStrategy(name, fn, skips_frozen=skips_frozen,
-                                          description=description or f"checkpoint function {name}")
+        strategy = CheckpointFunctionStrategy(name, fn, skips_frozen=skips_frozen,
+                                              description=description or f"checkpoint function {name}")
+        strategy.promised = promise
+        return strategy
 
     def __repr__(self) -> str:
         return f"<Strategy {self.name}>"
@@ -276,6 +290,34 @@ def sac_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     return checkpoint(function, *args, use_reentrant=False, context_fn=context_fn)
 
 
+def sac_offload_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """``sac_offload``'s policy: offload matmul outputs to host memory (``MUST_CPU_OFFLOAD``),
+    recompute the rest. It promises no matmul is recomputed; torch 2.13 recomputes them in eager
+    code, and the check says so.
+
+    Example:
+        >>> import torch
+        >>> sac_offload_policy(None, torch.ops.aten.mm.default).name
+        'MUST_CPU_OFFLOAD'
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_CPU_OFFLOAD if op in _sac_saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _sac_offload_contexts() -> tuple[Any, Any]:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(sac_offload_policy)
+
+
+def sac_offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """Selective activation checkpointing whose policy offloads matmul outputs to the host."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_sac_offload_contexts)
+
+
 # --------------------------------------------------------------------------- whole-model strategies
 
 
@@ -303,6 +345,88 @@ class TransformersAPI(Strategy):
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             info.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class TransformersSwitch(Strategy):
+    """transformers' switch with its own arguments, ``activation_checkpointing_enable(kwargs,
+    every_n_layers, offload)`` (``gradient_checkpointing_enable`` where that is the installed name),
+    judged by what it promises: exactly every ``every_n_layers``-th decoder layer recomputes, and
+    with ``offload`` the saved activations live in host memory.
+
+    Example:
+        >>> s = TransformersSwitch(every_n_layers=2)
+        >>> s.name, s.label
+        ('hf_every_2', 'every_n_layers=2')
+    """
+
+    units = "own"
+    opt_in = True
+
+    def __init__(self, name: str | None = None, every_n_layers: int = 1, offload: bool = False,
+                 use_reentrant: bool = False):
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise GradckptUsageError(f"TransformersSwitch(every_n_layers={every_n_layers!r}): pass an int >= 1")
+        self.every_n_layers, self.offload, self.use_reentrant = every_n_layers, offload, use_reentrant
+        self.name = name or ("hf_offload" if offload else f"hf_every_{every_n_layers}")
+        self.label = ", ".join([f"every_n_layers={every_n_layers}"] + (["offload=True"] if offload else []))
+        self.description = f"transformers' activation_checkpointing_enable({self.label})"
+
+    def _arguments(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if self.every_n_layers != 1:
+            found["every_n_layers"] = self.every_n_layers
+        if self.offload:
+            found["offload"] = True
+        return found
+
+    def _enable(self, info: ModelInfo) -> tuple[Callable[..., Any], str]:
+        for method, keyword in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                                ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+            found = getattr(info.model, method, None)
+            if callable(found):
+                return found, keyword
+        raise StrategyNotApplicable("the model has no activation_checkpointing_enable or gradient_checkpointing_enable")
+
+    def applies_to(self, info: ModelInfo) -> str | None:
+        import inspect
+
+        if info.hf_model is None:
+            return "not a transformers model (no PreTrainedModel inside)"
+        if not getattr(info.hf_model, "supports_gradient_checkpointing", False):
+            return f"{type(info.hf_model).__name__}.supports_gradient_checkpointing is False"
+        enable, _ = self._enable(info)
+        accepted = inspect.signature(enable).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        missing = [name for name in self._arguments() if name not in accepted and not takes_any]
+        if missing:
+            import transformers
+
+            return (f"transformers {transformers.__version__}'s {enable.__name__} takes no {', '.join(missing)} "
+                    "(added in 5.23 as activation_checkpointing_enable(kwargs, every_n_layers, offload))")
+        return None
+
+    def apply(self, info: ModelInfo) -> None:
+        enable, keyword = self._enable(info)
+        enable(**{keyword: {"use_reentrant": self.use_reentrant}}, **self._arguments())
+
+    def promise(self, info: ModelInfo) -> Promise:
+        """Every ``every_n_layers``-th of the model's decoder layers (transformers'
+        ``GradientCheckpointingLayer``, counted in module order as transformers counts them)."""
+        decoder_layers = _checkpointing_layers(info)
+        unit_of = {id(layer): name for name, layer in zip(info.layer_names, info.layers, strict=True)}
+        promised = [unit_of[id(layer)] for index, layer in enumerate(decoder_layers)
+                    if index % self.every_n_layers == 0 and id(layer) in unit_of]
+        return Promise(self.label, units=tuple(info.layer_names), recomputed_units=tuple(promised),
+                       activations="host" if self.offload else None)
+
+
+def _checkpointing_layers(info: ModelInfo) -> list[Any]:
+    """The modules transformers' switch counts for ``every_n_layers``, in module order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the layers that carry the flag
+        return [m for m in info.model.modules() if hasattr(m, "gradient_checkpointing")]
+    return [m for m in info.model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 class TorchWrapper(Strategy):
@@ -551,7 +675,7 @@ def unregister_strategy(name: str) -> Strategy:
         ...
         pytest_gradckpt.errors.GradckptUsageError: unregister_strategy: 'reentrant' is built in; built-in strategies stay registered
     """
-    if name in BUILTIN:
+    if name in BUILTIN or name in BUILTIN_OPT_IN:
         raise GradckptUsageError(f"unregister_strategy: {name!r} is built in; built-in strategies stay registered")
     if name not in _REGISTRY:
         raise GradckptUsageError(f"unregister_strategy: no strategy named {name!r} is registered; "
@@ -601,6 +725,11 @@ def resolve_strategies(spec: Iterable[str | Strategy] | str | Strategy | None) -
     return resolved
 
 
+def _opt_in(strategy: Strategy) -> Strategy:
+    strategy.opt_in = True
+    return strategy
+
+
 def _register_builtins() -> tuple[str, ...]:
     from_fn = Strategy.from_checkpoint_fn
     builtins = [
@@ -615,17 +744,27 @@ def _register_builtins() -> tuple[str, ...]:
         from_fn("offload", offload_checkpoint,
                 description="layer inputs kept in host memory, layer recomputed in backward"),
         from_fn("sac", sac_checkpoint,
-                description="torch selective activation checkpointing: save matmul outputs, recompute the rest"),
+                description="torch selective activation checkpointing: save matmul outputs, recompute the rest",
+                promise=Promise("MUST_SAVE", kept_ops="matmuls")),
         SequentialSegments(),
         TorchWrapper("torch_wrapper", "no_reentrant"),
         TorchWrapper("torch_wrapper_reentrant", "reentrant"),
         TorchWrapper("torch_offload_wrapper", "offload"),
         NativeSwitch(),
+        _opt_in(from_fn("sac_offload", sac_offload_checkpoint,
+                        description="selective activation checkpointing whose policy offloads matmul outputs "
+                                    "(MUST_CPU_OFFLOAD); opt-in",
+                        promise=Promise("MUST_CPU_OFFLOAD", kept_ops="matmuls"))),
+        TransformersSwitch(every_n_layers=2),
+        TransformersSwitch(offload=True),
     ]
     for strategy in builtins:
         register_strategy(strategy)
     return tuple(s.name for s in builtins)
 
 
-#: Names of the built-in strategies, in registry order.
-BUILTIN: tuple[str, ...] = _register_builtins()
+_ALL_BUILTIN = _register_builtins()
+#: Names of the built-in strategies that run by default, in registry order.
+BUILTIN: tuple[str, ...] = tuple(n for n in _ALL_BUILTIN if not _REGISTRY[n].opt_in)
+#: Built-in strategies that run only when named (``hf_every_2``, ``hf_offload``, ``sac_offload``).
+BUILTIN_OPT_IN: tuple[str, ...] = tuple(n for n in _ALL_BUILTIN if _REGISTRY[n].opt_in)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import torch
+
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
@@ -24,9 +26,12 @@ from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.gradients import NOISE_FACTOR, Comparison, Noise, compare
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.probes.op_counts import OpCountProbe
+from pytest_gradckpt.probes.phases import PhasesProbe
 from pytest_gradckpt.probes.recompute import recompute_verdict
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.warnings import WarningsProbe, silent_warning
+from pytest_gradckpt.promises import OpsSeen, broken, recomputed_units
 from pytest_gradckpt.report import Metrics, UnknownMetric
 from pytest_gradckpt.runs import Run
 from pytest_gradckpt.strategies import Strategy
@@ -200,8 +205,18 @@ def values_differ(e: Evidence, limits: Limits) -> str | None:
         if comparison is not None and not comparison.equal:
             noise = (f"; the baseline's own run-to-run noise is {e.baseline.noise:.3g} (relative error norm), "
                      f"tolerated up to {NOISE_FACTOR:g}x" if e.baseline.noisy else "")
-            return comparison.describe(what) + noise
+            return comparison.describe(what) + _gradient_damage(e, what) + noise
     return None
+
+
+def _gradient_damage(e: Evidence, what: str) -> str:
+    """What a differing loss or output did to the gradients: the damage a user ships. A loss off
+    by 0.2% can come with gradients off by 5x, and the loss alone would hide it."""
+    if what == "gradients" or e.grads is None:
+        return ""
+    if e.grads.equal:
+        return "; every gradient equals the baseline's"
+    return "; also " + e.grads.describe("gradients")
 
 
 def buffers_differ(e: Evidence, limits: Limits) -> str | None:
@@ -220,6 +235,27 @@ def never_recomputed(e: Evidence, limits: Limits) -> str | None:
         return (f"no layer was recomputed: checkpointing is switched on but never ran ({e.checkpointable} layer(s) "
                 "expected to run twice)")
     return None
+
+
+def promise_broken(e: Evidence, limits: Limits) -> str | None:
+    """The strategy's own promise (which units recompute, which ops it keeps, where activations
+    live), against what the probes saw: a configuration can compute the right gradients and still
+    not do what the user chose it for."""
+    promise = e.run.promise
+    if promise is None or not e.compared:
+        return None
+    base_calls, run_calls = e.baseline.run.of(RecomputeProbe).calls, e.run.of(RecomputeProbe).calls
+    run_ops, base_ops = e.run.of(OpCountProbe), e.baseline.run.of(OpCountProbe)
+    counted = run_ops.counted and base_ops.counted
+    ops = OpsSeen(run_ops.backward_matmuls if counted else None, base_ops.backward_matmuls if counted else None,
+                  f"{'compiled' if e.run.compiled is not None else 'eager'} torch {torch.__version__.split('+')[0]}")
+    return broken(promise, recomputed_units(base_calls, run_calls) if base_calls else None, ops,
+                  _host_bytes(e))
+
+
+def _host_bytes(e: Evidence) -> int | None:
+    """Saved activations in host memory after forward, where host and device are two memories."""
+    return e.run.of(PhasesProbe).host_resident_bytes
 
 
 def wrong_recompute_count(e: Evidence, limits: Limits) -> str | None:
@@ -274,6 +310,7 @@ _RULES: tuple[tuple[str, Rule], ...] = (
     (outcomes.MISMATCH, ranks_disagree),
     (outcomes.MISMATCH, values_differ),
     (outcomes.BUFFERS, buffers_differ),
+    (outcomes.RECOMPUTE, promise_broken),
     (outcomes.RECOMPUTE, wrong_recompute_count),
     (outcomes.NOT_APPLIED, never_recomputed),
     (outcomes.NOT_APPLIED, recompute_unobserved),

@@ -3,6 +3,8 @@ and every correct one must pass. Detection that regresses fails here."""
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
 import torch
 
@@ -52,6 +54,23 @@ def test_correct_function_passes(factory):
 def test_broken_function_gets_its_verdict(fn, factory, scenario, outcome, words):
     result = verdict(factory, fn, scenario=scenario)
     assert (result.outcome, words in result.message) == (outcome, True), result.message
+
+
+def test_a_differing_loss_also_shows_the_gradients_damage():
+    # Ground truth in plain torch: scaling every block's output by 1.001 changes the gradients too.
+    model, inputs = plain.tanh_net()
+    plain_grads = {}
+    for scale in (1.0, 1.001):
+        copy = deepcopy(model)
+        for block in copy.blocks:
+            block.register_forward_hook(lambda module, args, out, s=scale: out * s)
+        copy(inputs).float().square().mean().backward()
+        plain_grads[scale] = {n: p.grad for n, p in copy.named_parameters()}
+    differ = [n for n, g in plain_grads[1.0].items() if not torch.allclose(g, plain_grads[1.001][n], 1.3e-6, 1e-5)]
+    assert differ
+    result = verdict(plain.tanh_net, mutations.off_by_a_tenth_percent)
+    assert result.message.startswith("1 loss differ")
+    assert f"; also {len(differ)} gradients differ; worst " in result.message
 
 
 def test_recompute_outside_autocast_is_caught():

@@ -11,6 +11,9 @@ from pytest_gradckpt import outcomes, verdicts
 from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable
 from pytest_gradckpt.probes.gradients import Comparison
+from pytest_gradckpt.probes.layer_calls import LayerCalls
+from pytest_gradckpt.probes.op_counts import OpCounts
+from pytest_gradckpt.promises import Promise
 from pytest_gradckpt.runs import Run
 from pytest_gradckpt.strategies import get_strategy
 from pytest_gradckpt.verdicts import Evidence, Limits, judge
@@ -25,6 +28,18 @@ def evidence(run: Run | None = None, **fields: object) -> Evidence:
     base = Evidence(get_strategy("non_reentrant"), run or Run(), Baseline(Run()), grads=Comparison(),
                     loss=Comparison(), outputs=Comparison(), buffers=Comparison(), recomputed=1, checkpointable=1)
     return dataclasses.replace(base, **fields)
+
+
+def promised(promise: Promise, calls: dict[str, int], matmuls: int = 12, **fields: object) -> Evidence:
+    """Evidence of a run whose strategy made ``promise``; every unit ran once without checkpointing,
+    ``calls`` times here; backward ran 12 matmuls without checkpointing and ``matmuls`` here."""
+    run = Run(promise=promise, measured={"recompute": LayerCalls(calls=calls), "ops": OpCounts(True, 6, matmuls)})
+    base = Run(measured={"recompute": LayerCalls(calls=dict.fromkeys(calls, 1)), "ops": OpCounts(True, 6, 12)})
+    return evidence(run, baseline=Baseline(base), **fields)
+
+
+EVERY_2 = Promise("every_n_layers=2", units=("l.0", "l.1", "l.2", "l.3"), recomputed_units=("l.0", "l.2"))
+ALL_FOUR = {"l.0": 2, "l.1": 2, "l.2": 2, "l.3": 2}
 
 
 def lost(*names: str) -> Comparison:
@@ -49,8 +64,21 @@ CASES = [
     ("gradients vanished", evidence(grads=lost("w")), LIMITS,
      {"gradients_vanished", "values_differ"}, outcomes.SILENT, "got None or all zeros, with no error: w"),
     ("values differ", evidence(loss=wrong("loss")), LIMITS, {"values_differ"}, outcomes.MISMATCH, "1 loss differ"),
+    ("loss differs, gradients too", evidence(loss=wrong("loss"), grads=wrong("w", "b")), LIMITS,
+     {"values_differ"}, outcomes.MISMATCH,
+     "1 loss differ; worst loss: max abs diff 0.5, relative error norm 0.1; also 2 gradients differ; worst w"),
+    ("outputs differ, gradients equal", evidence(outputs=wrong("logits")), LIMITS, {"values_differ"},
+     outcomes.MISMATCH, "1 outputs differ; worst logits: max abs diff 0.5, relative error norm 0.1; every gradient"),
     ("buffers differ", evidence(buffers=wrong("bn.running_mean")), LIMITS,
      {"buffers_differ"}, outcomes.BUFFERS, "buffers differ"),
+    ("promised units not kept", promised(EVERY_2, ALL_FOUR), LIMITS, {"promise_broken"}, outcomes.RECOMPUTE,
+     "every_n_layers=2 promised layers 0, 2; recomputed 0, 1, 2, 3"),
+    ("promised ops not kept", promised(Promise("MUST_CPU_OFFLOAD", kept_ops="matmuls"), {"l.0": 2}, matmuls=15),
+     LIMITS, {"promise_broken"}, outcomes.RECOMPUTE, "MUST_CPU_OFFLOAD recomputed matmuls in eager torch"),
+    ("broken promise and a mismatch", promised(EVERY_2, ALL_FOUR, grads=wrong("w")), LIMITS,
+     {"promise_broken", "values_differ"}, outcomes.MISMATCH, "1 gradients differ"),
+    ("broken promise and a wrong count", promised(EVERY_2, ALL_FOUR, recompute_problems=["l.1 ran 3 time(s)"]),
+     LIMITS, {"promise_broken", "wrong_recompute_count"}, outcomes.RECOMPUTE, "promised layers 0, 2"),
     ("wrong recompute count", evidence(recompute_problems=["a ran 3 time(s), expected 2"]), LIMITS,
      {"wrong_recompute_count"}, outcomes.RECOMPUTE, "a ran 3 time(s)"),
     ("never recomputed", evidence(recomputed=0, recompute_problems=["a ran 1 time(s), expected 2"]), LIMITS,
@@ -99,6 +127,12 @@ def test_every_rule_has_a_case_where_it_fires_alone():
 
 def test_clean_evidence_passes():
     assert judge(evidence(), LIMITS) == (outcomes.PASS, "")
+
+
+def test_a_kept_promise_passes():
+    kept = promised(EVERY_2, {"l.0": 2, "l.1": 1, "l.2": 2, "l.3": 1})
+    assert judge(kept, LIMITS) == (outcomes.PASS, "")
+    assert judge(promised(Promise("MUST_SAVE", kept_ops="matmuls"), {"l.0": 2}), LIMITS) == (outcomes.PASS, "")
 
 
 def test_rules_are_in_severity_order():

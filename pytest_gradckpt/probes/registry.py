@@ -20,6 +20,8 @@ from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.memory import MemoryProbe
+from pytest_gradckpt.probes.op_counts import OpCountProbe
+from pytest_gradckpt.probes.phases import PhasesProbe
 from pytest_gradckpt.probes.protocol import Column, Probe
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.timing import StepTime
@@ -35,6 +37,8 @@ PROBES: Kinds = (
     RecomputeProbe,
     BackwardCallsProbe,
     SavedElsewhereProbe,  # after MemoryProbe: its hook is ours, not "elsewhere"
+    OpCountProbe,         # matmuls and FLOPs, forward and backward: what recompute costs
+    PhasesProbe,          # resident after forward, device and host
     StepTime,             # innermost: times the micro-batches only
 )
 
@@ -46,7 +50,7 @@ def registered() -> Kinds:
 
     Example:
         >>> [kind.name for kind in registered()]
-        ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'seconds']
+        ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'ops', 'phases', 'seconds']
     """
     return _active.get()
 
@@ -62,7 +66,7 @@ def using(*kinds: type[Probe[Any]], only: bool = False) -> Iterator[Kinds]:
         ...     [kind.name for kind in kinds]
         ['seconds']
         >>> len(registered())
-        7
+        9
     """
     chosen = tuple(kinds) if only else (*registered(), *kinds)
     names = [kind.name for kind in chosen]
