@@ -25,7 +25,8 @@ from torch import nn
 
 from pytest_gradckpt import baselines, compile_budget, compiled, verdicts  # noqa: F401 - compile_budget registers
 from pytest_gradckpt.arguments import Subject, tensor_bytes
-from pytest_gradckpt.distributed import describe_ranks, launched_from_outside, options as distributed_options
+from pytest_gradckpt.distributed import (
+    describe_ranks, device_before_build, launched_from_outside, options as distributed_options, refuse_unrunnable_world)
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.process_state import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.launcher import Launcher
@@ -155,6 +156,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                                  min_cuda_memory_reduction=min_cuda_memory_reduction, seed=seed, timeout=timeout,
                                  baseline=baseline, isolate=isolate, strategies=strategies, scenarios=scenarios,
                                  distributed=distributed, cache=cache, fingerprint=fingerprint)
+    if any(s.distributed for s in options.scenarios):  # before any model is built
+        refuse_unrunnable_world(options.distributed, device_before_build(model, device))
     with preserved_global_state():
         _warm_up()
         stepper, isolated = _stepper(model, inputs, loss, device, layers, isolate, compile_order, options)

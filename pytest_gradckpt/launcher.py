@@ -19,7 +19,7 @@ import torch
 
 from pytest_gradckpt.distributed import (
     DEFAULTS, LAUNCH_ATTEMPTS, LaunchFailure, RaisedInChild, RankFailure, disagreement, launched_from_outside,
-    step_in_existing_group, _is_transport_failure)
+    refuse_unrunnable_world, step_in_existing_group, _is_transport_failure)
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.probes import registry
@@ -125,10 +125,8 @@ class Launcher:
             return group
         subject = self.stepper.subject
         world_size = self.settings["world_size"] if distributed else 1
-        if distributed and subject.device.type == "cuda" and world_size > torch.cuda.device_count():
-            raise GradckptUsageError(
-                f"world_size={world_size} ranks need as many GPUs, one each, and {torch.cuda.device_count()} are "
-                f"visible; pass distributed={{'world_size': {torch.cuda.device_count()}}} or run on more GPUs")
+        if distributed:
+            refuse_unrunnable_world(self.settings, subject.device)
         subject.share_build()  # a CPU (or meta) build made here is what the ranks copy: one build per check
         subject.drop_spare()  # one built on a GPU must not sit there beside the ranks' own
         group = RankGroup(self.stepper, self.catalog, world_size, distributed, self.settings)

@@ -250,21 +250,55 @@ def test_under_torchrun_a_failing_check_fails_every_rank(launched):
     assert statuses == [1, 1]
 
 
-def test_torchrun_itself_runs_the_plugin():
-    """The command users type: one report, exit status 0 (torchrun returns the worst rank's)."""
-    import pathlib
+TORCHRUN_TESTS = """
+import pytest
+from pytest_gradckpt.zoo import plain
+
+
+@pytest.mark.gradckpt(scenarios=["ddp", "fsdp2"], strategies=["non_reentrant"])
+def test_tanh_net(gradckpt):
+    gradckpt.check(*plain.tanh_net())
+"""
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_torchrun_itself_runs_the_plugin_in_its_own_world(nproc, tmp_path):
+    """The command users type: one report, exit status 0 (torchrun returns the worst rank's), and
+    the check runs in torchrun's world whatever its size: one rank is a world too, never a
+    reason to start two of its own."""
+    import json
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).parents[1]
+    (tmp_path / "test_torchrun.py").write_text(TORCHRUN_TESTS)
+    report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--local-ranks-filter", "0",
-         "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--gradckpt", "-q",
-         "--gradckpt-strategies=non_reentrant", "--gradckpt-models=dropout_mask", "--gradckpt-scenarios=ddp",
-         "--pyargs", "pytest_gradckpt.suite"],
-        cwd=root, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--local-ranks-filter", "0",
+         "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--gradckpt", "-q", f"--gradckpt-report={report}",
+         "test_torchrun.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("gradient checkpointing") == 1
+    results = json.loads(report.read_text())["results"]
+    assert sorted((r["scenario"], r["outcome"]) for r in results) == [("ddp", "pass"), ("fsdp2", "pass")]
+    rank_word = "rank" if nproc == 1 else "ranks"
+    assert {r["metrics"]["ranks"] for r in results} == {f"{nproc} {rank_word} of the running process group (torchrun), gloo"}
+
+
+def built_on_call() -> torch.nn.Module:
+    raise AssertionError("the model was built before the world was found unrunnable")
+
+
+def test_more_self_started_gpu_ranks_than_gpus_is_a_usage_error_before_any_build(monkeypatch):
+    import time
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    started = time.perf_counter()
+    with pytest.raises(gc.GradckptUsageError, match=r"world_size=2 ranks need as many GPUs, one each, and 1 are "
+                                                    r"visible; pass distributed=\{'world_size': 1\}.*torchrun"):
+        gc.check(built_on_call, torch.ones(2, 4), device="cuda", scenarios=["fsdp2"], strategies=["non_reentrant"])
+    assert time.perf_counter() - started < 5
 
 
 def _segfaults(function, *args):
