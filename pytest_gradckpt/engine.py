@@ -128,7 +128,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             SIGSEGV``) instead of ending the caller's process. One child serves the whole check
             (a new one after a crash). ``"auto"`` (the pytest plugin's default): isolated where a
             forked child is cheap (a CPU model in a process that has not used CUDA), else in this
-            process; see docs/crash-safety.md.
+            process. False, the default here, runs in this process: a direct caller owns it, and
+            many calls would each pay the fork (measured in docs/crash-safety.md).
         compile_order: for a model with compiled blocks, where checkpoints sit: ``"compile_outside"``
             (default: each compiled name is compiled after the strategy, its checkpoint wrapper included)
             or ``"checkpoint_outside"`` (the blocks' own forwards are compiled, checkpoints run eager
