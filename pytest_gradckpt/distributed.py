@@ -171,6 +171,8 @@ def _gather_dim0(local: torch.Tensor, shape: tuple[int, ...], group: Any) -> tor
     import torch.distributed as dist
 
     world_size = dist.get_world_size(group)
+    if world_size == 1:  # one rank's shard is the whole tensor
+        return local.reshape(shape)
     chunk = math.ceil(shape[0] / world_size)
     sizes = [max(0, min(chunk, shape[0] - rank * chunk)) for rank in range(world_size)]
     padded = local.new_zeros((chunk, *shape[1:]))
