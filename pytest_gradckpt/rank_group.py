@@ -284,6 +284,7 @@ def _step(payload: dict[str, Any], rank: int, world_size: int, store_path: str, 
     if store_path:
         _meet(payload, rank, world_size, store_path, stepper, settings)
         parallel = Parallel(scenario.distributed, rank, dict(settings, world_size=world_size))
+    stepper.subject.keep_template_on_device()  # once: later runs copy it where they run
     with registry.using(*probes, only=True):  # the probes in force where the check runs
         run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
         # The ranks prove they hold the same gradients by fingerprints; one rank has no peer to agree with.
