@@ -353,6 +353,7 @@ def step_in_existing_group(stepper: Stepper, scenario: Scenario, strategy: Strat
     assert scenario.distributed is not None, "only distributed scenarios step in a process group"
     settings = dict(stepper.distributed or DEFAULTS, world_size=dist.get_world_size())
     parallel = Parallel(scenario.distributed, dist.get_rank(), settings)
+    stepper.subject.keep_template_on_device()  # once per check: later runs copy it, none builds again
     run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
     # Every rank must reach the same verdict: share failures, measurements and gradient fingerprints.
     mine = {"error": None if run.error is None else describe_exception(run.error),
