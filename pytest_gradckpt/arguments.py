@@ -179,7 +179,8 @@ class Subject:
                 self._template is not None and is_meta(self._template)):
             return
         self._template_kept = True
-        template = next((m for m in (self._template, self._spare) if m is not None), None) or self._build()
+        template = next((m for m in (self._template, self._spare) if m is not None), None)
+        template = self._build() if template is None else template
         size = tensor_bytes([*template.parameters(), *template.buffers()])
         if self.device.type == "cuda" and torch.cuda.mem_get_info(self.device)[0] < 4 * size:
             template = to_device(template, torch.device("cpu"))
