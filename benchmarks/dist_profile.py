@@ -34,6 +34,9 @@ SPENT: collections.Counter[str] = collections.Counter()
 def _timed(part: str, function: Any) -> Any:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "GRADCKPT_PROFILE_T0" in os.environ and "rank: start to first command" not in SPENT and (
+                os.getpid() != int(os.environ.get("GRADCKPT_PROFILE_PARENT", "0"))):
+            SPENT["rank: start to first command"] = time.time() - float(os.environ["GRADCKPT_PROFILE_T0"])
         started = time.perf_counter()
         try:
             return function(*args, **kwargs)
@@ -72,13 +75,30 @@ def install() -> None:
     _wrap(rank_group, "fingerprint", "rank: fingerprints")
     _wrap(rank_group.RankGroup, "start", "parent: ranks started")
     _wrap(rank_group.RankGroup, "run", "parent: waiting for ranks (incl. transfer)")
+    _wrap(arguments.Subject, "keep_template_on_device", "rank: template kept on its device")
     _wrap(verdicts, "gather", "parent: comparison (evidence)")
+    _mark_spawn(rank_group)
     _wrap(gradients, "measure_noise", "parent: baseline noise")
     _wrap(baselines, "_validate", "parent: baseline validated")
     _wrap(engine, "_make_room", "parent: make room")
     for module in (baselines, verdicts):
         if hasattr(module, "measure_noise"):
             module.measure_noise = gradients.measure_noise  # type: ignore[attr-defined]
+
+
+def _mark_spawn(rank_group: Any) -> None:
+    """The parent's clock when it starts a group travels to the ranks in the environment; a rank
+    reads it at its first timed call: spawn, imports and unpickling what it is handed."""
+    start = rank_group.RankGroup.start
+    if getattr(start, "__clocked__", False):
+        return
+
+    def started(self: Any) -> None:
+        os.environ["GRADCKPT_PROFILE_T0"] = repr(time.time())
+        start(self)
+
+    started.__clocked__ = True  # type: ignore[attr-defined]
+    rank_group.RankGroup.start = started
 
 
 def collect(folder: str) -> dict[str, dict[str, float]]:

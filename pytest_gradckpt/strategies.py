@@ -498,18 +498,25 @@ class _Segment:
 
 def _same(given: Any, expected: Any) -> bool:
     """The same object, or the same tensor under another name: FSDP2's hooks hand a layer its
-    inputs through an autograd function, as new tensors over the same memory.
+    inputs through an autograd function, as new tensors over the same memory, in containers
+    rebuilt around them (a tuple of rotary embeddings is a new tuple of the same tensors).
 
     Example:
         >>> import torch
         >>> t = torch.ones(2, 3)
         >>> _same(t, t), _same(t.view(2, 3), t), _same(t.clone(), t), _same(t[0], t)
         (True, True, False, False)
+        >>> _same((t.view(2, 3), 1), (t, 1)), _same({"a": t}, {"a": t.clone()})
+        (True, False)
     """
     import torch
 
     if given is expected:
         return True
+    if isinstance(given, (tuple, list)) and type(given) is type(expected):
+        return len(given) == len(expected) and all(_same(a, b) for a, b in zip(given, expected, strict=True))
+    if isinstance(given, dict) and isinstance(expected, dict):
+        return given.keys() == expected.keys() and all(_same(given[k], expected[k]) for k in given)
     return (isinstance(given, torch.Tensor) and isinstance(expected, torch.Tensor)
             and given.data_ptr() == expected.data_ptr() and given.shape == expected.shape
             and given.stride() == expected.stride() and given.dtype == expected.dtype)
