@@ -263,7 +263,9 @@ def _baseline(model: str, step: Callable[..., Run], scenario: Scenario, stepper:
     if subject.compilation is not None and isinstance(reference, baselines.Baseline):
         _judge_under_compile(step, subject, scenario, reference, dtype, stepper.layer_names)
     _make_room(reference, subject)
-    if cache is not None and not _held(reference):  # held tensors live only as long as this check's ranks
+    # Tensors held elsewhere live only as long as this check's ranks: a CPU baseline comes here to be
+    # cached (cheap), one on a GPU is not cached (moving it would cost more than running it again).
+    if cache is not None and (not _held(reference) or held.bring_home(reference.run)):  # type: ignore[union-attr]
         cache[key] = reference
     return reference
 

@@ -58,6 +58,7 @@ class Held:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    device: str = "cpu"
     token: Token | None = dataclasses.field(default=None, repr=False)
 
     def numel(self) -> int:
@@ -83,9 +84,32 @@ def keep(run_id: int, tensors: Mapping[str, Mapping[str, torch.Tensor | None]]) 
         >>> keep(1, {"grads": {"w": torch.zeros(2, 3), "frozen": None}})["grads"]["w"].shape
         (2, 3)
     """
-    return {field: {name: None if t is None else Held(run_id, field, name, tuple(t.shape), t.dtype)
+    return {field: {name: None if t is None else Held(run_id, field, name, tuple(t.shape), t.dtype, t.device.type)
                     for name, t in named.items()}
             for field, named in tensors.items()}
+
+
+def host_copies(named: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """In the holding process: the tensors, copied to host memory to travel (see :func:`bring_home`)."""
+    return {n: None if t is None else t.detach().to("cpu", copy=True) for n, t in named.items()}
+
+
+def bring_home(run: Any) -> bool:
+    """Replace the stand-ins of ``run`` (a :class:`~pytest_gradckpt.runs.Run`) by their tensors,
+    copied here, when every one of them is in host memory where it is held (a CPU model: cheap to
+    move, and then the run outlives the process that holds it, e.g. in a baseline cache).
+    Returns whether ``run`` holds nothing elsewhere now."""
+    fields = {field: getattr(run, field) for field in FIELDS}
+    stand_ins = [h for named in fields.values() for h in named.values() if isinstance(h, Held)]
+    if not stand_ins:
+        return True
+    if any(h.device != "cpu" or h.token is None or h.token.holder is None for h in stand_ins):
+        return False
+    holder = holder_of(*fields.values())
+    assert holder is not None  # every stand-in has one (checked above)
+    for field, named in fields.items():
+        setattr(run, field, holder.call(host_copies, named) if holder_of(named) is not None else named)
+    return True
 
 
 def attach(token: Token, fields: Mapping[str, Mapping[str, Any]], released: Callable[[int], None]) -> None:

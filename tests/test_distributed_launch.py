@@ -239,3 +239,24 @@ def test_held_runs_are_freed_in_the_rank_once_judged(monkeypatch):
     assert set(outcomes(report).values()) == {"pass"}
     # After each step rank 0 holds the baseline and the new run: each run judged before was freed.
     assert kept == [1, 2, 2, 2, 2]
+
+
+def test_a_cpu_baseline_held_by_a_child_is_cached_for_the_next_check(monkeypatch):
+    """The plugin runs one item per strategy with one baseline cache: a baseline held by an
+    isolated CPU child is brought back to be cached, so the next check runs only its strategy."""
+    steps: list[str] = []
+    real_run = rank_group.RankGroup.run
+
+    def run(self, command, limit, what):
+        if command[0] == "step":
+            steps.append(what)
+        return real_run(self, command, limit, what)
+
+    monkeypatch.setattr(rank_group.RankGroup, "run", run)
+    model, inputs = tanh_net()
+    cache: dict = {}
+    first = gc.check(model, inputs, strategies=["non_reentrant"], isolate=True, cache=cache, name="tanh")
+    second = gc.check(model, inputs, strategies=["offload"], isolate=True, cache=cache, name="tanh")
+    assert [r.outcome for r in (*first.results, *second.results)] == ["pass", "pass"]
+    assert len(cache) == 1 and steps == ["the step without checkpointing under train"] * 2 + [
+        "the step of 'non_reentrant' under train", "the step of 'offload' under train"]
