@@ -163,7 +163,9 @@ class RankGroup:
         when a rank dies or outlives ``limit``. Held runs let go of since the last command are
         freed first."""
         self.sequence += 1
-        released, self.released = self.released, []
+        released = []
+        while self.released:  # popped one by one: a release the garbage collector adds meanwhile is not lost
+            released.append(self.released.pop())
         for commands in self.commands:
             commands.put((self.sequence, (*command, released)))
         seconds = limit.seconds()
