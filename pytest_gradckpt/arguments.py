@@ -16,7 +16,7 @@ from torch import nn
 
 from pytest_gradckpt import compiled
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.materialise import to_device
+from pytest_gradckpt.materialise import is_meta, to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
 from pytest_gradckpt.tensors import map_tensors, tensors_in  # noqa: F401 - re-exported
 
@@ -112,6 +112,7 @@ class Subject:
         self.reference = compiled.eager_view(model) if isinstance(model, nn.Module) else None
         self._spare: nn.Module | None = None
         self._template: nn.Module | None = None  # see share_build
+        self._template_kept = False  # see keep_template_on_device
         self.build_seconds = 0.0  # how long the factory took here: distributed time limits scale with it
         sample = self.peek()
         self.device = self._resolve_device(device, sample)
@@ -160,6 +161,32 @@ class Subject:
             return
         # Shared memory: spawned ranks receive the weights as handles, not as a pickled copy.
         self._template, self._spare = (spare if model_device(spare).type == "meta" else spare.share_memory()), None
+
+    def keep_template_on_device(self) -> None:
+        """In a rank: the model every later run copies is kept on the rank's device, so a run costs
+        a copy there, not a build (a factory that builds on the GPU) or a host copy and a transfer
+        (a CPU template); on the host when the device has not room for it beside about three more
+        copies (the run's model, its gradients, the held baseline's). A meta template stays as it is.
+
+        Example:
+            >>> subject = Subject(lambda: torch.nn.Linear(2, 2), torch.ones(1, 2), None, None)
+            >>> subject.keep_template_on_device()
+            >>> a, b = subject.fresh_model(), subject.fresh_model()
+            >>> a is not b and torch.equal(a.weight, b.weight)
+            True
+        """
+        if self._template_kept or isinstance(self.model_source, nn.Module) or (
+                self._template is not None and is_meta(self._template)):
+            return
+        self._template_kept = True
+        template = next((m for m in (self._template, self._spare) if m is not None), None)
+        template = self._build() if template is None else template
+        size = tensor_bytes([*template.parameters(), *template.buffers()])
+        if self.device.type == "cuda" and torch.cuda.mem_get_info(self.device)[0] < 4 * size:
+            template = to_device(template, torch.device("cpu"))
+        else:
+            template = to_device(template, self.device)
+        self._template, self._spare = template, None
 
     def on_device(self, device: torch.device) -> None:
         """Run on ``device`` from now on (a spawned rank's own GPU). A model received from the

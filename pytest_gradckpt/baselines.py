@@ -31,7 +31,7 @@ from pytest_gradckpt import outcomes
 from pytest_gradckpt.errors import (
     GradckptUsageError, HarnessFailure, NotReplayable, StrategyNotApplicable, describe_error)
 from pytest_gradckpt.probes.cuda import CudaProbe
-from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap
+from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap, nonfinite
 from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.probes.timing import StepTime, Timed
 from pytest_gradckpt.runs import Run
@@ -98,7 +98,9 @@ class Baseline:
         """Move the kept tensors to pinned host memory, for a device too full to hold them
         beside the next run; comparisons bring them back one tensor at a time."""
         def pin(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to("cpu", copy=True).pin_memory()
+            if t is None or not isinstance(t, torch.Tensor):  # held where the run ran: that process's memory
+                return t
+            return t.to("cpu", copy=True).pin_memory()
 
         self.run.grads = {n: pin(g) for n, g in self.run.grads.items()}
         self.run.outputs = {n: pin(t) for n, t in self.run.outputs.items()}
@@ -145,8 +147,7 @@ def _validate(first: Run, scenario: Scenario, model_name: str) -> NotJudged | No
         raise GradckptUsageError(
             f"the loss does not reach any trainable parameter under {scenario.name}: every gradient is None; "
             "pass a loss= that depends on the model's output")
-    finite = torch.stack([torch.isfinite(g).all() for _, g in present]).cpu().tolist()
-    bad = [n for (n, _), ok in zip(present, finite, strict=True) if not ok]
+    bad = nonfinite(first.grads)
     if bad:
         raise GradckptUsageError(
             f"baseline gradients under {scenario.name} are not finite for {len(bad)} parameter(s), e.g. {bad[0]}; "

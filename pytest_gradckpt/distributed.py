@@ -171,6 +171,8 @@ def _gather_dim0(local: torch.Tensor, shape: tuple[int, ...], group: Any) -> tor
     import torch.distributed as dist
 
     world_size = dist.get_world_size(group)
+    if world_size == 1:  # one rank's shard is the whole tensor
+        return local.reshape(shape)
     chunk = math.ceil(shape[0] / world_size)
     sizes = [max(0, min(chunk, shape[0] - rank * chunk)) for rank in range(world_size)]
     padded = local.new_zeros((chunk, *shape[1:]))
@@ -219,11 +221,23 @@ class RankTimeout(RankFailure, HarnessFailure):
     """A rank outlived its time limit: nothing was judged (``error: not judged: ...``)."""
 
 
+def launch_environment() -> bool:
+    """Whether this process was started by a launcher that set up a world for it: ``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` are set (torchrun sets them for every
+    process it starts, ``--nproc-per-node 1`` included). Reads only the environment.
+
+    Example:
+        >>> launch_environment()  # not started by torchrun
+        False
+    """
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def join_launch(device: str | None) -> int | None:
     """Join the process group of an existing launch (``torchrun`` sets ``RANK`` and ``WORLD_SIZE``
-    for every process it starts) unless one is running already; return this process's rank, or
-    None outside a launch. On GPUs (``device`` cuda or auto with CUDA) each process takes the GPU
-    of its ``LOCAL_RANK`` and the group uses NCCL; on CPU, gloo.
+    for every process it starts, a world of one included) unless one is running already; return
+    this process's rank, or None outside a launch. On GPUs (``device`` cuda or auto with CUDA)
+    each process takes the GPU of its ``LOCAL_RANK`` and the group uses NCCL; on CPU, gloo.
 
     Example:
         >>> join_launch("cpu") is None  # not started by torchrun
@@ -231,7 +245,7 @@ def join_launch(device: str | None) -> int | None:
     """
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+    if not launch_environment() and not dist.is_initialized():
         return None
     if not dist.is_initialized():
         cuda = torch.cuda.is_available() and (device == "auto" or str(device).startswith("cuda"))
@@ -270,14 +284,19 @@ def describe_ranks(settings: Mapping[str, Any], device: torch.device) -> str:
     import torch.distributed as dist
 
     if launched_from_outside():
-        return f"{dist.get_world_size()} ranks of the running process group (torchrun), {dist.get_backend()}"
+        return f"{_ranks(dist.get_world_size())} of the running process group (torchrun), {dist.get_backend()}"
     backend = "nccl, one GPU each" if device.type == "cuda" else "gloo"
-    return f"{settings['world_size']} ranks started by the check, {backend}"
+    return f"{_ranks(settings['world_size'])} started by the check, {backend}"
+
+
+def _ranks(count: int) -> str:
+    return f"{count} rank" if count == 1 else f"{count} ranks"
 
 
 def launched_from_outside() -> bool:
     """Whether this process is a rank of a process group someone else started (torchrun, or a
-    training script that called ``init_process_group``).
+    training script that called ``init_process_group``), whatever its size: a launch of one
+    rank is that rank's world too, and the check runs in it rather than starting ranks of its own.
 
     Example:
         >>> launched_from_outside()
@@ -285,7 +304,43 @@ def launched_from_outside() -> bool:
     """
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized()
+
+
+def device_before_build(model: Any, device: Any) -> torch.device | None:
+    """The check's device where it is known without building the model: the one named, or the
+    given module's; None for a factory left to choose (or a device the subject will refuse).
+
+    Example:
+        >>> device_before_build(lambda: None, "cpu"), device_before_build(torch.nn.Linear(1, 1), None)
+        (device(type='cpu'), device(type='cpu'))
+    """
+    if device is None:
+        return model_device(model) if isinstance(model, torch.nn.Module) else None
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def refuse_unrunnable_world(settings: Mapping[str, Any], device: torch.device | None) -> None:
+    """Before anything is built: self-started ranks on GPUs need one GPU each. ``device`` is the
+    check's device where it is known without building the model (None: learnt later, and
+    checked again when the ranks start).
+
+    Example:
+        >>> refuse_unrunnable_world(DEFAULTS, torch.device("cpu"))  # gloo ranks share the CPU
+    """
+    if device is None or device.type != "cuda" or launched_from_outside():
+        return
+    visible = torch.cuda.device_count()
+    if settings["world_size"] > visible:
+        raise GradckptUsageError(
+            f"world_size={settings['world_size']} ranks need as many GPUs, one each, and {visible} are visible; "
+            f"pass distributed={{'world_size': {visible}}}, run on more GPUs, or launch with "
+            f"torchrun --nproc-per-node N (the check then runs in torchrun's world)")
 
 
 def step_in_existing_group(stepper: Stepper, scenario: Scenario, strategy: Strategy | None,
@@ -298,6 +353,7 @@ def step_in_existing_group(stepper: Stepper, scenario: Scenario, strategy: Strat
     assert scenario.distributed is not None, "only distributed scenarios step in a process group"
     settings = dict(stepper.distributed or DEFAULTS, world_size=dist.get_world_size())
     parallel = Parallel(scenario.distributed, dist.get_rank(), settings)
+    stepper.subject.keep_template_on_device()  # once per check: later runs copy it, none builds again
     run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
     # Every rank must reach the same verdict: share failures, measurements and gradient fingerprints.
     mine = {"error": None if run.error is None else describe_exception(run.error),

@@ -23,15 +23,16 @@ import torch
 import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
-from pytest_gradckpt import baselines, compile_budget, compiled, verdicts  # noqa: F401 - compile_budget registers
+from pytest_gradckpt import baselines, compile_budget, compiled, held, verdicts  # noqa: F401 - compile_budget registers
 from pytest_gradckpt.arguments import Subject, tensor_bytes
-from pytest_gradckpt.distributed import describe_ranks, launched_from_outside, options as distributed_options
+from pytest_gradckpt.distributed import (
+    describe_ranks, device_before_build, launched_from_outside, options as distributed_options, refuse_unrunnable_world)
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.process_state import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.launcher import Launcher
 from pytest_gradckpt.layers import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
-from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap
+from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap, norms
 from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
@@ -63,7 +64,7 @@ def _fingerprint(run: Run, scenario: Scenario) -> dict[str, Any]:
     all-gathered parameter buffers come and go at timing-dependent moments, so the saved-bytes
     peak varies between identical runs and is left out there."""
     return {"loss": None if run.loss is None else float(run.loss),
-            "grad_norms": {n: float(g.double().norm()) for n, g in run.grads.items() if g is not None},
+            "grad_norms": norms(run.grads),
             "activation_bytes": None if scenario.distributed == "fsdp2" else run.of(MemoryProbe).activation_bytes}
 
 
@@ -127,7 +128,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             SIGSEGV``) instead of ending the caller's process. One child serves the whole check
             (a new one after a crash). ``"auto"`` (the pytest plugin's default): isolated where a
             forked child is cheap (a CPU model in a process that has not used CUDA), else in this
-            process; see docs/crash-safety.md.
+            process. False, the default here, runs in this process: a direct caller owns it, and
+            many calls would each pay the fork (measured in docs/crash-safety.md).
         compile_order: for a model with compiled blocks, where checkpoints sit: ``"compile_outside"``
             (default: each compiled name is compiled after the strategy, its checkpoint wrapper included)
             or ``"checkpoint_outside"`` (the blocks' own forwards are compiled, checkpoints run eager
@@ -155,6 +157,8 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
                                  min_cuda_memory_reduction=min_cuda_memory_reduction, seed=seed, timeout=timeout,
                                  baseline=baseline, isolate=isolate, strategies=strategies, scenarios=scenarios,
                                  distributed=distributed, cache=cache, fingerprint=fingerprint)
+    if any(s.distributed for s in options.scenarios):  # before any model is built
+        refuse_unrunnable_world(options.distributed, device_before_build(model, device))
     with preserved_global_state():
         _warm_up()
         stepper, isolated = _stepper(model, inputs, loss, device, layers, isolate, compile_order, options)
@@ -259,9 +263,15 @@ def _baseline(model: str, step: Callable[..., Run], scenario: Scenario, stepper:
     if subject.compilation is not None and isinstance(reference, baselines.Baseline):
         _judge_under_compile(step, subject, scenario, reference, dtype, stepper.layer_names)
     _make_room(reference, subject)
-    if cache is not None:
+    # Tensors held elsewhere live only as long as this check's ranks: a CPU baseline comes here to be
+    # cached (cheap), one on a GPU is not cached (moving it would cost more than running it again).
+    if cache is not None and (not _held(reference) or held.bring_home(reference.run)):  # type: ignore[union-attr]
         cache[key] = reference
     return reference
+
+
+def _held(reference: baselines.Baseline | baselines.NotJudged) -> bool:
+    return isinstance(reference, baselines.Baseline) and held.holder_of(reference.run.grads) is not None
 
 
 def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: Scenario,
@@ -281,7 +291,7 @@ def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: S
 def _make_room(baseline: baselines.Baseline | baselines.NotJudged, subject: Subject) -> None:
     """Keep the baseline's tensors on the device when the next run still fits beside them,
     else park them in pinned host memory (comparisons then bring them back tensor by tensor)."""
-    if not isinstance(baseline, baselines.Baseline) or subject.device.type != "cuda":
+    if not isinstance(baseline, baselines.Baseline) or subject.device.type != "cuda" or _held(baseline):
         return
     run = baseline.run
     free, _ = torch.cuda.mem_get_info(subject.device)

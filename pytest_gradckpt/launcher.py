@@ -12,14 +12,16 @@ are the launch's own processes, and each runs the same steps in turn.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from pytest_gradckpt import held
+
 from pytest_gradckpt.distributed import (
     DEFAULTS, LAUNCH_ATTEMPTS, LaunchFailure, RaisedInChild, RankFailure, disagreement, launched_from_outside,
-    step_in_existing_group, _is_transport_failure)
+    refuse_unrunnable_world, step_in_existing_group, _is_transport_failure)
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.probes import registry
@@ -45,11 +47,12 @@ class Launcher:
         >>> from pytest_gradckpt.scenarios import SCENARIOS
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> stepper = Stepper(Subject(net, torch.ones(2, 4), None, None), None, seed=0, timeout=None)
+        >>> from pytest_gradckpt.probes.gradients import compare
         >>> with Launcher(stepper, [SCENARIOS["ddp"]]) as launcher:
         ...     runs = [launcher.step(SCENARIOS["ddp"], None) for _ in range(2)]
-        >>> same = torch.equal(runs[0].grads["0.weight"], runs[1].grads["0.weight"])
-        >>> [r.error for r in runs], launcher.launches, same
-        ([None, None], 1, True)
+        ...     same = compare(runs[0].grads, runs[1].grads, rtol=0.0, atol=0.0).equal  # computed on rank 0
+        >>> [r.error for r in runs], launcher.launches, same, runs[0].grads["0.weight"].shape
+        ([None, None], 1, True, (4, 4))
     """
 
     def __init__(self, stepper: Stepper, catalog: Sequence[Any] = ()):
@@ -63,6 +66,12 @@ class Launcher:
         self.limits: dict[bool, TimeLimit] = {}
         #: rank groups started so far: one per check, unless a step broke its group
         self.launches = 0
+        # Runs whose tensors rank 0 holds (pytest_gradckpt.held): by run id, the group holding them
+        # and the command that made them (repeated on a fresh group when their group ended).
+        self.run_count = 0
+        self.kept_in: dict[int, RankGroup] = {}
+        self.recipes: dict[int, tuple[bool, tuple[Any, ...]]] = {}
+        self.closed = False
 
     def __enter__(self) -> Launcher:
         return self
@@ -71,10 +80,11 @@ class Launcher:
         self.close()
 
     def close(self) -> None:
-        """Stop every rank this launcher started."""
+        """Stop every rank this launcher started (and with them every tensor they held)."""
         for group in self.groups.values():
             group.close()
         self.groups.clear()
+        self.closed = True
 
     def step(self, scenario: Any, strategy: Any, grad_targets: Any = None) -> Run:
         """One step on the ranks; a strategy that does not apply is skipped before any rank is
@@ -105,11 +115,13 @@ class Launcher:
         determinism = (torch.are_deterministic_algorithms_enabled(),
                        torch.is_deterministic_algorithms_warn_only_enabled(),
                        deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
-        command = (self._ref(scenario), self._ref(strategy), grad_targets, determinism, registry.registered())
+        body = (self._ref(scenario), self._ref(strategy), grad_targets, determinism, registry.registered())
         what = (f"the step of {strategy.name!r}" if strategy is not None else "the step without checkpointing") + \
             f" under {scenario.name}"
+        self.run_count += 1
+        run_id = self.run_count
         try:
-            payloads = group.run(command, limit, what)
+            payloads = group.run(("step", run_id, body), limit, what)
         except RankFailure as failure:
             self._end(distributed)
             return Run(error=failure)
@@ -117,7 +129,58 @@ class Launcher:
         run = self._fold(payloads, group.world_size)
         if run.error is not None and not isinstance(run.error, StrategyNotApplicable):
             self._end(distributed)  # its ranks may be stuck in, or out of step with, a collective
+        elif run.error is not None:
+            group.released.append(run_id)  # rank 0 may have finished it while another rank refused
+        else:
+            self.kept_in[run_id], self.recipes[run_id] = group, (distributed, body)
+            held.attach(held.Token(run_id, self), {field: getattr(run, field) for field in held.FIELDS}, self._release)
         return run
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in rank 0, where the held tensors among ``args`` live; only the
+        result travels back. A run held by a group that has ended since (a step broke it) is
+        first run again, with the same seeds, on the group now serving."""
+        if self.closed:
+            raise RuntimeError("the check that held these tensors has ended; its ranks are gone")
+        run_ids = held.run_ids(args)
+        gone = sorted(run_ids - set(self.recipes))
+        if gone:
+            raise RuntimeError(f"held run(s) {gone} were released; nothing can be computed from them")
+        (distributed,) = {self.recipes[run_id][0] for run_id in run_ids} or {True}
+        group = self._group(distributed)
+        for run_id in sorted(run_ids):
+            if self.kept_in[run_id] is not group:
+                self._repeat(run_id, group)
+        payloads = self._run_or_end(group, distributed, ("call", None, (function, args)),
+                                    f"{function.__name__} on rank 0's held tensors")
+        answer = payloads[0]
+        if "error" in answer:
+            raise RankFailure(f"rank 0: {answer['error']}")
+        return answer["value"]
+
+    def _repeat(self, run_id: int, group: RankGroup) -> None:
+        distributed, body = self.recipes[run_id]
+        payloads = self._run_or_end(group, distributed, ("step", run_id, body),
+                                    "a held step again, on ranks started after a failure")
+        failed = [p["error"] for p in payloads.values() if "error" in p]
+        if failed:
+            raise RankFailure(f"a held step could not be repeated on fresh ranks: {failed[0]}")
+        self.kept_in[run_id] = group
+
+    def _run_or_end(self, group: RankGroup, distributed: bool, command: tuple[Any, ...],
+                    what: str) -> dict[int, dict[str, Any]]:
+        try:
+            return group.run(command, self.limits[distributed], what)
+        except RankFailure:
+            self._end(distributed)
+            raise
+
+    def _release(self, run_id: int) -> None:
+        """No stand-in of the run is left here: its group frees the tensors with its next command."""
+        group = self.kept_in.pop(run_id, None)
+        self.recipes.pop(run_id, None)
+        if group is not None:
+            group.released.append(run_id)
 
     def _group(self, distributed: bool) -> RankGroup:
         group = self.groups.get(distributed)
@@ -125,10 +188,8 @@ class Launcher:
             return group
         subject = self.stepper.subject
         world_size = self.settings["world_size"] if distributed else 1
-        if distributed and subject.device.type == "cuda" and world_size > torch.cuda.device_count():
-            raise GradckptUsageError(
-                f"world_size={world_size} ranks need as many GPUs, one each, and {torch.cuda.device_count()} are "
-                f"visible; pass distributed={{'world_size': {torch.cuda.device_count()}}} or run on more GPUs")
+        if distributed:
+            refuse_unrunnable_world(self.settings, subject.device)
         subject.share_build()  # a CPU (or meta) build made here is what the ranks copy: one build per check
         subject.drop_spare()  # one built on a GPU must not sit there beside the ranks' own
         group = RankGroup(self.stepper, self.catalog, world_size, distributed, self.settings)

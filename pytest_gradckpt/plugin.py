@@ -131,7 +131,7 @@ def _reports_here(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before junitxml opens its file: only rank 0 writes it
 def pytest_configure(config: pytest.Config) -> None:
-    if enabled(config) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if enabled(config) and "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun's, any size
         from pytest_gradckpt.distributed import join_launch
 
         rank = join_launch(option(config, "gradckpt_device"))

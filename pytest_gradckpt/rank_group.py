@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from pytest_gradckpt import held
 from pytest_gradckpt.distributed import Parallel, RankTimeout, death, describe_exception, fingerprint
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes import registry
@@ -123,6 +124,10 @@ class RankGroup:
         self.processes: list[Any] = []
         self.sequence = 0
         self.folder = ""
+        #: held runs the judging process let go of, freed with the next command
+        self.released: list[int] = []
+        #: the size of every payload received, in bytes (what crossed from the ranks)
+        self.payload_bytes: list[int] = []
 
     @property
     def running(self) -> bool:
@@ -153,11 +158,16 @@ class RankGroup:
             process.start()
 
     def run(self, command: tuple[Any, ...], limit: TimeLimit, what: str) -> dict[int, dict[str, Any]]:
-        """Every rank's payload for ``command``; raises :class:`RankFailure` (the group is then
-        unusable: close it) when a rank dies or outlives ``limit``."""
+        """Every rank's payload for ``command`` (``("step", run_id, body)`` or ``("call", None,
+        (function, args))``); raises :class:`RankFailure` (the group is then unusable: close it)
+        when a rank dies or outlives ``limit``. Held runs let go of since the last command are
+        freed first."""
         self.sequence += 1
+        released = []
+        while self.released:  # popped one by one: a release the garbage collector adds meanwhile is not lost
+            released.append(self.released.pop())
         for commands in self.commands:
-            commands.put((self.sequence, command))
+            commands.put((self.sequence, (*command, released)))
         seconds = limit.seconds()
         deadline = time.monotonic() + seconds
         payloads: dict[int, dict[str, Any]] = {}
@@ -170,7 +180,9 @@ class RankGroup:
                                   f"the limit is {limit.explain()}). A harness failure, not a verdict: raise the "
                                   "limit with distributed={'timeout': seconds} if the model needs longer")
             try:
-                payload = torch.load(io.BytesIO(self.results.get(timeout=0.2)), weights_only=False)
+                received = self.results.get(timeout=0.2)
+                self.payload_bytes.append(len(received))
+                payload = torch.load(io.BytesIO(received), weights_only=False)
             except queue_module.Empty:
                 dead = [r for r, p in enumerate(self.processes) if r not in payloads and p.exitcode is not None]
                 if dead:
@@ -203,7 +215,7 @@ class RankGroup:
             self.folder = ""
 
 
-def serve(rank: int, world_size: int, store: str, stepper: Stepper, catalog: list[Any], commands: Any,
+def serve(rank: int, world_size: int, store_path: str, stepper: Stepper, catalog: list[Any], commands: Any,
           results: Any, settings: dict[str, Any], forked: bool) -> None:
     """A rank's life: set up once, then run steps until told to stop (None)."""
     import torch.distributed as dist
@@ -212,10 +224,11 @@ def serve(rank: int, world_size: int, store: str, stepper: Stepper, catalog: lis
         cuda = stepper.subject.device.type == "cuda"
         # CPU ranks share the machine's cores; GPU ranks get a share each, for building the model.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size) if cuda else 1)
-        if cuda and store:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
+        if cuda and store_path:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
             stepper.subject.on_device(torch.device("cuda", rank))
             torch.cuda.set_device(rank)
         parent = os.getppid()
+        store: dict[int, dict[str, Any]] = {}  # rank 0's held runs: run id -> field -> name -> tensor
         while True:
             try:
                 item = commands.get(timeout=5)
@@ -226,7 +239,7 @@ def serve(rank: int, world_size: int, store: str, stepper: Stepper, catalog: lis
             if item is None:
                 break
             sequence, command = item
-            payload = _answer(rank, world_size, store, stepper, catalog, command, settings)
+            payload = _answer(rank, world_size, store_path, stepper, catalog, command, settings, store)
             payload["sequence"] = sequence
             buffer = io.BytesIO()
             torch.save(payload, buffer)
@@ -241,32 +254,52 @@ def serve(rank: int, world_size: int, store: str, stepper: Stepper, catalog: lis
             os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
 
 
-def _answer(rank: int, world_size: int, store: str, stepper: Stepper, catalog: list[Any],
-            command: tuple[Any, ...], settings: dict[str, Any]) -> dict[str, Any]:
-    """One step on this rank, as a payload: what was measured, or what went wrong."""
+def _answer(rank: int, world_size: int, store_path: str, stepper: Stepper, catalog: list[Any],
+            command: tuple[Any, ...], settings: dict[str, Any], store: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One command on this rank, as a payload: what was measured, or what went wrong."""
 
     payload: dict[str, Any] = {"rank": rank, "pid": os.getpid()}
     started = time.perf_counter()
     try:
-        scenario_ref, strategy_ref, grad_targets, determinism, probes = command
-        scenario, strategy = _resolve(catalog, scenario_ref), _resolve(catalog, strategy_ref)
-        _follow(determinism)
-        parallel = None
-        if store:
-            _meet(payload, rank, world_size, store, stepper, settings)
-            parallel = Parallel(scenario.distributed, rank, dict(settings, world_size=world_size))
-        with registry.using(*probes, only=True):  # the probes in force where the check runs
-            run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
-            payload["fingerprint"] = fingerprint(run.grads)
-            if rank:  # rank 0 ships the gradients; the others only what proves theirs are the same
-                run.grads, run.outputs, run.buffers = {}, {}, {}
-            payload.update(run.to_payload())
-        if run.error is not None:
-            payload.update(describe_exception(run.error))
+        kind, run_id, body, released = command
+        for gone in released:
+            store.pop(gone, None)
+        if kind == "call":  # a function of held tensors (a comparison): computed here, its result sent
+            function, args = body
+            payload["value"] = function(*(held.resolve(a, store) for a in args)) if rank == 0 else None
+        else:
+            _step(payload, rank, world_size, store_path, stepper, catalog, body, settings, store, run_id)
     except BaseException as error:  # noqa: BLE001 - reported to the parent, whatever it is
         payload.update(describe_exception(error))
     payload["wall"] = time.perf_counter() - started
     return payload
+
+
+def _step(payload: dict[str, Any], rank: int, world_size: int, store_path: str, stepper: Stepper,
+          catalog: list[Any], body: tuple[Any, ...], settings: dict[str, Any], store: dict[int, dict[str, Any]],
+          run_id: int) -> None:
+    """The step; rank 0 keeps its tensors in ``store`` and sends stand-ins (:mod:`pytest_gradckpt.held`)."""
+    scenario_ref, strategy_ref, grad_targets, determinism, probes = body
+    scenario, strategy = _resolve(catalog, scenario_ref), _resolve(catalog, strategy_ref)
+    _follow(determinism)
+    parallel = None
+    if store_path:
+        _meet(payload, rank, world_size, store_path, stepper, settings)
+        parallel = Parallel(scenario.distributed, rank, dict(settings, world_size=world_size))
+    stepper.subject.keep_template_on_device()  # once: later runs copy it where they run
+    with registry.using(*probes, only=True):  # the probes in force where the check runs
+        run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
+        # The ranks prove they hold the same gradients by fingerprints; one rank has no peer to agree with.
+        payload["fingerprint"] = fingerprint(run.grads) if world_size > 1 else {}
+        if rank == 0 and run.error is None:
+            store[run_id] = {field: getattr(run, field) for field in held.FIELDS}
+            for field, stand_ins in held.keep(run_id, store[run_id]).items():
+                setattr(run, field, stand_ins)
+        else:
+            run.grads, run.outputs, run.buffers = {}, {}, {}
+        payload.update(run.to_payload())
+    if run.error is not None:
+        payload.update(describe_exception(run.error))
 
 
 def _meet(payload: dict[str, Any], rank: int, world_size: int, store: str, stepper: Stepper,

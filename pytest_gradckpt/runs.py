@@ -82,7 +82,9 @@ class Run:
             tensor(1.)
         """
         def host(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().to("cpu", copy=True)
+            if t is None or not isinstance(t, torch.Tensor):  # a stand-in for a held tensor travels as it is
+                return t
+            return t.detach().to("cpu", copy=True)
 
         return dataclasses.replace(self, loss=host(self.loss), outputs=map_tensors(self.outputs, host),
                                    grads={n: host(g) for n, g in self.grads.items()},

@@ -574,14 +574,15 @@ class _Segment:
         if self.pending:
             raise self._not_chained(f"{self.layers[0]._gradckpt_name} was called again before "
                                     f"{self.layers[len(self.layers) - self.pending]._gradckpt_name}")
-        followers = self.layers[1:]
+        head, followers = self.layers[0], self.layers[1:]
         recomputing = False  # in recompute, checkpoint's own control-flow exceptions must pass through
 
         def run_segment(*segment_args: Any) -> Any:
-            output = forward(*segment_args, **kwargs)
+            # In recompute the head runs through its module too: a sharded (FSDP2) head gathers its weights.
+            output = _through_module(head, segment_args, kwargs) if recomputing else forward(*segment_args, **kwargs)
             for layer in followers:
                 try:
-                    output = layer._gradckpt_forward(self._hidden(output), *segment_args[1:], **kwargs)
+                    output = _through_module(layer, (self._hidden(output), *segment_args[1:]), kwargs)
                 except Exception as error:  # noqa: BLE001 - the layer ran fine with its own arguments
                     if recomputing:
                         raise
@@ -603,9 +604,9 @@ class _Segment:
         if self.pending != len(self.layers) - position:
             raise self._not_chained(f"{self.layers[position]._gradckpt_name} was called out of order")
         self.pending -= 1
-        same_input = bool(args) and args[0] is self._hidden(self.output)
-        same_extra = len(args[1:]) == len(self.extra) and all(a is b for a, b in zip(args[1:], self.extra, strict=True))
-        same_kwargs = kwargs.keys() == self.kwargs.keys() and all(kwargs[k] is self.kwargs[k] for k in kwargs)
+        same_input = bool(args) and _same(args[0], self._hidden(self.output))
+        same_extra = len(args[1:]) == len(self.extra) and all(_same(a, b) for a, b in zip(args[1:], self.extra, strict=True))
+        same_kwargs = kwargs.keys() == self.kwargs.keys() and all(_same(kwargs[k], self.kwargs[k]) for k in kwargs)
         if not _same_rng(self.rng_after, _rng_state(args)):
             raise StrategyNotApplicable(
                 f"sequential: the model draws random numbers between layers (e.g. LayerDrop) before "
@@ -617,6 +618,48 @@ class _Segment:
                 "the previous layer's output and the same extra arguments, so consecutive layers cannot be "
                 "fused into one checkpointed segment for this model; use a per-layer strategy")
         return self.output
+
+
+def _same(given: Any, expected: Any) -> bool:
+    """The same object, or the same tensor under another name: FSDP2's hooks hand a layer its
+    inputs through an autograd function, as new tensors over the same memory, in containers
+    rebuilt around them (a tuple of rotary embeddings is a new tuple of the same tensors).
+
+    Example:
+        >>> import torch
+        >>> t = torch.ones(2, 3)
+        >>> _same(t, t), _same(t.view(2, 3), t), _same(t.clone(), t), _same(t[0], t)
+        (True, True, False, False)
+        >>> _same((t.view(2, 3), 1), (t, 1)), _same({"a": t}, {"a": t.clone()})
+        (True, False)
+    """
+    import torch
+
+    if given is expected:
+        return True
+    if isinstance(given, (tuple, list)) and type(given) is type(expected):
+        return len(given) == len(expected) and all(_same(a, b) for a, b in zip(given, expected, strict=True))
+    if isinstance(given, dict) and isinstance(expected, dict):
+        return given.keys() == expected.keys() and all(_same(given[k], expected[k]) for k in given)
+    return (isinstance(given, torch.Tensor) and isinstance(expected, torch.Tensor)
+            and given.data_ptr() == expected.data_ptr() and given.shape == expected.shape
+            and given.stride() == expected.stride() and given.dtype == expected.dtype)
+
+
+def _through_module(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A layer's counted forward inside a segment. A layer sharded by FSDP2 (``fully_shard``) is
+    called through its module, so its hooks gather its weights first and register their gradients'
+    reduction, as plain torch does for a checkpointed function that calls sharded layers; any other
+    layer runs its forward directly."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(layer, FSDPModule):
+        return layer._gradckpt_forward(*args, **kwargs)
+    layer.__dict__["forward"] = layer._gradckpt_forward  # the counted body, not the strategy's routing
+    try:
+        return layer(*args, **kwargs)
+    finally:
+        del layer.__dict__["forward"]
 
 
 def _rng_state(args: tuple[Any, ...]) -> tuple[Any, Any]:

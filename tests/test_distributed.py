@@ -250,21 +250,55 @@ def test_under_torchrun_a_failing_check_fails_every_rank(launched):
     assert statuses == [1, 1]
 
 
-def test_torchrun_itself_runs_the_plugin():
-    """The command users type: one report, exit status 0 (torchrun returns the worst rank's)."""
-    import pathlib
+TORCHRUN_TESTS = """
+import pytest
+from pytest_gradckpt.zoo import plain
+
+
+@pytest.mark.gradckpt(scenarios=["ddp", "fsdp2"], strategies=["non_reentrant"])
+def test_tanh_net(gradckpt):
+    gradckpt.check(*plain.tanh_net())
+"""
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_torchrun_itself_runs_the_plugin_in_its_own_world(nproc, tmp_path):
+    """The command users type: one report, exit status 0 (torchrun returns the worst rank's), and
+    the check runs in torchrun's world whatever its size: one rank is a world too, never a
+    reason to start two of its own."""
+    import json
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).parents[1]
+    (tmp_path / "test_torchrun.py").write_text(TORCHRUN_TESTS)
+    report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--local-ranks-filter", "0",
-         "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--gradckpt", "-q",
-         "--gradckpt-strategies=non_reentrant", "--gradckpt-models=dropout_mask", "--gradckpt-scenarios=ddp",
-         "--pyargs", "pytest_gradckpt.suite"],
-        cwd=root, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--local-ranks-filter", "0",
+         "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--gradckpt", "-q", f"--gradckpt-report={report}",
+         "test_torchrun.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("gradient checkpointing") == 1
+    results = json.loads(report.read_text())["results"]
+    assert sorted((r["scenario"], r["outcome"]) for r in results) == [("ddp", "pass"), ("fsdp2", "pass")]
+    rank_word = "rank" if nproc == 1 else "ranks"
+    assert {r["metrics"]["ranks"] for r in results} == {f"{nproc} {rank_word} of the running process group (torchrun), gloo"}
+
+
+def built_on_call() -> torch.nn.Module:
+    raise AssertionError("the model was built before the world was found unrunnable")
+
+
+def test_more_self_started_gpu_ranks_than_gpus_is_a_usage_error_before_any_build(monkeypatch):
+    import time
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    started = time.perf_counter()
+    with pytest.raises(gc.GradckptUsageError, match=r"world_size=2 ranks need as many GPUs, one each, and 1 are "
+                                                    r"visible; pass distributed=\{'world_size': 1\}.*torchrun"):
+        gc.check(built_on_call, torch.ones(2, 4), device="cuda", scenarios=["fsdp2"], strategies=["non_reentrant"])
+    assert time.perf_counter() - started < 5
 
 
 def _segfaults(function, *args):
@@ -287,3 +321,54 @@ def test_a_rank_that_crashes_is_the_strategys_verdict_not_a_launch_failure():
     (result,) = gc.check(model, inputs, strategies=[crashing], scenarios=["ddp"]).results
     assert result.outcome == "error"
     assert "crashed: SIGSEGV" in result.message and "not judged" not in result.message
+
+
+def _plain_fsdp2_segments(rank: int, store: str, results) -> None:
+    """Plain torch, no gradckpt: two ranks, each layer of a 4-layer stack fully_shard'ed, one
+    step without checkpointing and one with two checkpointed segments of two layers each (the
+    layers called through their modules, FSDP2's hooks included); rank 0 reports whether the
+    full gradients are bitwise equal and how often each layer's forward ran."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.checkpoint import checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    grads, calls = [], []
+    for segmented in (False, True):
+        model, features = plain.tanh_net()
+        count = [0] * len(model.blocks)
+        for index, layer in enumerate(model.blocks):
+            layer.register_forward_pre_hook(lambda *_, i=index: count.__setitem__(i, count[i] + 1))
+            fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+        blocks = list(model.blocks)
+
+        def segments(features, model=model, blocks=blocks):  # TanhNet.forward, two blocks per checkpoint
+            hidden = checkpoint(lambda x: blocks[1](blocks[0](x)), model.stem(features), use_reentrant=False)
+            return model.head(checkpoint(lambda x: blocks[3](blocks[2](x)), hidden, use_reentrant=False))
+
+        if segmented:
+            model.forward = segments
+        model(features[2 * rank:2 * rank + 2]).square().mean().backward()
+        grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+        calls.append(count)
+    if rank == 0:
+        results.put((all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]), calls))
+    dist.destroy_process_group()
+
+
+def test_sequential_segments_apply_under_fsdp2_as_in_plain_torch(tmp_path):
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [context.Process(target=_plain_fsdp2_segments, args=(rank, str(tmp_path / "store"), results))
+             for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    equal, calls = results.get(timeout=120)
+    for process in ranks:
+        process.join(timeout=30)
+    assert equal and calls == [[1, 1, 1, 1], [2, 2, 2, 2]]  # ground truth: segments are valid under FSDP2
+    (result,) = gc.check(*plain.tanh_net(), scenarios=["fsdp2"], strategies=["sequential"]).results
+    assert result.outcome == "pass", result.message  # was skipped: its layers were called around FSDP2's hooks
+    assert result.metrics["recomputed_layers"] == 4

@@ -180,3 +180,83 @@ def test_spawned_ranks_copy_the_one_cpu_build_made_here(monkeypatch, tmp_path):
     assert set(outcomes(report).values()) == {"pass"}
     assert log.read_text().split() == [str(os.getpid())]  # 6 steps on 2 ranks, one build (here)
     assert report.baseline["ddp"]["loss"] == pytest.approx(_first_half_loss(cpu_factory(), features), rel=1e-6)
+
+
+def wide_net() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh()) for _ in range(4)])
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp2"])
+def test_a_rank_sends_the_judge_a_few_kilobytes_per_run_not_its_gradients(monkeypatch, scenario):
+    """Rank 0 keeps its gradients, outputs and buffers and the comparisons run there: what crosses
+    to the judging process per run is stand-ins, the loss and the probes' measurements."""
+    sizes: list[int] = []
+    real_close = rank_group.RankGroup.close
+    monkeypatch.setattr(rank_group.RankGroup, "close", lambda self, wait=True: sizes.extend(self.payload_bytes)
+                        or real_close(self, wait))
+    grad_bytes = sum(p.numel() * 4 for p in wide_net().parameters())  # 1.05 MB of float32 gradients
+    report = gc.check(wide_net, torch.randn(4, 256), scenarios=[scenario], strategies=["non_reentrant", "offload"])
+    assert set(outcomes(report).values()) == {"pass"}
+    assert len(sizes) >= 2 * 4  # 2 ranks x (2 baseline runs + 2 strategies), and the comparisons' answers
+    assert max(sizes) < 64 * 1024 < grad_bytes / 16, sizes
+
+
+def crashes(function, *args):
+    import ctypes
+
+    ctypes.string_at(0)  # SIGSEGV, as a fault in native code
+
+
+def test_a_baseline_held_by_a_child_that_crashed_is_run_again_in_the_next_one(processes_started):
+    model, inputs = tanh_net()
+    strategies = [gc.Strategy.from_checkpoint_fn("crashes", crashes), "non_reentrant", "offload"]
+    report = gc.check(model, inputs, strategies=strategies, isolate=True)
+    assert [(r.strategy, r.outcome) for r in report.results] == [
+        ("crashes", "error"), ("non_reentrant", "pass"), ("offload", "pass")]
+    assert len(processes_started) == 2  # the first child died with the baseline; the second ran it again
+
+
+def test_held_runs_are_freed_in_the_rank_once_judged(monkeypatch):
+    real_answer, real_run = rank_group._answer, rank_group.RankGroup.run
+    kept: list[int] = []
+
+    def answer(rank, world_size, store_path, stepper, catalog, command, settings, store):
+        payload = real_answer(rank, world_size, store_path, stepper, catalog, command, settings, store)
+        payload["held_runs"] = len(store)  # in the rank's process: counted there, read here
+        return payload
+
+    def run(self, command, limit, what):
+        payloads = real_run(self, command, limit, what)
+        if command[0] == "step":
+            kept.append(payloads[0]["held_runs"])
+        return payloads
+
+    monkeypatch.setattr(rank_group, "_answer", answer)
+    monkeypatch.setattr(rank_group.RankGroup, "run", run)
+    model, inputs = tanh_net()
+    report = gc.check(model, inputs, scenarios=["ddp"], strategies=["non_reentrant", "offload", "reentrant"])
+    assert set(outcomes(report).values()) == {"pass"}
+    # After each step rank 0 holds the baseline and the new run: each run judged before was freed.
+    assert kept == [1, 2, 2, 2, 2]
+
+
+def test_a_cpu_baseline_held_by_a_child_is_cached_for_the_next_check(monkeypatch):
+    """The plugin runs one item per strategy with one baseline cache: a baseline held by an
+    isolated CPU child is brought back to be cached, so the next check runs only its strategy."""
+    steps: list[str] = []
+    real_run = rank_group.RankGroup.run
+
+    def run(self, command, limit, what):
+        if command[0] == "step":
+            steps.append(what)
+        return real_run(self, command, limit, what)
+
+    monkeypatch.setattr(rank_group.RankGroup, "run", run)
+    model, inputs = tanh_net()
+    cache: dict = {}
+    first = gc.check(model, inputs, strategies=["non_reentrant"], isolate=True, cache=cache, name="tanh")
+    second = gc.check(model, inputs, strategies=["offload"], isolate=True, cache=cache, name="tanh")
+    assert [r.outcome for r in (*first.results, *second.results)] == ["pass", "pass"]
+    assert len(cache) == 1 and steps == ["the step without checkpointing under train"] * 2 + [
+        "the step of 'non_reentrant' under train", "the step of 'offload' under train"]
