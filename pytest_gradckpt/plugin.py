@@ -180,13 +180,13 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 def strategies_help() -> str:
     """One line per registered strategy: its name and description; those that run only when
-    named (``compile_budget``) say so.
+    named (``compile_budget``, ``sac_offload``, ...) say so.
 
     Example:
         >>> print(strategies_help().splitlines()[1])
           reentrant  torch.utils.checkpoint per layer, use_reentrant=True
-        >>> [line.split()[0] for line in strategies_help().splitlines() if "opt-in" in line]
-        ['compile_budget']
+        >>> sorted(line.split()[0] for line in strategies_help().splitlines() if "opt-in" in line)
+        ['compile_budget', 'hf_every_2', 'hf_offload', 'sac_offload']
     """
     from pytest_gradckpt import compile_budget  # noqa: F401 - registers the opt-in compile_budget
     from pytest_gradckpt.strategies import available_strategies, get_strategy

@@ -106,8 +106,9 @@ def test_nothing_fits(gradckpt):
 '''
 
 
-def test_the_pytest_twin_writes_the_plan_beside_the_report(pytester, request):
-    pytester.syspathinsert(request.config.rootpath)
+def test_the_pytest_twin_writes_the_plan_beside_the_report(pytester, request, monkeypatch):
+    # the subprocess imports tests.test_planning: the project root must be on its path, not only on ours
+    monkeypatch.setenv("PYTHONPATH", str(request.config.rootpath))
     pytester.makepyfile(test_plan=PLAN_TEST)
     result = pytester.runpytest_subprocess("--gradckpt", "--gradckpt-report=out/report.json", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)

@@ -73,9 +73,11 @@ class OpCounter(TorchDispatchMode):
 
 
 def compiled_model(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` is compiled (a dispatch mode must not be active while dynamo traces)."""
+    """Whether any module of ``model`` runs compiled code (a dispatch mode must not be active while
+    dynamo traces): an ``OptimizedModule``, a compiled call, or an engine unit whose body the check
+    compiled below its eager checkpoint (``compile_order='checkpoint_outside'``)."""
     return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-               for m in model.modules())
+               or "_gradckpt_compiled_body" in m.__dict__ for m in model.modules())
 
 
 @dataclasses.dataclass
