@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -75,6 +76,26 @@ class Held:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "token": None}  # the holder stays in the judging process
+
+
+#: Below this many bytes of gradients, outputs and buffers a run's tensors travel whole: for a small
+#: model one transfer through the pipe costs less than the round trips of judging where the tensors
+#: are (the packaged suite's tiny models ran their isolated scenarios about twice as slowly held).
+#: ``GRADCKPT_HOLD_ABOVE_BYTES`` overrides it (0 holds every run; the tests of holding use that).
+HOLD_ABOVE_BYTES = 16 * 2**20
+
+
+def worth_holding(run: Any) -> bool:
+    """Whether ``run``'s tensors are big enough to keep where they ran (:data:`HOLD_ABOVE_BYTES`).
+
+    Example:
+        >>> class Run: grads, outputs, buffers = {"w": torch.zeros(4)}, {}, {}
+        >>> worth_holding(Run())
+        False
+    """
+    limit = int(os.environ.get("GRADCKPT_HOLD_ABOVE_BYTES", HOLD_ABOVE_BYTES))
+    return sum(t.numel() * t.element_size() for field in FIELDS for t in getattr(run, field).values()
+               if isinstance(t, torch.Tensor)) > limit
 
 
 def keep(run_id: int, tensors: Mapping[str, Mapping[str, torch.Tensor | None]]) -> dict[str, dict[str, Any]]:

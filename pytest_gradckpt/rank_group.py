@@ -291,11 +291,11 @@ def _step(payload: dict[str, Any], rank: int, world_size: int, store_path: str, 
         run = stepper.step(scenario, strategy, grad_targets, parallel=parallel)
         # The ranks prove they hold the same gradients by fingerprints; one rank has no peer to agree with.
         payload["fingerprint"] = fingerprint(run.grads) if world_size > 1 else {}
-        if rank == 0 and run.error is None:
+        if rank == 0 and run.error is None and held.worth_holding(run):
             store[run_id] = {field: getattr(run, field) for field in held.FIELDS}
             for field, stand_ins in held.keep(run_id, store[run_id]).items():
                 setattr(run, field, stand_ins)
-        else:
+        elif rank != 0 or run.error is not None:
             run.grads, run.outputs, run.buffers = {}, {}, {}
         payload.update(run.to_payload())
     if run.error is not None:

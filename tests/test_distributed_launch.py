@@ -191,6 +191,7 @@ def wide_net() -> torch.nn.Module:
 def test_a_rank_sends_the_judge_a_few_kilobytes_per_run_not_its_gradients(monkeypatch, scenario):
     """Rank 0 keeps its gradients, outputs and buffers and the comparisons run there: what crosses
     to the judging process per run is stand-ins, the loss and the probes' measurements."""
+    monkeypatch.setenv("GRADCKPT_HOLD_ABOVE_BYTES", "0")  # a 1 MB model is held only when told to
     sizes: list[int] = []
     real_close = rank_group.RankGroup.close
     monkeypatch.setattr(rank_group.RankGroup, "close", lambda self, wait=True: sizes.extend(self.payload_bytes)
@@ -202,13 +203,39 @@ def test_a_rank_sends_the_judge_a_few_kilobytes_per_run_not_its_gradients(monkey
     assert max(sizes) < 64 * 1024 < grad_bytes / 16, sizes
 
 
+def test_a_small_run_travels_whole_and_is_judged_here(monkeypatch):
+    """Below the size worth holding, one transfer beats the round trips of judging remotely: the
+    isolated child sends the tensors and nothing stays behind in it."""
+    real_answer, real_run = rank_group._answer, rank_group.RankGroup.run
+    kept: list[int] = []
+
+    def answer(rank, world_size, store_path, stepper, catalog, command, settings, store):
+        payload = real_answer(rank, world_size, store_path, stepper, catalog, command, settings, store)
+        payload["held_runs"] = len(store)
+        return payload
+
+    def run(self, command, limit, what):
+        payloads = real_run(self, command, limit, what)
+        if command[0] == "step":
+            kept.append(payloads[0]["held_runs"])
+        return payloads
+
+    monkeypatch.setattr(rank_group, "_answer", answer)
+    monkeypatch.setattr(rank_group.RankGroup, "run", run)
+    model, inputs = tanh_net()
+    report = gc.check(model, inputs, strategies=["non_reentrant", "offload"], isolate=True)
+    assert [r.outcome for r in report.results] == ["pass", "pass"]
+    assert kept and set(kept) == {0}
+
+
 def crashes(function, *args):
     import ctypes
 
     ctypes.string_at(0)  # SIGSEGV, as a fault in native code
 
 
-def test_a_baseline_held_by_a_child_that_crashed_is_run_again_in_the_next_one(processes_started):
+def test_a_baseline_held_by_a_child_that_crashed_is_run_again_in_the_next_one(processes_started, monkeypatch):
+    monkeypatch.setenv("GRADCKPT_HOLD_ABOVE_BYTES", "0")
     model, inputs = tanh_net()
     strategies = [gc.Strategy.from_checkpoint_fn("crashes", crashes), "non_reentrant", "offload"]
     report = gc.check(model, inputs, strategies=strategies, isolate=True)
@@ -218,6 +245,7 @@ def test_a_baseline_held_by_a_child_that_crashed_is_run_again_in_the_next_one(pr
 
 
 def test_held_runs_are_freed_in_the_rank_once_judged(monkeypatch):
+    monkeypatch.setenv("GRADCKPT_HOLD_ABOVE_BYTES", "0")  # tanh_net is far below the size held by default
     real_answer, real_run = rank_group._answer, rank_group.RankGroup.run
     kept: list[int] = []
 
@@ -244,6 +272,7 @@ def test_held_runs_are_freed_in_the_rank_once_judged(monkeypatch):
 def test_a_cpu_baseline_held_by_a_child_is_cached_for_the_next_check(monkeypatch):
     """The plugin runs one item per strategy with one baseline cache: a baseline held by an
     isolated CPU child is brought back to be cached, so the next check runs only its strategy."""
+    monkeypatch.setenv("GRADCKPT_HOLD_ABOVE_BYTES", "0")
     steps: list[str] = []
     real_run = rank_group.RankGroup.run
 
