@@ -162,6 +162,20 @@ def zero_stage(config: Mapping[str, Any]) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0) or 0)
 
 
+def config_dtype(config: Mapping[str, Any]) -> torch.dtype | None:
+    """The compute dtype a DeepSpeed config turns on (``bf16``/``fp16`` enabled); None: neither.
+
+    Example:
+        >>> config_dtype({"bf16": {"enabled": True}}), config_dtype({"zero_optimization": {"stage": 3}})
+        (torch.bfloat16, None)
+    """
+    if (config.get("bf16") or {}).get("enabled") is True:
+        return torch.bfloat16
+    if (config.get("fp16") or {}).get("enabled") is True:
+        return torch.float16
+    return None
+
+
 class DeepSpeedTrainer(HFTrainer):
     """A transformers ``Trainer`` (TRL's included) whose ``TrainingArguments.deepspeed`` holds a
     DeepSpeed config: the engine is built as ``Trainer.train`` builds it (``deepspeed_init``, then
@@ -224,15 +238,7 @@ class DeepSpeedTrainer(HFTrainer):
         return total
 
     def compute_dtype(self, trainer: Any, model: nn.Module) -> torch.dtype:
-        config = self._config(trainer)
-        if (config.get("bf16") or {}).get("enabled") is True:
-            return torch.bfloat16
-        if (config.get("fp16") or {}).get("enabled") is True:
-            return torch.float16
-        return super().compute_dtype(trainer, model)
-
-    def advice(self, configuration: Configuration, outcome: str, message: str) -> str:
-        return super().advice(configuration, outcome, message)
+        return config_dtype(self._config(trainer)) or super().compute_dtype(trainer, model)
 
 
 @dataclasses.dataclass
@@ -354,12 +360,7 @@ class DeepSpeedEngineAdapter(TrainerAdapter):
         return total
 
     def compute_dtype(self, trainer: Any, model: nn.Module) -> torch.dtype:
-        config = self._engine(trainer).config
-        if (config.get("bf16") or {}).get("enabled") is True:
-            return torch.bfloat16
-        if (config.get("fp16") or {}).get("enabled") is True:
-            return torch.float16
-        return super().compute_dtype(trainer, model)
+        return config_dtype(self._engine(trainer).config) or super().compute_dtype(trainer, model)
 
     def advice(self, configuration: Configuration, outcome: str, message: str) -> str:
         return kwargs_advice(configuration.kwargs, configuration.kwargs_field, outcome) or (
