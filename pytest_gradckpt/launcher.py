@@ -50,8 +50,8 @@ class Launcher:
         >>> from pytest_gradckpt.probes.gradients import compare
         >>> with Launcher(stepper, [SCENARIOS["ddp"]]) as launcher:
         ...     runs = [launcher.step(SCENARIOS["ddp"], None) for _ in range(2)]
-        ...     same = compare(runs[0].grads, runs[1].grads, rtol=0.0, atol=0.0).equal  # computed on rank 0
-        >>> [r.error for r in runs], launcher.launches, same, runs[0].grads["0.weight"].shape
+        ...     same = compare(runs[0].grads, runs[1].grads, rtol=0.0, atol=0.0).equal  # where the tensors are
+        >>> [r.error for r in runs], launcher.launches, same, tuple(runs[0].grads["0.weight"].shape)
         ([None, None], 1, True, (4, 4))
     """
 

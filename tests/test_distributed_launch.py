@@ -203,25 +203,10 @@ def test_a_rank_sends_the_judge_a_few_kilobytes_per_run_not_its_gradients(monkey
     assert max(sizes) < 64 * 1024 < grad_bytes / 16, sizes
 
 
-def test_a_small_run_travels_whole_and_is_judged_here(monkeypatch):
+def test_a_small_run_travels_whole_and_is_judged_here(held_after_each_step):
     """Below the size worth holding, one transfer beats the round trips of judging remotely: the
     isolated child sends the tensors and nothing stays behind in it."""
-    real_answer, real_run = rank_group._answer, rank_group.RankGroup.run
-    kept: list[int] = []
-
-    def answer(rank, world_size, store_path, stepper, catalog, command, settings, store):
-        payload = real_answer(rank, world_size, store_path, stepper, catalog, command, settings, store)
-        payload["held_runs"] = len(store)
-        return payload
-
-    def run(self, command, limit, what):
-        payloads = real_run(self, command, limit, what)
-        if command[0] == "step":
-            kept.append(payloads[0]["held_runs"])
-        return payloads
-
-    monkeypatch.setattr(rank_group, "_answer", answer)
-    monkeypatch.setattr(rank_group.RankGroup, "run", run)
+    kept = held_after_each_step
     model, inputs = tanh_net()
     report = gc.check(model, inputs, strategies=["non_reentrant", "offload"], isolate=True)
     assert [r.outcome for r in report.results] == ["pass", "pass"]
@@ -244,14 +229,15 @@ def test_a_baseline_held_by_a_child_that_crashed_is_run_again_in_the_next_one(pr
     assert len(processes_started) == 2  # the first child died with the baseline; the second ran it again
 
 
-def test_held_runs_are_freed_in_the_rank_once_judged(monkeypatch):
-    monkeypatch.setenv("GRADCKPT_HOLD_ABOVE_BYTES", "0")  # tanh_net is far below the size held by default
+@pytest.fixture
+def held_after_each_step(monkeypatch):
+    """How many runs rank 0 (or the isolated child) holds after each step, counted there, read here."""
     real_answer, real_run = rank_group._answer, rank_group.RankGroup.run
     kept: list[int] = []
 
     def answer(rank, world_size, store_path, stepper, catalog, command, settings, store):
         payload = real_answer(rank, world_size, store_path, stepper, catalog, command, settings, store)
-        payload["held_runs"] = len(store)  # in the rank's process: counted there, read here
+        payload["held_runs"] = len(store)
         return payload
 
     def run(self, command, limit, what):
@@ -262,6 +248,12 @@ def test_held_runs_are_freed_in_the_rank_once_judged(monkeypatch):
 
     monkeypatch.setattr(rank_group, "_answer", answer)
     monkeypatch.setattr(rank_group.RankGroup, "run", run)
+    return kept
+
+
+def test_held_runs_are_freed_in_the_rank_once_judged(monkeypatch, held_after_each_step):
+    monkeypatch.setenv("GRADCKPT_HOLD_ABOVE_BYTES", "0")  # tanh_net is far below the size held by default
+    kept = held_after_each_step
     model, inputs = tanh_net()
     report = gc.check(model, inputs, scenarios=["ddp"], strategies=["non_reentrant", "offload", "reentrant"])
     assert set(outcomes(report).values()) == {"pass"}
