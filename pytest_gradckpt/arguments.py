@@ -18,7 +18,7 @@ from pytest_gradckpt import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.materialise import is_meta, to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
-from pytest_gradckpt.tensors import map_tensors, tensors_in  # noqa: F401 - re-exported
+from pytest_gradckpt.tensors import map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
 
@@ -32,36 +32,6 @@ def model_device(model: nn.Module) -> torch.device:
     """
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def tensor_bytes(tensors: Any) -> int:
-    """Bytes held by the tensors in ``tensors`` (None entries skipped).
-
-    Example:
-        >>> tensor_bytes([torch.zeros(4), None, torch.zeros(2, dtype=torch.float64)])
-        32
-    """
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Floating-point tensors inside nested mappings/sequences, keyed by their path.
-
-    Example:
-        >>> sorted(tensor_leaves({"logits": torch.zeros(1), "ids": torch.zeros(1, dtype=torch.long)}))
-        ['logits']
-    """
-    found: dict[str, torch.Tensor] = {}
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex():
-            found[prefix or "output"] = value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            found.update(tensor_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found.update(tensor_leaves(item, f"{prefix}[{index}]"))
-    return found
 
 
 def default_loss(output: Any, inputs: Any) -> torch.Tensor:

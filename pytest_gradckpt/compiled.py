@@ -446,7 +446,7 @@ def boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False)
         >>> boundary_bytes(Subject(net, torch.ones(4, 8), None, None), ["0", "2"])  # in and out of each: 4 x (4 x 8) floats
         512
     """
-    from pytest_gradckpt.arguments import tensor_leaves
+    from pytest_gradckpt.tensors import tensor_leaves
 
     model = subject.fresh_model()
     seen: dict[tuple[Any, int], int] = {}

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from pytest_gradckpt import compiled
-from pytest_gradckpt.arguments import Subject, tensor_bytes, tensor_leaves
-from pytest_gradckpt.tensors import map_tensors
+from pytest_gradckpt.arguments import Subject
+from pytest_gradckpt.tensors import map_tensors, tensor_bytes, tensor_leaves
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
 from pytest_gradckpt.process_state import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers
