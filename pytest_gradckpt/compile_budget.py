@@ -6,7 +6,7 @@ what saving everything would keep; 1.0 = the default, no rematerialization beyon
 The strategy asks for a budget; the compiled run (:func:`pytest_gradckpt.compiled.compiled_run`)
 sets it while the step compiles and restores it after. It applies to compiled models only, and
 is opt-in (not in the default set of strategies): name it, e.g. ``strategies=["compile_budget"]``.
-Importing this module registers it (the engine and the plugin's name check do).
+It is one of the built-ins the strategy registry lists (:data:`pytest_gradckpt.strategies.BUILTIN_OPT_IN`).
 
 torch is imported only inside functions, as in :mod:`pytest_gradckpt.strategies`.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.strategies import Strategy, available_strategies, register_strategy  # noqa: F401 - the docstring example uses it
+from pytest_gradckpt.strategy_base import Strategy, Units
 
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_gradckpt.layers import ModelInfo
@@ -34,11 +34,12 @@ class CompileBudget(Strategy):
         >>> s = CompileBudget(0.5)
         >>> s.name, s.opt_in, s.budget
         ('compile_budget', True, 0.5)
+        >>> from pytest_gradckpt.strategies import available_strategies
         >>> "compile_budget" in available_strategies(), "compile_budget" in available_strategies(opt_in=True)
         (False, True)
     """
 
-    units = "own"
+    units = Units.OWN
     opt_in = True
 
     def __init__(self, budget: float = 0.5, name: str = "compile_budget"):
@@ -62,5 +63,3 @@ class CompileBudget(Strategy):
         # nothing observable runs twice. Memory is the evidence (verdicts.recompute_unobserved).
         return False
 
-
-register_strategy(CompileBudget())

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
-from pytest_gradckpt import baselines, compile_budget, compiled, held, verdicts  # noqa: F401 - compile_budget registers
+from pytest_gradckpt import baselines, compiled, held, verdicts
 from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import (
     describe_ranks, device_before_build, launched_from_outside, options as distributed_options, refuse_unrunnable_world)
