@@ -5,10 +5,11 @@ Every rule about acceptable input lives here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -64,6 +65,39 @@ def describe(value: Any) -> str:
 class Subject:
     """The model, inputs and loss under test, able to make fresh private copies for each run."""
 
+    _compilation: compiled.Compilation | None
+
+    @property
+    def compilation(self) -> compiled.Compilation | None:
+        """Where and how the caller's model is compiled (None: eager); only the subject changes it
+        (:meth:`order_compilation`, :meth:`eager`)."""
+        return self._compilation
+
+    def order_compilation(self, order: str | None, *, elsewhere: bool) -> None:
+        """Apply ``check(compile_order=...)`` (:func:`pytest_gradckpt.compiled.with_order`);
+        ``elsewhere``: the check runs steps in other processes, where compiled models cannot go."""
+        self._compilation = compiled.with_order(self._compilation, order, elsewhere=elsewhere)
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Inside the block, runs of this subject are eager (compile's distance from eager is measured so).
+
+        Example:
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            >>> net[0].compile(backend="eager")
+            >>> subject = Subject(net, torch.ones(1, 2), None, "cpu")
+            >>> with subject.eager():
+            ...     subject.compilation is None
+            True
+            >>> subject.compilation.kind
+            'per_block'
+        """
+        compilation, self._compilation = self._compilation, None
+        try:
+            yield
+        finally:
+            self._compilation = compilation
+
     def __init__(self, model: Any, inputs: Inputs, loss: Callable[[Any, Any], torch.Tensor] | None,
                  device: str | torch.device | None):
         if not isinstance(model, nn.Module) and not callable(model):
@@ -78,7 +112,7 @@ class Subject:
         self.loss_fn = loss or default_loss
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # A compiled model is checked compiled: copies are made of the eager modules and compiled again.
-        self.compilation = compiled.Compilation.of(model) if isinstance(model, nn.Module) else None
+        self._compilation = compiled.Compilation.of(model) if isinstance(model, nn.Module) else None
         self.reference = compiled.eager_view(model) if isinstance(model, nn.Module) else None
         self._spare: nn.Module | None = None
         self._template: nn.Module | None = None  # see share_build
@@ -206,8 +240,8 @@ class Subject:
         if model in self._seen:  # a factory that hands out one shared instance: never touch it
             model = copy.deepcopy(model)
         self._seen.add(model)
-        if self.compilation is None:
-            self.compilation = compiled.Compilation.of(model)
+        if self._compilation is None:
+            self._compilation = compiled.Compilation.of(model)
         return compiled.strip(model)
 
     def _from_template(self) -> nn.Module:

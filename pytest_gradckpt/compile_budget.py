@@ -21,12 +21,6 @@ from pytest_gradckpt.strategy_base import Strategy, Units
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_gradckpt.layers import ModelInfo
 
-#: ``info.state`` key under which a strategy asks the compiled run for a memory budget.
-BUDGET_KEY = "activation_memory_budget"
-#: ``info.state`` key under which the engine tells strategies how the model is compiled.
-COMPILATION_KEY = "compilation"
-
-
 class CompileBudget(Strategy):
     """Compile with ``activation_memory_budget=budget``; no checkpoint wrapper at all.
 
@@ -50,13 +44,13 @@ class CompileBudget(Strategy):
                             f"torch._functorch.config.activation_memory_budget={self.budget:g} (compiled models)")
 
     def applies_to(self, info: ModelInfo) -> str | None:
-        if info.state.get(COMPILATION_KEY) is None:
+        if info.compile_kind is None:
             return ("the model is not compiled: compile_budget is torch.compile's own rematerialization "
                     "(activation_memory_budget); pass torch.compile(model) or a model with compiled blocks")
         return None
 
     def apply(self, info: ModelInfo) -> None:
-        info.state[BUDGET_KEY] = self.budget
+        info.activation_memory_budget = self.budget
 
     def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
         # The partitioner recomputes inside the compiled backward, where no layer's Python runs:

@@ -341,7 +341,13 @@ class ModelInfo:
     model: nn.Module
     layer_names: list[str]
     found_by: str = "path"
-    #: Per-run scratch space for a strategy (the Strategy object itself is shared by all runs).
+    #: How the caller's model is compiled (``Compilation.kind``: ``"whole"``, ``"per_block"``),
+    #: None when it runs eager: set by the engine, read by strategies for compiled models only.
+    compile_kind: str | None = None
+    #: What a strategy asks the compiled run for: torch._functorch's ``activation_memory_budget``
+    #: while the step compiles (``compile_budget``); None: the default.
+    activation_memory_budget: float | None = None
+    #: Per-run scratch space for a strategy's own records (the Strategy object itself is shared by all runs).
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:

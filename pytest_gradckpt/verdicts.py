@@ -278,7 +278,8 @@ def recompute_unobserved(e: Evidence, limits: Limits) -> str | None:
     reduction = e.activation_reduction
     if reduction is None or reduction > 0:
         return None
-    room = (e.baseline.run.compiled or {}).get("checkpoint_room_bytes")  # compiled.checkpoint_room
+    base_compiled = e.baseline.run.compiled
+    room = None if base_compiled is None else base_compiled.checkpoint_room_bytes  # compiled.checkpoint_room
     if room is not None and room <= 0:
         return None  # the compiled baseline keeps only the units' boundaries: no cut possible, no evidence
     return (f"saved activations fell by {reduction:.0%} under compile: no checkpointing took effect (the recompute "
