@@ -155,17 +155,19 @@ def _sitting_at(model: nn.Module, name: str, original: nn.Module) -> nn.Module:
 def _compile_body(module: nn.Module, ctx: Any) -> None:
     """Compile ``module``'s forward body only. An engine-instrumented unit keeps its counting and
     the strategy's checkpoint eager, around the compiled body; other modules compile their call."""
-    if "_gradckpt_name" not in module.__dict__:
+    from pytest_gradckpt.layers import instrumented
+
+    record = instrumented(module)
+    if record is None:
         module._compiled_call_impl = ctx(module._call_impl)
         return
-    inner = module.__dict__.get("_gradckpt_inner_forward")
+    inner = record.inner_forward
     eager_forward = inner if inner is not None else getattr(type(module).__mro__[1], "forward").__get__(module)
 
     def body(*args: Any, **kwargs: Any) -> Any:
         return eager_forward(*args, **kwargs)
 
-    module.__dict__["_gradckpt_inner_forward"] = ctx(body)
-    module.__dict__["_gradckpt_compiled_body"] = True
+    record.inner_forward, record.compiled_body = ctx(body), True
 
 
 def _eager_named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

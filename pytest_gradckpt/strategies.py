@@ -462,16 +462,16 @@ class _Segment:
 
     def finish_forward(self) -> None:
         if self.pending:
-            name = self.layers[len(self.layers) - self.pending]._gradckpt_name
+            name = _unit_name(self.layers[len(self.layers) - self.pending])
             self.pending = 0
-            raise self._not_chained(f"{name} was never called after {self.layers[0]._gradckpt_name}")
+            raise self._not_chained(f"{name} was never called after {_unit_name(self.layers[0])}")
 
     def run_head(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from torch.utils.checkpoint import checkpoint
 
         if self.pending:
-            raise self._not_chained(f"{self.layers[0]._gradckpt_name} was called again before "
-                                    f"{self.layers[len(self.layers) - self.pending]._gradckpt_name}")
+            raise self._not_chained(f"{_unit_name(self.layers[0])} was called again before "
+                                    f"{_unit_name(self.layers[len(self.layers) - self.pending])}")
         head, followers = self.layers[0], self.layers[1:]
         recomputing = False  # in recompute, checkpoint's own control-flow exceptions must pass through
 
@@ -485,7 +485,7 @@ class _Segment:
                     if recomputing:
                         raise
                     raise StrategyNotApplicable(
-                        f"sequential: layer {layer._gradckpt_name} fails when given the previous layer's "
+                        f"sequential: layer {_unit_name(layer)} fails when given the previous layer's "
                         f"output and arguments ({type(error).__name__}: {str(error)[:120]}); this model passes "
                         "per-layer arguments, so its layers cannot be fused into segments") from error
             return output
@@ -500,7 +500,7 @@ class _Segment:
     def hand_on(self, position: int, forward: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
         if self.pending != len(self.layers) - position:
-            raise self._not_chained(f"{self.layers[position]._gradckpt_name} was called out of order")
+            raise self._not_chained(f"{_unit_name(self.layers[position])} was called out of order")
         self.pending -= 1
         same_input = bool(args) and _same(args[0], self._hidden(self.output))
         same_extra = len(args[1:]) == len(self.extra) and all(_same(a, b) for a, b in zip(args[1:], self.extra, strict=True))
@@ -508,14 +508,22 @@ class _Segment:
         if not _same_rng(self.rng_after, _rng_state(args)):
             raise StrategyNotApplicable(
                 f"sequential: the model draws random numbers between layers (e.g. LayerDrop) before "
-                f"{self.layers[position]._gradckpt_name}; fusing layers into a segment would reorder those "
+                f"{_unit_name(self.layers[position])}; fusing layers into a segment would reorder those "
                 "draws and change dropout masks, so segments cannot be used for this model")
         if not (same_input and same_extra and same_kwargs):
             raise StrategyNotApplicable(
-                f"sequential: layer {self.layers[position]._gradckpt_name} was called with something other than "
+                f"sequential: layer {_unit_name(self.layers[position])} was called with something other than "
                 "the previous layer's output and the same extra arguments, so consecutive layers cannot be "
                 "fused into one checkpointed segment for this model; use a per-layer strategy")
         return self.output
+
+
+def _unit_name(layer: Any) -> str:
+    """An instrumented unit's name in the original model (for messages)."""
+    from pytest_gradckpt.layers import instrumented
+
+    record = instrumented(layer)
+    return type(layer).__name__ if record is None else record.name
 
 
 def _same(given: Any, expected: Any) -> bool:

@@ -168,9 +168,9 @@ class CheckpointFunctionStrategy(Strategy):
 
 
 def install_layer_call(layer: Any, call: Callable[..., Any] | None) -> None:
-    """Route an instrumented layer's calls through ``call(forward, args, kwargs)``; None restores it."""
-    if call is None:
-        layer.__dict__.pop("_gradckpt_call", None)
-    else:
-        layer.__dict__["_gradckpt_call"] = call
+    """Route an instrumented layer's calls through ``call(forward, args, kwargs)``; None restores it
+    (:attr:`pytest_gradckpt.layers.Instrumented.call`; layers imports torch, so it is imported here)."""
+    from pytest_gradckpt import layers
+
+    layers.install_layer_call(layer, call)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pytest_gradckpt.layers import instrumented
 from pytest_gradckpt.probes.backward_calls import in_backward
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
@@ -74,7 +75,7 @@ def compiled_model(model: torch.nn.Module) -> bool:
     dynamo traces): an ``OptimizedModule``, a compiled call, or an engine unit whose body the check
     compiled below its eager checkpoint (``compile_order='checkpoint_outside'``)."""
     return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-               or "_gradckpt_compiled_body" in m.__dict__ for m in model.modules())
+               or getattr(instrumented(m), "compiled_body", False) for m in model.modules())
 
 
 @dataclasses.dataclass
