@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return matrix(rest)
     if command == "strategies":
-        from pytest_gradckpt.strategies import _REGISTRY
+        from pytest_gradckpt.strategies import registered_strategies
 
-        for name, strategy in _REGISTRY.items():
+        for name, strategy in registered_strategies().items():
             print(f"{name:18} {strategy.description}")
         return 0
     print(f"unknown command {command!r}; run 'python -m pytest_gradckpt --help'", file=sys.stderr)

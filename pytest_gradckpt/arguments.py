@@ -5,10 +5,11 @@ Every rule about acceptable input lives here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from pytest_gradckpt import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.materialise import is_meta, to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
-from pytest_gradckpt.tensors import map_tensors, tensors_in  # noqa: F401 - re-exported
+from pytest_gradckpt.tensors import map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
 
@@ -32,36 +33,6 @@ def model_device(model: nn.Module) -> torch.device:
     """
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def tensor_bytes(tensors: Any) -> int:
-    """Bytes held by the tensors in ``tensors`` (None entries skipped).
-
-    Example:
-        >>> tensor_bytes([torch.zeros(4), None, torch.zeros(2, dtype=torch.float64)])
-        32
-    """
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Floating-point tensors inside nested mappings/sequences, keyed by their path.
-
-    Example:
-        >>> sorted(tensor_leaves({"logits": torch.zeros(1), "ids": torch.zeros(1, dtype=torch.long)}))
-        ['logits']
-    """
-    found: dict[str, torch.Tensor] = {}
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex():
-            found[prefix or "output"] = value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            found.update(tensor_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found.update(tensor_leaves(item, f"{prefix}[{index}]"))
-    return found
 
 
 def default_loss(output: Any, inputs: Any) -> torch.Tensor:
@@ -94,6 +65,39 @@ def describe(value: Any) -> str:
 class Subject:
     """The model, inputs and loss under test, able to make fresh private copies for each run."""
 
+    _compilation: compiled.Compilation | None
+
+    @property
+    def compilation(self) -> compiled.Compilation | None:
+        """Where and how the caller's model is compiled (None: eager); only the subject changes it
+        (:meth:`order_compilation`, :meth:`eager`)."""
+        return self._compilation
+
+    def order_compilation(self, order: str | None, *, elsewhere: bool) -> None:
+        """Apply ``check(compile_order=...)`` (:func:`pytest_gradckpt.compiled.with_order`);
+        ``elsewhere``: the check runs steps in other processes, where compiled models cannot go."""
+        self._compilation = compiled.with_order(self._compilation, order, elsewhere=elsewhere)
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Inside the block, runs of this subject are eager (compile's distance from eager is measured so).
+
+        Example:
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            >>> net[0].compile(backend="eager")
+            >>> subject = Subject(net, torch.ones(1, 2), None, "cpu")
+            >>> with subject.eager():
+            ...     subject.compilation is None
+            True
+            >>> subject.compilation.kind
+            'per_block'
+        """
+        compilation, self._compilation = self._compilation, None
+        try:
+            yield
+        finally:
+            self._compilation = compilation
+
     def __init__(self, model: Any, inputs: Inputs, loss: Callable[[Any, Any], torch.Tensor] | None,
                  device: str | torch.device | None):
         if not isinstance(model, nn.Module) and not callable(model):
@@ -108,7 +112,7 @@ class Subject:
         self.loss_fn = loss or default_loss
         self._seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # A compiled model is checked compiled: copies are made of the eager modules and compiled again.
-        self.compilation = compiled.Compilation.of(model) if isinstance(model, nn.Module) else None
+        self._compilation = compiled.Compilation.of(model) if isinstance(model, nn.Module) else None
         self.reference = compiled.eager_view(model) if isinstance(model, nn.Module) else None
         self._spare: nn.Module | None = None
         self._template: nn.Module | None = None  # see share_build
@@ -236,8 +240,8 @@ class Subject:
         if model in self._seen:  # a factory that hands out one shared instance: never touch it
             model = copy.deepcopy(model)
         self._seen.add(model)
-        if self.compilation is None:
-            self.compilation = compiled.Compilation.of(model)
+        if self._compilation is None:
+            self._compilation = compiled.Compilation.of(model)
         return compiled.strip(model)
 
     def _from_template(self) -> nn.Module:

@@ -83,7 +83,7 @@ class Baseline:
             summary["why"] = self.why
         if self.compile_distance is not None:
             summary.update(compile_distance=self.compile_distance, compile_tolerance=self.compile_tolerance,
-                           checkpoint_room_bytes=(run.compiled or {}).get("checkpoint_room_bytes"))
+                           checkpoint_room_bytes=None if run.compiled is None else run.compiled.checkpoint_room_bytes)
         if not self.measures_cost:
             summary["memory"] = ("not judged: the layer-local baseline has no peak or time without "
                                  "checkpointing to compare with")

@@ -6,7 +6,7 @@ what saving everything would keep; 1.0 = the default, no rematerialization beyon
 The strategy asks for a budget; the compiled run (:func:`pytest_gradckpt.compiled.compiled_run`)
 sets it while the step compiles and restores it after. It applies to compiled models only, and
 is opt-in (not in the default set of strategies): name it, e.g. ``strategies=["compile_budget"]``.
-Importing this module registers it (the engine and the plugin's name check do).
+It is one of the built-ins the strategy registry lists (:data:`pytest_gradckpt.strategies.BUILTIN_OPT_IN`).
 
 torch is imported only inside functions, as in :mod:`pytest_gradckpt.strategies`.
 """
@@ -16,16 +16,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.strategies import Strategy, available_strategies, register_strategy  # noqa: F401 - the docstring example uses it
+from pytest_gradckpt.strategy_base import Strategy, Units
 
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_gradckpt.layers import ModelInfo
-
-#: ``info.state`` key under which a strategy asks the compiled run for a memory budget.
-BUDGET_KEY = "activation_memory_budget"
-#: ``info.state`` key under which the engine tells strategies how the model is compiled.
-COMPILATION_KEY = "compilation"
-
 
 class CompileBudget(Strategy):
     """Compile with ``activation_memory_budget=budget``; no checkpoint wrapper at all.
@@ -34,11 +28,12 @@ class CompileBudget(Strategy):
         >>> s = CompileBudget(0.5)
         >>> s.name, s.opt_in, s.budget
         ('compile_budget', True, 0.5)
+        >>> from pytest_gradckpt.strategies import available_strategies
         >>> "compile_budget" in available_strategies(), "compile_budget" in available_strategies(opt_in=True)
         (False, True)
     """
 
-    units = "own"
+    units = Units.OWN
     opt_in = True
 
     def __init__(self, budget: float = 0.5, name: str = "compile_budget"):
@@ -49,18 +44,16 @@ class CompileBudget(Strategy):
                             f"torch._functorch.config.activation_memory_budget={self.budget:g} (compiled models)")
 
     def applies_to(self, info: ModelInfo) -> str | None:
-        if info.state.get(COMPILATION_KEY) is None:
+        if info.compile_kind is None:
             return ("the model is not compiled: compile_budget is torch.compile's own rematerialization "
                     "(activation_memory_budget); pass torch.compile(model) or a model with compiled blocks")
         return None
 
     def apply(self, info: ModelInfo) -> None:
-        info.state[BUDGET_KEY] = self.budget
+        info.activation_memory_budget = self.budget
 
     def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
         # The partitioner recomputes inside the compiled backward, where no layer's Python runs:
         # nothing observable runs twice. Memory is the evidence (verdicts.recompute_unobserved).
         return False
 
-
-register_strategy(CompileBudget())

@@ -155,17 +155,19 @@ def _sitting_at(model: nn.Module, name: str, original: nn.Module) -> nn.Module:
 def _compile_body(module: nn.Module, ctx: Any) -> None:
     """Compile ``module``'s forward body only. An engine-instrumented unit keeps its counting and
     the strategy's checkpoint eager, around the compiled body; other modules compile their call."""
-    if "_gradckpt_name" not in module.__dict__:
+    from pytest_gradckpt.layers import instrumented
+
+    record = instrumented(module)
+    if record is None:
         module._compiled_call_impl = ctx(module._call_impl)
         return
-    inner = module.__dict__.get("_gradckpt_inner_forward")
+    inner = record.inner_forward
     eager_forward = inner if inner is not None else getattr(type(module).__mro__[1], "forward").__get__(module)
 
     def body(*args: Any, **kwargs: Any) -> Any:
         return eager_forward(*args, **kwargs)
 
-    module.__dict__["_gradckpt_inner_forward"] = ctx(body)
-    module.__dict__["_gradckpt_compiled_body"] = True
+    record.inner_forward, record.compiled_body = ctx(body), True
 
 
 def _eager_named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -268,15 +270,43 @@ def _counts() -> dict[str, int]:
     return {"frames": counters[_FRAMES]["ok"], "graph_breaks": sum(counters[_BREAKS].values())}
 
 
+@dataclasses.dataclass
+class CompiledRun:
+    """What was compiled for one run of a compiled subject (:func:`compiled_run` fills it; None:
+    not recorded, e.g. the step failed before it compiled). A result's ``compiled`` metrics.
+
+    Example:
+        >>> CompiledRun(kind="whole", frames=1).metrics()
+        {'kind': 'whole', 'frames': 1}
+    """
+
+    #: the memory budget a strategy asked the partitioner for (``compile_budget``)
+    activation_memory_budget: float | None = None
+    kind: str | None = None
+    order: str | None = None
+    backend: str | None = None
+    blocks: list[str] | None = None
+    random: str | None = None
+    frames: int | None = None
+    graph_breaks: int | None = None
+    #: a baseline's: the saved-activation bytes checkpointing could cut (:func:`checkpoint_room`),
+    #: set by the engine and read by ``verdicts.recompute_unobserved``
+    checkpoint_room_bytes: int | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """The recorded fields, in declaration order."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
 @contextlib.contextmanager
-def compiled_run(compilation: Compilation, report: dict[str, Any],
-                 requests: dict[str, Any] | None = None) -> Iterator[None]:
+def compiled_run(compilation: Compilation, report: CompiledRun, budget: float | None = None) -> Iterator[None]:
     """Run one step's compiled code from a clean dynamo cache, with dynamo's recompile limits
     lifted (each run compiles a fresh copy; past the limit dynamo would silently run eager),
     and fill ``report`` with what was compiled for it: frames and graph breaks.
 
-    ``requests``: the run's strategy state; an ``activation_memory_budget`` there (``compile_budget``)
-    is set in torch._functorch.config while the step compiles.
+    ``budget``: the ``activation_memory_budget`` the run's strategy asked for
+    (:attr:`pytest_gradckpt.layers.ModelInfo.activation_memory_budget`, ``compile_budget``), set in
+    torch._functorch.config while the step compiles.
 
     Random ops draw as eager draws them (:func:`eager_random`), in the baseline and in every
     strategy: the one oracle for compiled programs (docs/compile.md).
@@ -288,7 +318,6 @@ def compiled_run(compilation: Compilation, report: dict[str, Any],
 
     torch._dynamo.reset()
     before = _counts()
-    budget = (requests or {}).get("activation_memory_budget")
     budgeted = (functorch_config.patch(activation_memory_budget=budget) if budget is not None
                 else contextlib.nullcontext())
     limits = {key: 1 << 20 for key in ("recompile_limit", "accumulated_recompile_limit", "cache_size_limit",
@@ -297,11 +326,11 @@ def compiled_run(compilation: Compilation, report: dict[str, Any],
     with torch._dynamo.config.patch(**limits), budgeted, eager_random(backend):
         yield
     after = _counts()
-    if budget is not None:
-        report["activation_memory_budget"] = budget
-    report.update(kind=compilation.kind, order=compilation.order, backend=backend, blocks=sorted(compilation.blocks),
-                  random=RANDOM_AS_EAGER, **{key: after[key] - before[key] for key in after})
-    if report["frames"] == 0:
+    report.activation_memory_budget = budget
+    report.kind, report.order, report.backend = compilation.kind, compilation.order, backend
+    report.blocks, report.random = sorted(compilation.blocks), RANDOM_AS_EAGER
+    report.frames, report.graph_breaks = (after[key] - before[key] for key in ("frames", "graph_breaks"))
+    if report.frames == 0:
         raise CompilationDropped(
             f"the caller's model is compiled ({compilation.kind}, {len(compilation.blocks)} place(s)), yet dynamo "
             "compiled no frame in this run: it ran the copy eager (as it does under an active TorchDispatchMode, "
@@ -363,17 +392,13 @@ def measure_distance(step: Any, subject: Any, scenario: Any, compiled_first: Any
     """Compile's own distance from eager: one eager step without checkpointing against the compiled
     baseline's first run ``compiled_first`` (which drew random numbers as eager does: :func:`compiled_run`).
 
-    ``step(scenario, None)`` runs the subject; ``subject.compilation`` is set aside for the eager run.
+    ``step(scenario, None)`` runs the subject; the eager run runs it under ``subject.eager()``.
     """
     from pytest_gradckpt.probes.gradients import measure_noise
 
-    compilation = subject.compilation
     compiled_run_ = compiled_first
-    subject.compilation = None
-    try:
+    with subject.eager():
         eager = step(scenario, None)
-    finally:
-        subject.compilation = compilation
     for run in (compiled_run_, eager):
         if run.error is not None:
             raise RuntimeError(f"measuring compile's distance from eager: a step failed: {run.error}") from run.error
@@ -446,7 +471,7 @@ def boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False)
         >>> boundary_bytes(Subject(net, torch.ones(4, 8), None, None), ["0", "2"])  # in and out of each: 4 x (4 x 8) floats
         512
     """
-    from pytest_gradckpt.arguments import tensor_leaves
+    from pytest_gradckpt.tensors import tensor_leaves
 
     model = subject.fresh_model()
     seen: dict[tuple[Any, int], int] = {}

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
-from pytest_gradckpt import baselines, compile_budget, compiled, held, verdicts  # noqa: F401 - compile_budget registers
+from pytest_gradckpt import baselines, compiled, held, verdicts
 from pytest_gradckpt.arguments import Subject, tensor_bytes
 from pytest_gradckpt.distributed import (
     describe_ranks, device_before_build, launched_from_outside, options as distributed_options, refuse_unrunnable_world)
@@ -217,7 +217,7 @@ def _stepper(model: Any, inputs: Any, loss: Any, device: Any, layers: Any, isola
     """The subject and its stepper, and whether steps run isolated in a child process."""
     subject = Subject(model, inputs, loss, device)
     isolated = _isolated(isolate, subject.device, compiled=subject.compilation is not None)
-    subject.compilation = compiled.with_order(subject.compilation, compile_order, elsewhere=isolated or any(
+    subject.order_compilation(compile_order, elsewhere=isolated or any(
         s.distributed for s in options.scenarios))
     return Stepper(subject, layers, options.seed, options.timeout, options.distributed), isolated
 
@@ -282,7 +282,7 @@ def _judge_under_compile(step: Callable[..., Run], subject: Subject, scenario: S
     tolerance = compiled.tolerate_distance(reference, distance, noise_cap(dtype))
     reference.compile_distance, reference.compile_tolerance = distance.largest, tolerance
     if reference.run.compiled is not None:  # read by verdicts.recompute_unobserved
-        reference.run.compiled["checkpoint_room_bytes"] = compiled.checkpoint_room(
+        reference.run.compiled.checkpoint_room_bytes = compiled.checkpoint_room(
             reference.run.of(MemoryProbe).activation_bytes, compiled.try_boundary_bytes(subject, layer_names, scenario.autocast))
     reference.why = (f"compiled ({subject.compilation.kind}); compile's distance from eager: "  # type: ignore[union-attr]
                      f"relative error norm up to {distance.largest:.3g}, tolerated up to {tolerance:.3g}")
@@ -333,7 +333,7 @@ def _judge_one(step: Callable[..., Run], scenario: Scenario, strategy: Strategy,
     if run.compiled is not None:
         compared = [d.rel_norm for c in (evidence.loss, evidence.outputs, evidence.grads) if c is not None
                     for d in c.diffs.values()]
-        metrics["compiled"] = {**run.compiled, "max_rel_err": max(compared, default=None)}
+        metrics["compiled"] = {**run.compiled.metrics(), "max_rel_err": max(compared, default=None)}
     if fingerprint:
         metrics["fingerprint"] = _fingerprint(run, scenario)
     run.drop_tensors()

@@ -186,6 +186,52 @@ def _layers_given(modules: list[nn.Module], owner: nn.Module) -> list[str]:
 
 # --------------------------------------------------------------------------- instrumentation
 
+
+@dataclasses.dataclass
+class Instrumented:
+    """What the engine attaches to one checkpoint unit of its private copy (one record, under
+    :data:`INSTRUMENTED`; the caller's modules never get one). The run that made the copy owns it:
+    a checkpoint function, handed only the unit's forward, reaches the run's counter through it."""
+
+    #: the unit's name in the original model
+    name: str
+    #: the run's recompute counter (its ``memory``: the run's saved-activation probe)
+    counter: LayerCounter
+    #: the forward set on the instance before instrumenting (an accelerate hook), or the body the
+    #: check compiled (``compile_order='checkpoint_outside'``); None: the class's forward
+    inner_forward: Callable[..., Any] | None = None
+    #: the strategy's routing of the unit's calls, ``call(forward, args, kwargs)`` (:func:`install_layer_call`)
+    call: Callable[..., Any] | None = None
+    #: whether :attr:`inner_forward` is a body the check compiled
+    compiled_body: bool = False
+
+
+#: The ``__dict__`` key of a unit's :class:`Instrumented` record.
+INSTRUMENTED = "_gradckpt_instrumented"
+
+
+def instrumented(module: Any) -> Instrumented | None:
+    """The engine's record on ``module``, or None (a module the engine did not instrument).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> instrumented(lin) is None
+        True
+        >>> instrument(lin, "lin", LayerCounter())
+        >>> instrumented(lin).name
+        'lin'
+    """
+    found = getattr(module, "__dict__", {}).get(INSTRUMENTED)
+    return found if isinstance(found, Instrumented) else None
+
+
+def install_layer_call(layer: Any, call: Callable[..., Any] | None) -> None:
+    """Route an instrumented layer's calls through ``call(forward, args, kwargs)``; None restores it.
+    A module the engine did not instrument has no calls to route: nothing changes."""
+    record = instrumented(layer)
+    if record is not None:
+        record.call = call
+
 @functools.lru_cache(maxsize=None)
 def _instrumented_class(base: type[nn.Module]) -> type[nn.Module]:
     """A subclass of ``base`` whose forward counts executions and can be routed through a strategy.
@@ -210,7 +256,7 @@ def _instrumented_class(base: type[nn.Module]) -> type[nn.Module]:
 
 def _original_forward(layer: nn.Module, base: type[nn.Module]) -> Callable[..., Any]:
     """The forward ``layer`` ran before it was instrumented: one set on the instance (an accelerate hook) first."""
-    inner = layer.__dict__.get("_gradckpt_inner_forward")
+    inner = layer.__dict__[INSTRUMENTED].inner_forward
     return inner if inner is not None else functools.partial(base.forward, layer)
 
 
@@ -221,29 +267,30 @@ def _routed_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ..
         # Traced by dynamo: the probes' Python side effects would break the graph (and a checkpoint
         # around them would fall back to eager). The compiled program is the caller's, untouched.
         return _compiled_forward(layer, base, args, kwargs)
-    probe = layer._gradckpt_counter.memory
+    record: Instrumented = layer.__dict__[INSTRUMENTED]
+    probe = record.counter.memory
     if probe is not None:
         probe.hold(args, kwargs)
-    call = layer.__dict__.get("_gradckpt_call")
-    if call is not None:
-        output = call(layer._gradckpt_forward, args, kwargs)
+    if record.call is not None:
+        output = record.call(layer._gradckpt_forward, args, kwargs)
     else:
         output = layer._gradckpt_forward(*args, **kwargs)
-    layer._gradckpt_counter.saw_output(layer._gradckpt_name, output)
+    record.counter.saw_output(record.name, output)
     return output
 
 
 def _counted_body(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The layer's own forward, counted: the function a strategy checkpoints, so its recompute counts too."""
-    counter = layer._gradckpt_counter
+    record: Instrumented = layer.__dict__[INSTRUMENTED]
+    counter = record.counter
     run = _original_forward(layer, base)
     if torch.compiler.is_compiling():
         # The caller's checkpoint function compiled the function it was handed: count before the
         # graph (dynamo replays side effects after it, and a non-reentrant recompute stops early,
         # inside it), and run the body as traced, with no dispatch mode that would make it eager.
-        _hit_outside_graph(counter, layer._gradckpt_name)
+        _hit_outside_graph(counter, record.name)
         return run(*args, **kwargs)
-    counter.hit(layer._gradckpt_name)
+    counter.hit(record.name)
     # Compiled code in the body (compile_order='checkpoint_outside', or compiled submodules) must
     # recompute as it ran forward: dynamo runs nothing compiled under a dispatch mode, and checkpoint
     # would reject the eager recompute's saves.
@@ -256,7 +303,8 @@ def _counted_body(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...]
 
 def _holds_compiled_code(layer: nn.Module) -> bool:
     """Whether running ``layer`` runs compiled code: a compiled body, or a compiled module inside it."""
-    return "_gradckpt_compiled_body" in layer.__dict__ or any(
+    record = instrumented(layer)
+    return (record is not None and record.compiled_body) or any(
         module._compiled_call_impl is not None or hasattr(module, "_orig_mod") for module in layer.modules())
 
 
@@ -270,16 +318,14 @@ def _hit_outside_graph(counter: LayerCounter, name: str) -> None:
 def _compiled_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An instrumented layer's forward as dynamo sees it: the strategy's call, no counting."""
     run = _original_forward(layer, base)
-    call = layer.__dict__.get("_gradckpt_call")
+    call = layer.__dict__[INSTRUMENTED].call
     return run(*args, **kwargs) if call is None else call(run, args, kwargs)
 
 
 def instrument(layer: nn.Module, name: str, counter: LayerCounter) -> None:
     """Make ``layer`` (an engine-owned copy) count its forward executions into ``counter``."""
     inner = layer.__dict__.pop("forward", None)  # e.g. an accelerate hook set on the instance
-    layer.__dict__["_gradckpt_inner_forward"] = inner
-    layer.__dict__["_gradckpt_name"] = name
-    layer.__dict__["_gradckpt_counter"] = counter
+    layer.__dict__[INSTRUMENTED] = Instrumented(name, counter, inner_forward=inner)
     layer.__class__ = _instrumented_class(layer.__class__)
 
 
@@ -323,8 +369,8 @@ def memory_probe_of(function: Callable[..., Any]) -> Any:
         >>> memory_probe_of(functools.partial(lin.forward)), memory_probe_of(torch.nn.Linear(2, 2).forward)
         ("this run's probe", None)
     """
-    counter = getattr(layer_of(function), "_gradckpt_counter", None)
-    return None if counter is None else counter.memory
+    record = instrumented(layer_of(function))
+    return None if record is None else record.counter.memory
 
 
 @dataclasses.dataclass
@@ -341,7 +387,13 @@ class ModelInfo:
     model: nn.Module
     layer_names: list[str]
     found_by: str = "path"
-    #: Per-run scratch space for a strategy (the Strategy object itself is shared by all runs).
+    #: How the caller's model is compiled (``Compilation.kind``: ``"whole"``, ``"per_block"``),
+    #: None when it runs eager: set by the engine, read by strategies for compiled models only.
+    compile_kind: str | None = None
+    #: What a strategy asks the compiled run for: torch._functorch's ``activation_memory_budget``
+    #: while the step compiles (``compile_budget``); None: the default.
+    activation_memory_budget: float | None = None
+    #: Per-run scratch space for a strategy's own records (the Strategy object itself is shared by all runs).
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pytest_gradckpt.errors import NotReplayable
-from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.layers import ModelInfo, instrumented
 from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.strategies import Strategy, install_layer_call
 
@@ -76,7 +76,8 @@ class _UnitCall:
     def __init__(self, layer: torch.nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]):
         self.layer, self.forward = layer, forward
-        self.name = getattr(layer, "_gradckpt_name", type(layer).__name__)
+        record = instrumented(layer)
+        self.name = type(layer).__name__ if record is None else record.name
         leaves, self.in_spec = tree_flatten((args, kwargs))
         self.leaves = leaves
         self.tensor_at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
@@ -110,7 +111,8 @@ class _UnitCall:
     @contextlib.contextmanager
     def as_in_forward(self) -> Iterator[None]:
         """The RNG and autocast state of the original call, uncounted, buffers left as they were."""
-        counter = getattr(self.layer, "_gradckpt_counter", None)
+        record = instrumented(self.layer)
+        counter = None if record is None else record.counter
         buffers = [(b, b.detach().clone()) for b in self.layer.buffers()]
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.rng.restored())
@@ -186,7 +188,7 @@ class _Replay(torch.autograd.Function):
 
 
 def replay_call(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run one call of an instrumented unit through the replay node (a ``_gradckpt_call``).
+    """Run one call of an instrumented unit through the replay node (an :attr:`~pytest_gradckpt.layers.Instrumented.call`).
 
     Example:
         >>> layer = torch.nn.Linear(3, 3)

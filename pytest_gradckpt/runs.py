@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from pytest_gradckpt import compiled
-from pytest_gradckpt.arguments import Subject, tensor_bytes, tensor_leaves
-from pytest_gradckpt.tensors import map_tensors
+from pytest_gradckpt.arguments import Subject
+from pytest_gradckpt.tensors import map_tensors, tensor_bytes, tensor_leaves
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
 from pytest_gradckpt.process_state import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers
@@ -56,7 +56,7 @@ class Run:
     error: BaseException | None = None
     rank_disagreement: str | None = None  # distributed runs: ranks must hold the same gradients
     #: a compiled subject's run: what dynamo compiled for it (:func:`pytest_gradckpt.compiled.compiled_run`)
-    compiled: dict[str, Any] | None = None
+    compiled: compiled.CompiledRun | None = None
     #: what the strategy promised for this run (:meth:`pytest_gradckpt.strategies.Strategy.promise`)
     promise: Promise | None = None
 
@@ -188,7 +188,7 @@ class Stepper:
         # The modules to compile are taken before the strategy runs, as the names are.
         step = _Step(copy=prepare_copy(model, self.layer_names, self.found_by, subject.device),
                      compiled_modules={} if compilation is None else compilation.targets(model))
-        step.info.state["compilation"] = compilation  # strategies that apply to compiled models only ask
+        step.info.compile_kind = None if compilation is None else compilation.kind  # compiled-only strategies ask
         return step
 
     def _switch_on(self, run: Run, step: _Step, strategy: Strategy | None) -> None:
@@ -204,7 +204,7 @@ class Stepper:
         compilation = self.subject.compilation
         if compilation is not None:
             compilation.apply(step.model, step.compiled_modules)
-            run.compiled = {}
+            run.compiled = compiled.CompiledRun()
 
     def _wrap(self, step: _Step, grad_targets: set[str] | None, parallel: Any) -> None:
         """The parallel wrap, the parameters to differentiate and this rank's inputs."""
@@ -228,7 +228,8 @@ class Stepper:
         step.grads = {n: None for n, _ in step.trainable}
         compilation = subject.compilation
         compiling = (contextlib.nullcontext() if compilation is None
-                     else compiled.compiled_run(compilation, run.compiled, step.info.state))  # type: ignore[arg-type]
+                     else compiled.compiled_run(compilation, run.compiled or compiled.CompiledRun(),
+                                                step.info.activation_memory_budget))
         with probed(run, step.copy, deadline(self.timeout), compiling):
             micro_batches = scenario.micro_batches if parallel is None else parallel.micro_batches(scenario)
             for micro_batch in range(micro_batches):

@@ -16,128 +16,26 @@ pytest plugin can validate names without paying for torch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
+from pytest_gradckpt.compile_budget import CompileBudget
 from pytest_gradckpt.promises import Promise
+from pytest_gradckpt.registries import Registry
+from pytest_gradckpt.strategy_base import (  # noqa: F401 - re-exported: the strategies' public face
+    CheckpointFunctionStrategy,
+    Strategy,
+    Units,
+    install_layer_call,
+    units_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_gradckpt.layers import ModelInfo
-
-
-class Strategy:
-    """A way of checkpointing a model, judged against the no-checkpoint baseline.
-
-    Attributes:
-        name: the registry name, used in marker arguments, options and reports.
-        skips_frozen: the strategy promises to recompute only layers that have
-            trainable parameters; the engine verifies that promise by counting.
-        description: one line for ``--gradckpt-strategies=help`` and the README.
-
-    Example:
-        >>> import torch.utils.checkpoint as cp, functools
-        >>> s = Strategy.from_checkpoint_fn("mine", functools.partial(cp.checkpoint, use_reentrant=False))
-        >>> s.name, s.skips_frozen
-        ('mine', False)
-    """
-
-    name: str = ""
-    skips_frozen: bool = False
-    description: str = ""
-    #: ``"chosen"``: the strategy checkpoints exactly the engine's checkpoint units, and each must
-    #: run forward + one recompute. ``"own"`` (or the default, ``"observed"``: nothing declared): it
-    #: picks its units itself (a library's switch, a wrapper); the engine judges the units it observes
-    #: recomputed and only forbids extra runs. Strategies built on checkpoint functions are ``"chosen"``.
-    units: str = "observed"
-    #: False for strategies that keep activations elsewhere (e.g. on the host) instead of recomputing;
-    #: None (the default): observed, a unit whose forward ran under someone else's saved-tensor hooks
-    #: (torch's ``save_on_cpu``, ``offload_wrapper``) is not expected to recompute.
-    recomputes: bool | None = None
-
-    #: What the strategy promises beyond equal gradients (which units recompute, which ops it keeps,
-    #: where saved activations live); :meth:`promise` returns it. None: nothing beyond the above.
-    promised: Promise | None = None
-    #: True: runs only when named, never in "every registered strategy".
-    opt_in: bool = False
-
-    def applies_to(self, info: ModelInfo) -> str | None:
-        """Return why this strategy cannot run on ``info.model``, or None if it can."""
-        return None
-
-    def promise(self, info: ModelInfo) -> Promise | None:
-        """What this strategy promised for the run on ``info`` (asked after the step, so a strategy
-        may read what it recorded in ``info.state``); the probes verify it (docs/strategies.md)."""
-        return self.promised
-
-    def apply(self, info: ModelInfo) -> None:
-        """Switch checkpointing on for the model copy in ``info`` (the engine owns the copy)."""
-        raise NotImplementedError
-
-    def after_forward(self, info: ModelInfo) -> None:
-        """Called by the engine after each forward pass, before backward: a chance to verify an
-        assumption the strategy made about how the model calls its layers. Raise
-        :class:`~pytest_gradckpt.errors.StrategyNotApplicable` when it does not hold."""
-
-    def expects_recompute(self, info: ModelInfo, layer: Any) -> bool:
-        """Whether ``layer`` must run a second time in backward under this strategy."""
-        if self.recomputes is False:
-            return False
-        return info.has_trainable(layer) if self.skips_frozen else True
-
-    @staticmethod
-    def from_checkpoint_fn(name: str, fn: Callable[..., Any], *, skips_frozen: bool = False,
-                           description: str = "", promise: Promise | None = None) -> Strategy:
-        """Wrap any function with ``torch.utils.checkpoint.checkpoint``'s signature.
-
-        Example:
-            >>> import functools, torch.utils.checkpoint as cp
-            >>> s = Strategy.from_checkpoint_fn("reent", functools.partial(cp.checkpoint, use_reentrant=True))
-            >>> s.description
-            'checkpoint function reent'
-        """
-        if not callable(fn):
-            raise GradckptUsageError(
-                f"Strategy.from_checkpoint_fn({name!r}, fn={fn!r}): fn is not callable; pass a function "
-                "with torch.utils.checkpoint.checkpoint's signature, fn(function, *args, **kwargs)"
-            )
-        strategy = CheckpointFunctionStrategy(name, fn, skips_frozen=skips_frozen,
-                                              description=description or f"checkpoint function {name}")
-        strategy.promised = promise
-        return strategy
-
-    def __repr__(self) -> str:
-        return f"<Strategy {self.name}>"
-
-
-class CheckpointFunctionStrategy(Strategy):
-    """Install one checkpoint function on every checkpoint unit."""
-
-    units = "chosen"
-    recomputes = True  # a checkpoint function recomputes (whatever it does with the saved inputs)
-
-    def __init__(self, name: str, fn: Callable[..., Any], *, skips_frozen: bool = False, description: str = ""):
-        self.name, self.fn, self.skips_frozen, self.description = name, fn, skips_frozen, description
-
-    def apply(self, info: ModelInfo) -> None:
-        if info.uses_transformers_mechanism:
-            hf_model = info.hf_model
-            assert hf_model is not None  # uses_transformers_mechanism says there is one
-            hf_model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=self.fn)
-        else:
-            for layer in info.layers:
-                install_layer_call(layer, lambda forward, args, kwargs: self.fn(
-                    functools.partial(forward, **kwargs), *args))
-
-
-def install_layer_call(layer: Any, call: Callable[..., Any] | None) -> None:
-    """Route an instrumented layer's calls through ``call(forward, args, kwargs)``; None restores it."""
-    if call is None:
-        layer.__dict__.pop("_gradckpt_call", None)
-    else:
-        layer.__dict__["_gradckpt_call"] = call
 
 
 # --------------------------------------------------------------------------- checkpoint functions
@@ -325,7 +223,7 @@ class TransformersAPI(Strategy):
     """The transformers model's own switch: ``activation_checkpointing_enable`` (5.23+)
     or ``gradient_checkpointing_enable`` (older), with ``use_reentrant`` set."""
 
-    units = "own"
+    units = Units.OWN
 
     def __init__(self, name: str, use_reentrant: bool):
         self.name, self.use_reentrant = name, use_reentrant
@@ -359,7 +257,7 @@ class TransformersSwitch(Strategy):
         ('hf_every_2', 'every_n_layers=2')
     """
 
-    units = "own"
+    units = Units.OWN
     opt_in = True
 
     def __init__(self, name: str | None = None, every_n_layers: int = 1, offload: bool = False,
@@ -440,7 +338,7 @@ class TorchWrapper(Strategy):
     (``offload_wrapper``: activations saved to pinned host memory, nothing recomputed).
     """
 
-    units = "chosen"
+    units = Units.CHOSEN
 
     def __init__(self, name: str, impl: str):
         self.name, self.impl = name, impl
@@ -479,7 +377,7 @@ class NativeSwitch(Strategy):
     what a user gets by calling it. Skipped, with the reason, where the model has none."""
 
     name = "native"
-    units = "own"
+    units = Units.OWN
     description = ("the model's own switch with its defaults: transformers' activation/gradient_checkpointing_enable, "
                    "diffusers' enable_gradient_checkpointing, timm's set_grad_checkpointing")
 
@@ -518,7 +416,7 @@ class SequentialSegments(Strategy):
     """
 
     name = "sequential"
-    units = "chosen"
+    units = Units.CHOSEN
     description = "about sqrt(n) segments of consecutive layers, each checkpointed as one unit"
 
     def applies_to(self, info: ModelInfo) -> str | None:
@@ -564,16 +462,16 @@ class _Segment:
 
     def finish_forward(self) -> None:
         if self.pending:
-            name = self.layers[len(self.layers) - self.pending]._gradckpt_name
+            name = _unit_name(self.layers[len(self.layers) - self.pending])
             self.pending = 0
-            raise self._not_chained(f"{name} was never called after {self.layers[0]._gradckpt_name}")
+            raise self._not_chained(f"{name} was never called after {_unit_name(self.layers[0])}")
 
     def run_head(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from torch.utils.checkpoint import checkpoint
 
         if self.pending:
-            raise self._not_chained(f"{self.layers[0]._gradckpt_name} was called again before "
-                                    f"{self.layers[len(self.layers) - self.pending]._gradckpt_name}")
+            raise self._not_chained(f"{_unit_name(self.layers[0])} was called again before "
+                                    f"{_unit_name(self.layers[len(self.layers) - self.pending])}")
         head, followers = self.layers[0], self.layers[1:]
         recomputing = False  # in recompute, checkpoint's own control-flow exceptions must pass through
 
@@ -587,7 +485,7 @@ class _Segment:
                     if recomputing:
                         raise
                     raise StrategyNotApplicable(
-                        f"sequential: layer {layer._gradckpt_name} fails when given the previous layer's "
+                        f"sequential: layer {_unit_name(layer)} fails when given the previous layer's "
                         f"output and arguments ({type(error).__name__}: {str(error)[:120]}); this model passes "
                         "per-layer arguments, so its layers cannot be fused into segments") from error
             return output
@@ -602,7 +500,7 @@ class _Segment:
     def hand_on(self, position: int, forward: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
         if self.pending != len(self.layers) - position:
-            raise self._not_chained(f"{self.layers[position]._gradckpt_name} was called out of order")
+            raise self._not_chained(f"{_unit_name(self.layers[position])} was called out of order")
         self.pending -= 1
         same_input = bool(args) and _same(args[0], self._hidden(self.output))
         same_extra = len(args[1:]) == len(self.extra) and all(_same(a, b) for a, b in zip(args[1:], self.extra, strict=True))
@@ -610,14 +508,22 @@ class _Segment:
         if not _same_rng(self.rng_after, _rng_state(args)):
             raise StrategyNotApplicable(
                 f"sequential: the model draws random numbers between layers (e.g. LayerDrop) before "
-                f"{self.layers[position]._gradckpt_name}; fusing layers into a segment would reorder those "
+                f"{_unit_name(self.layers[position])}; fusing layers into a segment would reorder those "
                 "draws and change dropout masks, so segments cannot be used for this model")
         if not (same_input and same_extra and same_kwargs):
             raise StrategyNotApplicable(
-                f"sequential: layer {self.layers[position]._gradckpt_name} was called with something other than "
+                f"sequential: layer {_unit_name(self.layers[position])} was called with something other than "
                 "the previous layer's output and the same extra arguments, so consecutive layers cannot be "
                 "fused into one checkpointed segment for this model; use a per-layer strategy")
         return self.output
+
+
+def _unit_name(layer: Any) -> str:
+    """An instrumented unit's name in the original model (for messages)."""
+    from pytest_gradckpt.layers import instrumented
+
+    record = instrumented(layer)
+    return type(layer).__name__ if record is None else record.name
 
 
 def _same(given: Any, expected: Any) -> bool:
@@ -679,103 +585,15 @@ def _same_rng(before: tuple[Any, Any], now: tuple[Any, Any]) -> bool:
 
 # --------------------------------------------------------------------------- the registry
 
-_REGISTRY: dict[str, Strategy] = {}
-
-
-def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
-    """Make ``strategy`` available by name to ``check()``, markers and options.
-
-    Example:
-        >>> import functools, torch.utils.checkpoint as cp
-        >>> s = Strategy.from_checkpoint_fn("doc_example", functools.partial(cp.checkpoint, use_reentrant=False))
-        >>> register_strategy(s, replace=True).name in available_strategies()
-        True
-        >>> unregister_strategy("doc_example") is s, "doc_example" in available_strategies()
-        (True, False)
-    """
-    if not isinstance(strategy, Strategy):
-        raise GradckptUsageError(
-            f"register_strategy({strategy!r}): expected a Strategy; wrap a checkpoint function with "
-            "Strategy.from_checkpoint_fn(name, fn)")
-    if not strategy.name or not strategy.name.replace("_", "").replace("-", "").isalnum():
-        raise GradckptUsageError(
-            f"register_strategy: name {strategy.name!r} is not usable; use letters, digits, '_' or '-'")
-    if strategy.name in _REGISTRY and not replace and _REGISTRY[strategy.name] is not strategy:
-        raise GradckptUsageError(
-            f"register_strategy: a strategy named {strategy.name!r} is already registered; "
-            "pick another name or pass replace=True")
-    _REGISTRY[strategy.name] = strategy
-    return strategy
-
-
-def unregister_strategy(name: str) -> Strategy:
-    """Remove a strategy registered by :func:`register_strategy` (a test's own, say) and return it.
-    Built-in strategies stay.
-
-    Example:
-        >>> unregister_strategy("reentrant")
-        Traceback (most recent call last):
-        ...
-        pytest_gradckpt.errors.GradckptUsageError: unregister_strategy: 'reentrant' is built in; built-in strategies stay registered
-    """
-    if name in BUILTIN or name in BUILTIN_OPT_IN:
-        raise GradckptUsageError(f"unregister_strategy: {name!r} is built in; built-in strategies stay registered")
-    if name not in _REGISTRY:
-        raise GradckptUsageError(f"unregister_strategy: no strategy named {name!r} is registered; "
-                                 f"registered: {', '.join(_REGISTRY)}")
-    return _REGISTRY.pop(name)
-
-
-def available_strategies(opt_in: bool = False) -> list[str]:
-    """Names of every registered strategy, built-ins first; with ``opt_in``, also those that
-    run only when named (a strategy with ``opt_in = True``, e.g. ``compile_budget``).
-
-    Example:
-        >>> available_strategies()[:4]
-        ['reentrant', 'non_reentrant', 'hf_reentrant', 'hf_non_reentrant']
-    """
-    return [n for n, s in _REGISTRY.items() if opt_in or not getattr(s, "opt_in", False)]
-
-
-def get_strategy(name: str) -> Strategy:
-    """Look a strategy up by name; unknown names list what is available."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise GradckptUsageError(
-            f"unknown strategy {name!r}; available: {', '.join(_REGISTRY)} "
-            "(register your own with pytest_gradckpt.register_strategy)") from None
-
-
-def resolve_strategies(spec: Iterable[str | Strategy] | str | Strategy | None) -> list[Strategy]:
-    """Turn names, Strategy objects or None (= all registered) into Strategy objects."""
-    if spec is None:
-        return [_REGISTRY[n] for n in available_strategies()]
-    if isinstance(spec, (str, Strategy)):
-        spec = [spec]
-    resolved = []
-    for item in spec:
-        if isinstance(item, Strategy):
-            resolved.append(item)
-        elif isinstance(item, str):
-            resolved.append(get_strategy(item))
-        else:
-            raise GradckptUsageError(
-                f"strategies: {item!r} is neither a strategy name nor a Strategy; "
-                f"pass names from {', '.join(_REGISTRY)}")
-    if not resolved:
-        raise GradckptUsageError(f"strategies is empty; pass at least one of {', '.join(_REGISTRY)}")
-    return resolved
-
 
 def _opt_in(strategy: Strategy) -> Strategy:
     strategy.opt_in = True
     return strategy
 
 
-def _register_builtins() -> tuple[str, ...]:
+def _builtin_strategies() -> tuple[Strategy, ...]:
     from_fn = Strategy.from_checkpoint_fn
-    builtins = [
+    return (
         from_fn("reentrant", reentrant_checkpoint,
                 description="torch.utils.checkpoint per layer, use_reentrant=True"),
         from_fn("non_reentrant", non_reentrant_checkpoint,
@@ -800,14 +618,125 @@ def _register_builtins() -> tuple[str, ...]:
                         promise=Promise("MUST_CPU_OFFLOAD", kept_ops="matmuls"))),
         TransformersSwitch(every_n_layers=2),
         TransformersSwitch(offload=True),
-    ]
-    for strategy in builtins:
-        register_strategy(strategy)
-    return tuple(s.name for s in builtins)
+        CompileBudget(),
+    )
 
 
-_ALL_BUILTIN = _register_builtins()
+#: Every strategy in force, built-ins first (:class:`~pytest_gradckpt.registries.Registry`).
+_STRATEGIES: Registry[Strategy] = Registry("strategies", _builtin_strategies(), name_of=lambda s: s.name)
 #: Names of the built-in strategies that run by default, in registry order.
-BUILTIN: tuple[str, ...] = tuple(n for n in _ALL_BUILTIN if not _REGISTRY[n].opt_in)
-#: Built-in strategies that run only when named (``hf_every_2``, ``hf_offload``, ``sac_offload``).
-BUILTIN_OPT_IN: tuple[str, ...] = tuple(n for n in _ALL_BUILTIN if _REGISTRY[n].opt_in)
+BUILTIN: tuple[str, ...] = tuple(s.name for s in _STRATEGIES.builtins if not s.opt_in)
+#: Built-in strategies that run only when named (``sac_offload``, ``hf_every_2``, ``hf_offload``,
+#: ``compile_budget``).
+BUILTIN_OPT_IN: tuple[str, ...] = tuple(s.name for s in _STRATEGIES.builtins if s.opt_in)
+
+
+def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
+    """Make ``strategy`` available by name to ``check()``, markers and options, for the rest of
+    the current context (a test module's or conftest's registration lasts the session).
+
+    Example:
+        >>> import functools, torch.utils.checkpoint as cp
+        >>> s = Strategy.from_checkpoint_fn("doc_example", functools.partial(cp.checkpoint, use_reentrant=False))
+        >>> register_strategy(s, replace=True).name in available_strategies()
+        True
+        >>> unregister_strategy("doc_example") is s, "doc_example" in available_strategies()
+        (True, False)
+    """
+    if not isinstance(strategy, Strategy):
+        raise GradckptUsageError(
+            f"register_strategy({strategy!r}): expected a Strategy; wrap a checkpoint function with "
+            "Strategy.from_checkpoint_fn(name, fn)")
+    if not strategy.name or not strategy.name.replace("_", "").replace("-", "").isalnum():
+        raise GradckptUsageError(
+            f"register_strategy: name {strategy.name!r} is not usable; use letters, digits, '_' or '-'")
+    units_of(strategy)  # a usage error now, not a wrong verdict later
+    found = _STRATEGIES.find(strategy.name)
+    if found is not None and not replace and found is not strategy:
+        raise GradckptUsageError(
+            f"register_strategy: a strategy named {strategy.name!r} is already registered; "
+            "pick another name or pass replace=True")
+    return _STRATEGIES.register(strategy)
+
+
+def unregister_strategy(name: str) -> Strategy:
+    """Remove a strategy registered by :func:`register_strategy` (a test's own, say) and return it.
+    Built-in strategies stay.
+
+    Example:
+        >>> unregister_strategy("reentrant")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: unregister_strategy: 'reentrant' is built in; built-in strategies stay registered
+    """
+    if _STRATEGIES.is_builtin(name):
+        raise GradckptUsageError(f"unregister_strategy: {name!r} is built in; built-in strategies stay registered")
+    if _STRATEGIES.find(name) is None:
+        raise GradckptUsageError(f"unregister_strategy: no strategy named {name!r} is registered; "
+                                 f"registered: {', '.join(_STRATEGIES.names())}")
+    return _STRATEGIES.unregister(name)
+
+
+@contextlib.contextmanager
+def using_strategies(*strategies: Strategy) -> Iterator[tuple[Strategy, ...]]:
+    """Run the block with ``strategies`` registered as well; nothing outlives the block.
+
+    Example:
+        >>> import functools, torch.utils.checkpoint as cp
+        >>> with using_strategies(Strategy.from_checkpoint_fn("scoped", cp.checkpoint)):
+        ...     "scoped" in available_strategies()
+        True
+        >>> "scoped" in available_strategies()
+        False
+    """
+    with _STRATEGIES.using():
+        for strategy in strategies:
+            register_strategy(strategy)
+        yield _STRATEGIES.registered()
+
+
+def registered_strategies() -> dict[str, Strategy]:
+    """Every strategy in force by name, built-ins first, opt-in ones included."""
+    return {strategy.name: strategy for strategy in _STRATEGIES.registered()}
+
+
+def available_strategies(opt_in: bool = False) -> list[str]:
+    """Names of every registered strategy, built-ins first; with ``opt_in``, also those that
+    run only when named (a strategy with ``opt_in = True``, e.g. ``compile_budget``).
+
+    Example:
+        >>> available_strategies()[:4]
+        ['reentrant', 'non_reentrant', 'hf_reentrant', 'hf_non_reentrant']
+    """
+    return [s.name for s in _STRATEGIES.registered() if opt_in or not s.opt_in]
+
+
+def get_strategy(name: str) -> Strategy:
+    """Look a strategy up by name; unknown names list what is available."""
+    found = _STRATEGIES.find(name)
+    if found is None:
+        raise GradckptUsageError(
+            f"unknown strategy {name!r}; available: {', '.join(_STRATEGIES.names())} "
+            "(register your own with pytest_gradckpt.register_strategy)")
+    return found
+
+
+def resolve_strategies(spec: Iterable[str | Strategy] | str | Strategy | None) -> list[Strategy]:
+    """Turn names, Strategy objects or None (= all registered) into Strategy objects."""
+    if spec is None:
+        return [get_strategy(n) for n in available_strategies()]
+    if isinstance(spec, (str, Strategy)):
+        spec = [spec]
+    resolved = []
+    for item in spec:
+        if isinstance(item, Strategy):
+            resolved.append(item)
+        elif isinstance(item, str):
+            resolved.append(get_strategy(item))
+        else:
+            raise GradckptUsageError(
+                f"strategies: {item!r} is neither a strategy name nor a Strategy; "
+                f"pass names from {', '.join(_STRATEGIES.names())}")
+    if not resolved:
+        raise GradckptUsageError(f"strategies is empty; pass at least one of {', '.join(_STRATEGIES.names())}")
+    return resolved

@@ -1,8 +1,9 @@
 """The one walker over nested tensors: mappings, lists and tuples at any depth.
 
 Every module that looks inside inputs or outputs (arguments, sharding under DDP/FSDP2,
-the recompute counter, host copies of a run) goes through these two functions, so a
-batch nested as ``({"x": [t]},)`` is seen the same way everywhere. Imports torch only.
+the recompute counter, host copies of a run, a compiled run's outputs) goes through these
+functions, so a batch nested as ``({"x": [t]},)`` is seen the same way everywhere. Imports
+torch only, so any module may import it without an import cycle.
 """
 
 from __future__ import annotations
@@ -55,3 +56,33 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in tensors_in(v)]
     return []
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes held by the tensors in ``tensors`` (None entries skipped).
+
+    Example:
+        >>> tensor_bytes([torch.zeros(4), None, torch.zeros(2, dtype=torch.float64)])
+        32
+    """
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Floating-point tensors inside nested mappings/sequences, keyed by their path.
+
+    Example:
+        >>> sorted(tensor_leaves({"logits": torch.zeros(1), "ids": torch.zeros(1, dtype=torch.long)}))
+        ['logits']
+    """
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            found[prefix or "output"] = value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            found.update(tensor_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found.update(tensor_leaves(item, f"{prefix}[{index}]"))
+    return found

@@ -34,7 +34,7 @@ from pytest_gradckpt.probes.warnings import WarningsProbe, silent_warning
 from pytest_gradckpt.promises import OpsSeen, broken, recomputed_units
 from pytest_gradckpt.report import Metrics, UnknownMetric
 from pytest_gradckpt.runs import Run
-from pytest_gradckpt.strategies import Strategy
+from pytest_gradckpt.strategies import Strategy, units_of
 
 
 @dataclasses.dataclass
@@ -125,7 +125,7 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
     base_calls, run_calls = base.of(RecomputeProbe), run.of(RecomputeProbe)
     evidence.recomputed, evidence.checkpointable, evidence.recompute_problems = recompute_verdict(
         base_calls.calls, run_calls.calls, _expected_recompute(strategy, base, run), base_calls.graph_calls,
-        own_units=strategy.units != "chosen", reached_calls=base_calls.reached_calls)
+        own_units=not units_of(strategy).engine_chosen, reached_calls=base_calls.reached_calls)
     fields = {field.name for field in dataclasses.fields(Evidence)}
     for kind in registry.registered():
         for name, value in kind.evidence(evidence).items():
@@ -278,7 +278,8 @@ def recompute_unobserved(e: Evidence, limits: Limits) -> str | None:
     reduction = e.activation_reduction
     if reduction is None or reduction > 0:
         return None
-    room = (e.baseline.run.compiled or {}).get("checkpoint_room_bytes")  # compiled.checkpoint_room
+    base_compiled = e.baseline.run.compiled
+    room = None if base_compiled is None else base_compiled.checkpoint_room_bytes  # compiled.checkpoint_room
     if room is not None and room <= 0:
         return None  # the compiled baseline keeps only the units' boundaries: no cut possible, no evidence
     return (f"saved activations fell by {reduction:.0%} under compile: no checkpointing took effect (the recompute "

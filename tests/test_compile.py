@@ -204,8 +204,8 @@ def test_memory_is_no_evidence_where_checkpointing_has_nothing_to_cut():
 
     def rule(room: int | None) -> str | None:  # hand-built evidence: compiled, nothing counted, memory unchanged
         saved = {"memory": SavedMemory(512)}
-        base = Run(measured=saved, compiled={"checkpoint_room_bytes": room})  # None: not measured
-        found = verdicts.Evidence(get_strategy("non_reentrant"), Run(measured=saved, compiled={}),
+        base = Run(measured=saved, compiled=compiled.CompiledRun(checkpoint_room_bytes=room))  # None: not measured
+        found = verdicts.Evidence(get_strategy("non_reentrant"), Run(measured=saved, compiled=compiled.CompiledRun()),
                                   Baseline(base), grads=Comparison(), activation_reduction=0.0)
         return verdicts.recompute_unobserved(found, verdicts.Limits(rtol=0.0, atol=0.0))
 

@@ -9,6 +9,7 @@ import pytest
 
 from pytest_gradckpt import outcomes, verdicts
 from pytest_gradckpt.baselines import Baseline
+from pytest_gradckpt.compiled import CompiledRun
 from pytest_gradckpt.errors import StrategyNotApplicable
 from pytest_gradckpt.probes.gradients import Comparison
 from pytest_gradckpt.probes.layer_calls import LayerCalls
@@ -85,7 +86,7 @@ CASES = [
      {"never_recomputed"}, outcomes.NOT_APPLIED, "no layer was recomputed"),
     ("too little saved memory", evidence(activation_reduction=0.1), MEMORY_LIMITS,
      {"too_little_saved_memory"}, outcomes.NOT_APPLIED, "fell by 10%, below min_memory_reduction=50%"),
-    ("compiled, no memory saved", evidence(Run(compiled={"frames": 2}), recomputed=0, checkpointable=0,
+    ("compiled, no memory saved", evidence(Run(compiled=CompiledRun(frames=2)), recomputed=0, checkpointable=0,
                                            activation_reduction=0.0), LIMITS,
      {"recompute_unobserved"}, outcomes.NOT_APPLIED, "fell by 0% under compile"),
     ("too little CUDA memory", evidence(activation_reduction=0.9, cuda_reduction=0.2), MEMORY_LIMITS,

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from pytest_gradckpt.probes.protocol import Probe, ProbeStep
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Probe, ProbeEvidence, ProbeStep
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
@@ -132,5 +129,5 @@ class BackwardCallsProbe(Probe[RecomputedUnits]):
         return RecomputedUnits(recomputed_units(original, self.calls.names))
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         return {"recomputed_units": evidence.run.of(cls).recomputed_units} if evidence.compared else {}

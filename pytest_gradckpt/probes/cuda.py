@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from pytest_gradckpt.arguments import tensor_bytes
-from pytest_gradckpt.probes.protocol import Column, Probe, ProbeStep
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.tensors import tensor_bytes
+from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence, ProbeStep
 
 
 class CudaPeak:
@@ -99,14 +96,14 @@ class CudaProbe(Probe[CudaMemory]):
         return CudaMemory(max(known), known)
 
     @classmethod
-    def evidence(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def evidence(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         run, base = evidence.run.of(cls).cuda_peak_bytes, evidence.baseline.run.of(cls).cuda_peak_bytes
         if not evidence.baseline.measures_cost or run is None or not base:
             return {}
         return {"cuda_reduction": 1 - run / base}
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         run = evidence.run.of(cls)
         if not evidence.compared:
             return {}

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pytest_gradckpt.layers import instrument
-from pytest_gradckpt.probes.protocol import Column, Probe, ProbeStep
+from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence, ProbeStep
 from pytest_gradckpt.probes.recompute import LayerCounter
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
 
 
 def _recomputed(done: Any, total: Any) -> str:
@@ -53,7 +50,7 @@ class RecomputeProbe(Probe[LayerCalls]):
         return LayerCalls(dict(counter.counts), dict(counter.graph_calls), dict(counter.reached_calls))
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         if not evidence.compared:
             return {}
         base = evidence.baseline.run.of(cls)

@@ -21,17 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
-from pytest_gradckpt.probes.protocol import Column, Probe
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
     try:
@@ -218,14 +215,14 @@ class MemoryProbe(Probe[SavedMemory]):
         return SavedMemory(self.saved.peak_bytes)
 
     @classmethod
-    def evidence(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def evidence(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         run, base = evidence.run.of(cls).activation_bytes, evidence.baseline.run.of(cls).activation_bytes
         if not evidence.baseline.measures_cost or not base:
             return {}
         return {"activation_reduction": 1 - run / base}
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         if not evidence.compared:
             return {}
         found: dict[str, Any] = {"activation_bytes": evidence.run.of(cls).activation_bytes,

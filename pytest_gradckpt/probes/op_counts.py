@@ -16,16 +16,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pytest_gradckpt.layers import instrumented
 from pytest_gradckpt.probes.backward_calls import in_backward
-from pytest_gradckpt.probes.protocol import Column, Probe
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
 _MATMUL_NAMES = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm")
 
@@ -77,7 +75,7 @@ def compiled_model(model: torch.nn.Module) -> bool:
     dynamo traces): an ``OptimizedModule``, a compiled call, or an engine unit whose body the check
     compiled below its eager checkpoint (``compile_order='checkpoint_outside'``)."""
     return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-               or "_gradckpt_compiled_body" in m.__dict__ for m in model.modules())
+               or getattr(instrumented(m), "compiled_body", False) for m in model.modules())
 
 
 @dataclasses.dataclass
@@ -121,7 +119,7 @@ class OpCountProbe(Probe[OpCounts]):
                         seen.flops["backward"], sorted(seen.uncounted))
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         run, base = evidence.run.of(cls), evidence.baseline.run.of(cls)
         if not evidence.compared or not run.counted:
             return {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -29,10 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.probes.op_counts import compiled_model
-from pytest_gradckpt.probes.protocol import Column, Probe
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
 
 def _pinned_bytes(kind: str) -> int | None:
@@ -164,7 +161,7 @@ class PhasesProbe(Probe[Phases]):
         return self.seen or Phases()
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         run, base = evidence.run.of(cls), evidence.baseline.run.of(cls)
         if not evidence.compared:
             return {}

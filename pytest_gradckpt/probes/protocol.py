@@ -11,7 +11,9 @@ A probe declares
   picklable host form) and :meth:`Probe.merge` (the ranks' measurements into one);
 - what it adds to the evidence (:meth:`Probe.evidence`: fields of
   :class:`~pytest_gradckpt.verdicts.Evidence` the rules read) and to a result's metrics
-  (:meth:`Probe.metrics`, only the keys it declares in ``metric_keys``);
+  (:meth:`Probe.metrics`, only the keys it declares in ``metric_keys``). Both read the evidence
+  through :class:`ProbeEvidence`, the part of it declared here, so no probe imports the verdicts
+  (which import the probes);
 - its report columns (``columns``).
 
 The probes of a step are those of :mod:`pytest_gradckpt.probes.registry`, in its order: the
@@ -27,16 +29,65 @@ import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
-
 M = TypeVar("M")
 P = TypeVar("P", bound="Probe[Any]")
+
+
+class Measured(Protocol):
+    """A run as the probes read it: each probe's measurement (:class:`~pytest_gradckpt.runs.Run`)."""
+
+    def of(self, kind: type[Probe[M]]) -> M:
+        """What probe ``kind`` measured in this run."""
+
+
+class MeasuredBaseline(Protocol):
+    """A baseline as the probes read it (:class:`~pytest_gradckpt.baselines.Baseline`)."""
+
+    @property
+    def run(self) -> Measured:
+        """The baseline's own run."""
+
+    @property
+    def measures_cost(self) -> bool:
+        """Whether its memory and time are a fair reference for the strategy's."""
+
+
+class ProbeEvidence(Protocol):
+    """What a probe reads of one strategy's evidence (:class:`~pytest_gradckpt.verdicts.Evidence`
+    satisfies it): declared here so the probes need not import the verdicts, which import them."""
+
+    @property
+    def run(self) -> Measured:
+        """The strategy's run."""
+
+    @property
+    def baseline(self) -> MeasuredBaseline:
+        """The no-checkpoint run it is judged against."""
+
+    @property
+    def compared(self) -> bool:
+        """Whether the run completed and was compared with the baseline."""
+
+    @property
+    def recomputed(self) -> int:
+        """Checkpoint units seen recomputed."""
+
+    @property
+    def checkpointable(self) -> int:
+        """Checkpoint units the strategy could checkpoint."""
+
+    @property
+    def activation_reduction(self) -> float | None:
+        """Saved-activation bytes saved against the baseline, as a fraction (None: not measured)."""
+
+    @property
+    def cuda_reduction(self) -> float | None:
+        """CUDA peak bytes saved against the baseline, as a fraction (None: not measured)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,12 +213,12 @@ class Probe(ABC, Generic[M]):
         return mine
 
     @classmethod
-    def evidence(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def evidence(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         """Fields of ``evidence`` this probe fills (for a run that completed), by name."""
         return {}
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         """This probe's metrics for a result (keys from ``metric_keys``); ``evidence.compared``
         says whether the run completed and was compared with the baseline."""
         return {}

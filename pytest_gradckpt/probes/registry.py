@@ -5,13 +5,14 @@ metric keys and report columns the probes declare.
 The order is the order probes are entered around a step (the first outermost; the step time
 last, so it times the micro-batches only) and the order of their report columns. Adding a probe
 is one module with a :class:`~pytest_gradckpt.probes.protocol.Probe` subclass and one line here;
-:func:`using` adds probes for the code inside a ``with`` block only (a test's, or a check's own).
+:func:`using` adds probes for the code inside a ``with`` block only (a test's, or a check's own),
+:func:`register_probe` / :func:`unregister_probe` for the rest of the context
+(:class:`~pytest_gradckpt.registries.Registry`, the idiom of every registry).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from pytest_gradckpt.probes.protocol import Column, Probe
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.timing import StepTime
 from pytest_gradckpt.probes.warnings import WarningsProbe
+from pytest_gradckpt.registries import Registry
 
 Kinds = tuple[type[Probe[Any]], ...]
 
@@ -42,17 +44,28 @@ PROBES: Kinds = (
     StepTime,             # innermost: times the micro-batches only
 )
 
-_active: contextvars.ContextVar[Kinds] = contextvars.ContextVar("pytest_gradckpt_probes", default=PROBES)
+_PROBES: Registry[type[Probe[Any]]] = Registry("probes", PROBES, name_of=lambda kind: kind.name)
 
 
 def registered() -> Kinds:
-    """The probes in force: :data:`PROBES`, plus any :func:`using` added here.
+    """The probes in force: :data:`PROBES`, plus any registered or :func:`using` added here.
 
     Example:
         >>> [kind.name for kind in registered()]
         ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'ops', 'phases', 'seconds']
     """
-    return _active.get()
+    return _PROBES.registered()
+
+
+def _checked(chosen: Kinds) -> Kinds:
+    names = [kind.name for kind in chosen]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"probe name(s) {', '.join(duplicated)} registered twice; give each probe its own name")
+    undeclared = [kind.__name__ for kind in chosen if not dataclasses.is_dataclass(getattr(kind, "measurement", None))]
+    if undeclared:
+        raise ValueError(f"probe(s) {', '.join(undeclared)} declare no measurement: set measurement = <a dataclass>")
+    return chosen
 
 
 @contextlib.contextmanager
@@ -68,19 +81,41 @@ def using(*kinds: type[Probe[Any]], only: bool = False) -> Iterator[Kinds]:
         >>> len(registered())
         9
     """
-    chosen = tuple(kinds) if only else (*registered(), *kinds)
-    names = [kind.name for kind in chosen]
-    duplicated = sorted({name for name in names if names.count(name) > 1})
-    if duplicated:
-        raise ValueError(f"probe name(s) {', '.join(duplicated)} registered twice; give each probe its own name")
-    undeclared = [kind.__name__ for kind in chosen if not dataclasses.is_dataclass(getattr(kind, "measurement", None))]
-    if undeclared:
-        raise ValueError(f"probe(s) {', '.join(undeclared)} declare no measurement: set measurement = <a dataclass>")
-    token = _active.set(chosen)
-    try:
+    _checked(tuple(kinds) if only else (*registered(), *kinds))
+    with _PROBES.using(*kinds, only=only) as chosen:
         yield chosen
-    finally:
-        _active.reset(token)
+
+
+def register_probe(kind: type[Probe[Any]]) -> type[Probe[Any]]:
+    """Add probe ``kind`` after those in force, for the rest of this context (a conftest's own probe).
+
+    Example:
+        >>> import dataclasses
+        >>> from pytest_gradckpt.probes.protocol import Probe
+        >>> @dataclasses.dataclass
+        ... class Nothing:
+        ...     seen: int = 0
+        >>> class NothingProbe(Probe[Nothing]):
+        ...     name, measurement = "nothing", Nothing
+        ...     def read(self): return Nothing()
+        >>> register_probe(NothingProbe).name, registered()[-1].name
+        ('nothing', 'nothing')
+        >>> unregister_probe("nothing") is NothingProbe, len(registered())
+        (True, 9)
+    """
+    _checked((*registered(), kind))
+    return _PROBES.register(kind)
+
+
+def unregister_probe(name: str) -> type[Probe[Any]]:
+    """Take the probe called ``name`` out of force for the rest of this context; the built-in
+    probes (:data:`PROBES`) stay."""
+    if _PROBES.is_builtin(name):
+        raise ValueError(f"unregister_probe: {name!r} is built in; built-in probes stay registered")
+    if _PROBES.find(name) is None:
+        raise ValueError(f"unregister_probe: no probe named {name!r} is registered; registered: "
+                         f"{', '.join(_PROBES.names())}")
+    return _PROBES.unregister(name)
 
 
 def metric_keys() -> frozenset[str]:

@@ -13,17 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from pytest_gradckpt.probes.backward_calls import in_backward
 from pytest_gradckpt.probes.memory import MemoryProbe
-from pytest_gradckpt.probes.protocol import Probe, ProbeStep
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Probe, ProbeEvidence, ProbeStep
 
 #: Modules whose pack hooks do not move activations anywhere: checkpointing's bookkeeping.
 _NOT_ELSEWHERE = ("torch.utils.checkpoint",)
@@ -125,5 +122,5 @@ class SavedElsewhereProbe(Probe[SavedElsewhereUnits]):
         return SavedElsewhereUnits(units_saved_elsewhere(self.step.layer_names, self.seen.names))
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         return {"saved_elsewhere_units": evidence.run.of(cls).saved_elsewhere_units} if evidence.compared else {}

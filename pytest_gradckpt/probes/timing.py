@@ -6,15 +6,12 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pytest_gradckpt.probes.cuda import CudaProbe
-from pytest_gradckpt.probes.protocol import Column, Probe, ProbeStep
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence, ProbeStep
 
 
 @dataclasses.dataclass
@@ -54,7 +51,7 @@ class StepTime(Probe[Timed]):
         return Timed(self.seconds)
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         run, base = evidence.run.of(cls).seconds, evidence.baseline.run.of(cls).seconds
         if not evidence.compared:
             return {"seconds": run}

@@ -10,12 +10,9 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pytest_gradckpt.probes.protocol import Probe, ProbeStep
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Probe, ProbeEvidence, ProbeStep
 
 #: torch's reentrant checkpoint says this when no input requires grad: every
 #: parameter inside that layer then silently gets no gradient.
@@ -86,5 +83,5 @@ class WarningsProbe(Probe[Warned]):
         return Warned(self.messages)  # a warning often says why the step failed
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         return {"warnings": evidence.run.of(cls).warnings}

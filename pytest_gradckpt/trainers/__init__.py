@@ -15,16 +15,20 @@ import importlib
 from typing import Any
 
 from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.registries import Registry
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 
 #: Modules holding a built-in adapter (each exports ``ADAPTERS``), in the order they are tried.
 BUILTIN_ADAPTERS: tuple[str, ...] = ("pytest_gradckpt.trainers.deepspeed", "pytest_gradckpt.trainers.hf", "pytest_gradckpt.trainers.accelerate",
                                      "pytest_gradckpt.trainers.lightning")
 
-_REGISTERED: list[TrainerAdapter] = []
+#: Adapters registered here, the latest first (:class:`~pytest_gradckpt.registries.Registry`; the
+#: built-ins are imported from :data:`BUILTIN_ADAPTERS` when a trainer is checked).
+_REGISTERED: Registry[TrainerAdapter] = Registry("trainer_adapters", (), name_of=lambda adapter: (
+    adapter.name or type(adapter).__qualname__))
 
 __all__ = ["BUILTIN_ADAPTERS", "Configuration", "TrainerAdapter", "adapter_for", "check_trainer",
-           "register_trainer_adapter"]
+           "register_trainer_adapter", "unregister_trainer_adapter"]
 
 
 def register_trainer_adapter(adapter: TrainerAdapter) -> TrainerAdapter:
@@ -37,16 +41,32 @@ def register_trainer_adapter(adapter: TrainerAdapter) -> TrainerAdapter:
         >>> mine = register_trainer_adapter(Mine())
         >>> adapter_for("my trainer") is mine
         True
+        >>> unregister_trainer_adapter("mine") is mine
+        True
     """
     if not isinstance(adapter, TrainerAdapter):
         raise GradckptUsageError(f"register_trainer_adapter({adapter!r}): subclass "
                                  "pytest_gradckpt.trainers.TrainerAdapter")
-    _REGISTERED.insert(0, adapter)
-    return adapter
+    return _REGISTERED.register(adapter, first=True)
+
+
+def unregister_trainer_adapter(name: str) -> TrainerAdapter:
+    """Remove the adapter called ``name`` that :func:`register_trainer_adapter` added, and return it.
+
+    Example:
+        >>> unregister_trainer_adapter("nobody")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: unregister_trainer_adapter: no adapter named 'nobody' is registered; registered: (none)
+    """
+    if _REGISTERED.find(name) is None:
+        raise GradckptUsageError(f"unregister_trainer_adapter: no adapter named {name!r} is registered; "
+                                 f"registered: {', '.join(_REGISTERED.names()) or '(none)'}")
+    return _REGISTERED.unregister(name)
 
 
 def _adapters() -> list[TrainerAdapter]:
-    found = list(_REGISTERED)
+    found = list(_REGISTERED.registered())
     for module in BUILTIN_ADAPTERS:
         found += importlib.import_module(module).ADAPTERS
     return found

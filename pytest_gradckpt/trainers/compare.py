@@ -22,7 +22,7 @@ from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.report import Result
 from pytest_gradckpt.runs import Run, prepare_copy, probed
 from pytest_gradckpt.scenarios import SCENARIOS
-from pytest_gradckpt.strategies import Strategy
+from pytest_gradckpt.strategies import Strategy, Units
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 
 #: The scenario a trainer's step is reported under: the trainer decides everything else.
@@ -35,10 +35,10 @@ class Configured(Strategy):
 
     Example:
         >>> Configured("gradient_checkpointing=True").units
-        'own'
+        <Units.OWN: 'own'>
     """
 
-    units = "own"
+    units = Units.OWN
 
     def __init__(self, label: str):
         self.name, self.description = label, f"the trainer as configured: {label}"
