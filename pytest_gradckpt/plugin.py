@@ -11,13 +11,14 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
-from pytest_gradckpt import environment, settings
+from pytest_gradckpt import environment
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.marker import marker_help, marker_settings
+from pytest_gradckpt.spec import FLAGS, OPTION, OPTIONS, TRAINER_OPTIONS, CheckSpec, Flag
 from pytest_gradckpt.report import Result, format_table
 
 OPT_IN_REASON = "gradient-checkpointing checks are opt-in: run pytest with --gradckpt (or set 'gradckpt = true' in the ini file)"
@@ -35,50 +36,35 @@ markers_key = pytest.StashKey[dict[int, tuple[pytest.Mark, dict[str, Any] | pyte
 checks_key = pytest.StashKey[int]()
 #: lines the report opens with (e.g. the packaged suite's 'newer than every reviewed line')
 notices_key = pytest.StashKey[list[str]]()
+#: the check options set by flags and ini, validated at configure
+session_values_key = pytest.StashKey[dict[str, Any]]()
 
-# (option, ini name, ini type, addoption keywords, help)
-_OPTIONS: list[tuple[str, str, Literal["bool", "string", "linelist"], dict[str, Any], str]] = [
-    ("--gradckpt", "gradckpt", "bool", {"action": "store_true", "default": None},
-     "run gradient-checkpointing checks (marked tests, fixtures, generated items)"),
-    ("--gradckpt-strategies", "gradckpt_strategies", "string", {"metavar": "NAMES"},
-     "comma-separated strategies to run (default: all registered); 'help' lists them"),
-    ("--gradckpt-scenarios", "gradckpt_scenarios", "string", {"metavar": "NAMES"},
-     "comma-separated scenarios (default: train)"),
-    ("--gradckpt-model", "gradckpt_model", "linelist", {"action": "append", "metavar": "MODULE:FACTORY"},
-     "generate checks for a factory returning (model, inputs[, loss]); repeatable"),
-    ("--gradckpt-models", "gradckpt_models", "string", {"metavar": "NAMES"},
-     "comma-separated built-in zoo entries for the packaged suite (default: the representative subset; 'all')"),
-    ("--gradckpt-report", "gradckpt_report", "string", {"metavar": "PATH"},
-     "write every result as JSON to PATH"),
-    ("--gradckpt-min-memory-reduction", "gradckpt_min_memory_reduction", "string", {"metavar": "FRACTION"},
-     "require every checkpointing strategy to cut activation memory by FRACTION (CUDA: the allocator peak)"),
-    ("--gradckpt-device", "gradckpt_device", "string", {"metavar": "auto|cpu|cuda"},
-     "device to run checks on (default: where the model is)"),
-    ("--gradckpt-baseline", "gradckpt_baseline", "string", {"metavar": "auto|whole-model|layerwise"},
-     "what strategies are compared with (default auto: the step without checkpointing, or the layer-local "
-     "replay when that runs out of device memory)"),
-    ("--gradckpt-timeout", "gradckpt_timeout", "string", {"metavar": "SECONDS"},
-     "end a run that takes longer as 'error' (default 300)"),
-    ("--gradckpt-record", "gradckpt_record", "string", {"metavar": "PATH"},
-     "write a golden record (outcomes + loss, gradient norms, activation bytes + versions) to PATH"),
-    ("--gradckpt-compare", "gradckpt_compare", "string", {"metavar": "PATH"},
-     "fail every check whose outcome or numbers changed since the golden record at PATH"),
-    ("--gradckpt-bisect", "gradckpt_bisect", "bool", {"action": "store_true", "default": None},
-     "exit codes for 'git bisect run': 0 good, 1 bad, 125 when the code under test cannot be imported"),
-    ("--gradckpt-update-expected", "gradckpt_update_expected", "bool", {"action": "store_true", "default": None},
-     "packaged suite: write this run's verdicts as the installed transformers line's expectations, for review"),
-    ("--gradckpt-compile-order", "gradckpt_compile_order", "string", {"metavar": "compile_outside|checkpoint_outside"},
-     "for models with compiled blocks, where checkpoints sit (default compile_outside); eager and whole-model "
-     "compiled models are unaffected; the marker's compile_order= wins"),
-]
+#: The session's own flags (what to run and where results go); the check options' flags are the
+#: option table's (:data:`pytest_gradckpt.spec.FLAGS`).
+SESSION_FLAGS: tuple[Flag, ...] = (
+    Flag("--gradckpt", "run gradient-checkpointing checks (marked tests, fixtures, generated items)", ini_type="bool"),
+    Flag("--gradckpt-model", "generate checks for a factory returning (model, inputs[, loss]); repeatable",
+         "MODULE:FACTORY", ini_type="linelist"),
+    Flag("--gradckpt-models", "comma-separated built-in zoo entries for the packaged suite (default: the "
+         "representative subset; 'all')", "NAMES"),
+    Flag("--gradckpt-report", "write every result as JSON to PATH", "PATH"),
+    Flag("--gradckpt-record", "write a golden record (outcomes + loss, gradient norms, activation bytes + versions) "
+         "to PATH", "PATH"),
+    Flag("--gradckpt-compare", "fail every check whose outcome or numbers changed since the golden record at PATH",
+         "PATH"),
+    Flag("--gradckpt-bisect", "exit codes for 'git bisect run': 0 good, 1 bad, 125 when the code under test cannot "
+         "be imported", ini_type="bool"),
+    Flag("--gradckpt-update-expected", "packaged suite: write this run's verdicts as the installed transformers "
+         "line's expectations, for review", ini_type="bool"),
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gradckpt", "gradient checkpointing checks (pytest-gradckpt)")
-    for option, ini, ini_type, kwargs, help_text in _OPTIONS:
-        group.addoption(option, dest=ini, help=help_text, **kwargs)
-        parser.addini(ini, f"{help_text} (ini twin of {option})", type=ini_type,
-                      default=False if ini_type == "bool" else None)
+    for flag in (*SESSION_FLAGS, *FLAGS):
+        group.addoption(flag.flag, dest=flag.ini, help=flag.help, **flag.addoption_keywords())
+        parser.addini(flag.ini, f"{flag.help} (ini twin of {flag.flag})", type=flag.ini_type,
+                      default=False if flag.ini_type == "bool" else None)
 
 
 def option(config: pytest.Config, name: str) -> Any:
@@ -102,22 +88,29 @@ def _usage(error: GradckptUsageError) -> pytest.UsageError:
     return pytest.UsageError(f"pytest-gradckpt: {error}")
 
 
-def _float_option(config: pytest.Config, name: str, check: Callable[[str, Any], Any]) -> float | None:
-    raw = option(config, name)
+def flag_value(config: pytest.Config, name: str) -> Any:
+    """Option ``name``'s session-wide value from its flag (or the flag's ini twin), validated by the
+    option's one validator; None when not set."""
+    flag = OPTION[name].flag
+    assert flag is not None, name
+    raw = option(config, flag.ini)
     if raw is None:
         return None
     try:
-        value = float(raw)
-    except ValueError:
-        raise _usage(GradckptUsageError(f"--{name.replace('_', '-')}={raw!r} is not a number")) from None
-    try:
-        return check(name, value)
+        return OPTION[name].validate(flag.parse(raw, flag.flag), flag.flag)
     except GradckptUsageError as error:
         raise _usage(error) from None
 
 
-def _check_timeout(name: str, value: float) -> float | None:
-    return settings.check_timeout(value)
+def session_values(config: pytest.Config) -> dict[str, Any]:
+    """The check options set for the whole session by flags or ini (validated once, at configure).
+    Strategies wait for collection (a conftest may register some); ``compile_order`` is a default
+    for models with compiled blocks only (:func:`run_check`)."""
+    if session_values_key not in config.stash:
+        values = {o.name: flag_value(config, o.name) for o in OPTIONS
+                  if o.flag is not None and o.name != "strategies"}
+        config.stash[session_values_key] = {name: value for name, value in values.items() if value is not None}
+    return config.stash[session_values_key]
 
 
 def _under_launch(config: pytest.Config) -> bool:
@@ -149,17 +142,8 @@ def pytest_configure(config: pytest.Config) -> None:
             lines.register(config, add_notice, option)
     config.stash[factories_key] = {}
     config.stash[baselines_key] = {}
-    _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
-    _float_option(config, "gradckpt_timeout", _check_timeout)
-    device = option(config, "gradckpt_device")
-    if device not in (None, "auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise _usage(GradckptUsageError(f"--gradckpt-device={device!r}; pass auto, cpu or cuda"))
+    session_values(config)
     try:
-        if option(config, "gradckpt_baseline") is not None:
-            settings.check_baseline(option(config, "gradckpt_baseline"), "--gradckpt-baseline")
-        settings.check_scenario_names(settings.split_names(option(config, "gradckpt_scenarios")),
-                                      "--gradckpt-scenarios")
-        settings.check_compile_order(option(config, "gradckpt_compile_order"), "--gradckpt-compile-order")
         if option(config, "gradckpt_compare"):
             from pytest_gradckpt import golden
 
@@ -209,12 +193,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def _selected_strategies(config: pytest.Config, marker_settings: dict[str, Any]) -> list[str] | None:
     if marker_settings.get("strategies"):
-        return marker_settings["strategies"]
-    try:
-        return settings.check_strategy_names(settings.split_names(option(config, "gradckpt_strategies")),
-                                             "--gradckpt-strategies")
-    except GradckptUsageError as error:
-        raise _usage(error) from None
+        return list(marker_settings["strategies"])
+    chosen = flag_value(config, "strategies")
+    return None if chosen is None else list(chosen)
 
 
 def _marker_settings(node: Any) -> dict[str, Any]:
@@ -381,7 +362,7 @@ class Checker:
         from pytest_gradckpt.trainers import check_trainer
 
         kwargs = check_options(self._config, self.settings, self.strategies)
-        kwargs = {k: v for k, v in kwargs.items() if k in TRAINER_OPTIONS and v is not None}
+        kwargs = {k: v for k, v in kwargs.items() if k in TRAINER_OPTIONS and v is not None}  # the spec's rows
         kwargs.update(overrides)
         node = self._request.node
         node.stash[checks_key] = node.stash.get(checks_key, 0) + 1  # a trainer check is a check: the gate judged
@@ -413,30 +394,21 @@ class Checker:
 #: ``check_options`` key for --gradckpt-compile-order (validated at configure), resolved per model by run_check.
 SESSION_COMPILE_ORDER = "session_compile_order"
 
-#: The check options a trainer check takes (the trainer decides strategy and scenario itself).
-TRAINER_OPTIONS = frozenset({"rtol", "atol", "min_memory_reduction", "seed", "timeout"})
-
 
 def check_options(config: pytest.Config, marker: dict[str, Any], strategies: list[str] | None) -> dict[str, Any]:
-    """Keyword arguments for :func:`pytest_gradckpt.check`: marker first, then options, then ini.
-    Steps run isolated where that is cheap (``isolate="auto"``): a crash never ends the session."""
+    """The check's options by name (a :class:`~pytest_gradckpt.spec.CheckSpec` is built from them):
+    marker first, then options, then ini. Steps run isolated where that is cheap (``isolate="auto"``):
+    a crash never ends the session."""
     chosen = {k: v for k, v in marker.items() if k != "expect"}
     chosen.setdefault("isolate", "auto")
     chosen["fingerprint"] = bool(option(config, "gradckpt_record") or option(config, "gradckpt_compare"))
     chosen["strategies"] = strategies
-    chosen.setdefault("scenarios", settings.split_names(option(config, "gradckpt_scenarios")))
-    limit = _float_option(config, "gradckpt_min_memory_reduction", settings.check_fraction)
-    chosen.setdefault("min_memory_reduction", limit)
-    chosen.setdefault("min_cuda_memory_reduction", limit)
-    timeout = _float_option(config, "gradckpt_timeout", _check_timeout)
-    if timeout is not None:
-        chosen.setdefault("timeout", timeout)
-    chosen["device"] = option(config, "gradckpt_device")
-    if option(config, "gradckpt_baseline") is not None:
-        chosen.setdefault("baseline", option(config, "gradckpt_baseline"))
-    if "compile_order" not in chosen and option(config, "gradckpt_compile_order") is not None:
-        # a session-wide default: run_check applies it to models with compiled blocks only
-        chosen[SESSION_COMPILE_ORDER] = option(config, "gradckpt_compile_order")
+    for name, value in session_values(config).items():
+        if name == "compile_order":
+            if name not in chosen:  # a session-wide default: run_check applies it to models with compiled blocks only
+                chosen[SESSION_COMPILE_ORDER] = value
+        else:
+            chosen.setdefault(name, value)
     return chosen
 
 
@@ -445,7 +417,7 @@ def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[...,
               reviewed: tuple[str, str] | None = None) -> Any:
     """Run the engine for ``node``, record its results, and fail the test on any problem:
     a usage error, a result that is not as expected, or a change from the golden record."""
-    from pytest_gradckpt.engine import check
+    from pytest_gradckpt.engine import check_spec
 
     node.stash[checks_key] = node.stash.get(checks_key, 0) + 1
     if SESSION_COMPILE_ORDER in options:
@@ -454,7 +426,8 @@ def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[...,
         options = dict(options)
         options["compile_order"] = blocks_order(model, options.pop(SESSION_COMPILE_ORDER))
     try:
-        report = check(model, inputs, loss=loss, name=name, cache=node.config.stash[baselines_key], **options)
+        spec = CheckSpec.of(**options)
+        report = check_spec(model, inputs, spec, loss=loss, name=name, cache=node.config.stash[baselines_key])
     except GradckptUsageError as error:
         pytest.fail(f"pytest-gradckpt: {error}", pytrace=False)
     record(node, report.results)
@@ -549,7 +522,7 @@ def _generated_items(session: pytest.Session, config: pytest.Config) -> list[pyt
     from pytest_gradckpt.strategies import available_strategies
 
     strategies = _selected_strategies(config, {}) or available_strategies()
-    scenarios = settings.split_names(option(config, "gradckpt_scenarios")) or ["train"]
+    scenarios = list(session_values(config).get("scenarios") or ["train"])
     parent = GradckptModels.from_parent(session, name="gradckpt")
     items: list[pytest.Item] = []
     for spec in specs:
