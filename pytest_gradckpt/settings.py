@@ -252,7 +252,10 @@ def check_strategies(value: Any, where: str = "strategies") -> tuple[Any, ...] |
 
     if value is None:
         return None
-    items = split_names(value) or [] if isinstance(value, str) else [value] if isinstance(value, Strategy) else value
+    if isinstance(value, str):
+        items: Any = split_names(value) or []
+    else:
+        items = [value] if isinstance(value, Strategy) else value
     if not isinstance(items, Iterable):
         raise GradckptUsageError(f"{where}={value!r}: pass strategy names or Strategy objects")
     items = list(items)
@@ -278,7 +281,7 @@ def check_scenarios(value: Any, where: str = "scenarios") -> tuple[Any, ...] | N
 
     if value is None:
         return None
-    items = split_names(value) or [] if isinstance(value, str) else value
+    items = (split_names(value) or []) if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
         raise GradckptUsageError(f"{where}={value!r}: pass a non-empty list of names from {', '.join(SCENARIOS)}")
     check_scenario_names([i for i in items if not isinstance(i, Scenario)], where)
