@@ -28,37 +28,22 @@ from pytest_gradckpt.layers import ModelInfo
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.settings import DISTRIBUTED_DEFAULTS, check_distributed
 from pytest_gradckpt.strategies import Strategy
 
-#: Settable through ``check(..., distributed={...})``.
-DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
-                            "micro_batches": 1, "timeout": None, "start_method": "auto"}
-START_METHODS = ("auto", "fork", "spawn")
+#: Settable through ``check(..., distributed={...})``; validated by :func:`pytest_gradckpt.settings.check_distributed`.
+DEFAULTS: dict[str, Any] = DISTRIBUTED_DEFAULTS
 
 
 def options(given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validate ``distributed=`` settings.
+    """Validate ``distributed=`` settings (kept for callers outside the package; the check's own
+    validation is :class:`~pytest_gradckpt.spec.CheckSpec`'s).
 
     Example:
         >>> options({"static_graph": True})["world_size"]
         2
     """
-    chosen = dict(DEFAULTS)
-    unknown = sorted(set(given or {}) - set(DEFAULTS))
-    if unknown:
-        raise GradckptUsageError(f"distributed: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(DEFAULTS)}")
-    chosen.update(given or {})
-    if chosen["start_method"] not in START_METHODS:
-        raise GradckptUsageError(f"distributed: start_method={chosen['start_method']!r}; pass one of "
-                                 f"{', '.join(START_METHODS)}")
-    for name in ("world_size", "micro_batches"):
-        if isinstance(chosen[name], bool) or not isinstance(chosen[name], int) or chosen[name] < 1:
-            raise GradckptUsageError(f"distributed: {name}={chosen[name]!r}; pass an int >= 1")
-    limit = chosen["timeout"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
-        raise GradckptUsageError(f"distributed: timeout={limit!r}; pass seconds > 0 per step, or None (the default: "
-                                 "a limit that scales with the measured model build and step times)")
-    return chosen
+    return check_distributed(given)
 
 
 class RankFailure(Exception):

@@ -3,7 +3,8 @@
     subject (:mod:`arguments`) -> runs, each with its probes (:mod:`runs`)
     -> baseline (:mod:`baselines`) -> evidence -> verdict rules in one ordered table (:mod:`verdicts`)
 
-:func:`check` is a list of named stages: the options validated once (:class:`_Options`), the
+:func:`check` validates its options once into a :class:`~pytest_gradckpt.spec.CheckSpec` and hands
+it to :func:`check_spec`, a list of named stages: the strategies and scenarios resolved (:class:`_Plan`), the
 stepper (:func:`_stepper`), then per scenario (:func:`_check_scenario`) the baseline, built or
 cached (:func:`_baseline`), and every strategy judged against it (:func:`_judge_one`).
 
@@ -25,8 +26,7 @@ from torch import nn
 
 from pytest_gradckpt import baselines, compiled, held, verdicts
 from pytest_gradckpt.arguments import Subject, tensor_bytes
-from pytest_gradckpt.distributed import (
-    describe_ranks, device_before_build, launched_from_outside, options as distributed_options, refuse_unrunnable_world)
+from pytest_gradckpt.distributed import describe_ranks, device_before_build, launched_from_outside, refuse_unrunnable_world
 from pytest_gradckpt.environment import versions
 from pytest_gradckpt.process_state import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.launcher import Launcher
@@ -37,12 +37,8 @@ from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
 from pytest_gradckpt.scenarios import Scenario, resolve_scenarios
-from pytest_gradckpt.settings import check_baseline, check_fraction, check_isolate, check_timeout, check_tolerance
-from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.spec import DEFAULT_TIMEOUT, CheckSpec
 from pytest_gradckpt.strategies import Strategy, resolve_strategies
-
-#: Default per-run time limit in seconds: far above any tiny model's step.
-DEFAULT_TIMEOUT = 300.0
 
 
 @functools.cache
@@ -153,73 +149,74 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
         >>> [(r.strategy, r.outcome) for r in report.results]
         [('non_reentrant', 'pass')]
     """
-    options = _Options.validated(rtol=rtol, atol=atol, min_memory_reduction=min_memory_reduction,
-                                 min_cuda_memory_reduction=min_cuda_memory_reduction, seed=seed, timeout=timeout,
-                                 baseline=baseline, isolate=isolate, strategies=strategies, scenarios=scenarios,
-                                 distributed=distributed, cache=cache, fingerprint=fingerprint)
-    if any(s.distributed for s in options.scenarios):  # before any model is built
-        refuse_unrunnable_world(options.distributed, device_before_build(model, device))
+    spec = CheckSpec.of(strategies=strategies, layers=layers, scenarios=scenarios, rtol=rtol, atol=atol,
+                        min_memory_reduction=min_memory_reduction, seed=seed,
+                        min_cuda_memory_reduction=min_cuda_memory_reduction, device=device, timeout=timeout,
+                        distributed=distributed, fingerprint=fingerprint, baseline=baseline, isolate=isolate,
+                        compile_order=compile_order)
+    return check_spec(model, inputs, spec, loss=loss, name=name, cache=cache)
+
+
+def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: CheckSpec, *,
+               loss: Callable[[Any, Any], torch.Tensor] | None = None, name: str | None = None,
+               cache: MutableMapping[Any, Any] | None = None) -> Report:
+    """:func:`check` with its options given as one validated :class:`~pytest_gradckpt.spec.CheckSpec`
+    (the plugin's way in); ``model``, ``inputs``, ``loss``, ``name`` and ``cache`` as :func:`check`'s.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+        >>> spec = CheckSpec.of(strategies=["non_reentrant"], layers=torch.nn.Linear)
+        >>> [r.outcome for r in check_spec(net, torch.randn(2, 4, requires_grad=True), spec).results]
+        ['pass']
+    """
+    plan = _Plan(spec, resolve_strategies(spec.strategies), resolve_scenarios(spec.scenarios), cache)
+    if any(s.distributed for s in plan.scenarios):  # before any model is built
+        refuse_unrunnable_world(spec.distributed.as_dict(), device_before_build(model, spec.device))
     with preserved_global_state():
         _warm_up()
-        stepper, isolated = _stepper(model, inputs, loss, device, layers, isolate, compile_order, options)
+        stepper, isolated = _stepper(model, inputs, loss, plan)
         report = _new_report(name or stepper.subject.name, stepper)
         # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
-        launcher = Launcher(stepper, [*options.strategies, *options.scenarios])
+        launcher = Launcher(stepper, [*plan.strategies, *plan.scenarios])
         with deterministic_kernels(stepper.subject.device) as determinism, launcher:
-            for scenario in options.scenarios:
+            for scenario in plan.scenarios:
                 step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
-                _check_scenario(report, step, scenario, stepper, options, determinism)
+                _check_scenario(report, step, scenario, stepper, plan, determinism)
     return report
 
 
 @dataclasses.dataclass
-class _Options:
-    """:func:`check`'s arguments, validated once (bad input fails before anything runs)."""
+class _Plan:
+    """What one check runs: its spec, the strategies and scenarios the spec names (resolved once),
+    and the caller's baseline cache."""
 
-    rtol: float | None  # None: per compute dtype
-    atol: float | None
-    memory_cuts: dict[str, float | None]
-    seed: int
-    timeout: float | None
-    baseline: str
+    spec: CheckSpec
     strategies: list[Strategy]
     scenarios: list[Scenario]
-    distributed: dict[str, Any]
     cache: MutableMapping[Any, Any] | None
-    fingerprint: bool
-
-    @classmethod
-    def validated(cls, *, rtol: float | None, atol: float | None, min_memory_reduction: float | None,
-                  min_cuda_memory_reduction: float | None, seed: int, timeout: float | None, baseline: str,
-                  isolate: bool | str, strategies: Any, scenarios: Any, distributed: Mapping[str, Any] | None,
-                  cache: MutableMapping[Any, Any] | None, fingerprint: bool) -> _Options:
-        given_rtol, given_atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
-        memory_cuts = {"min_memory_reduction": check_fraction("min_memory_reduction", min_memory_reduction),
-                       "min_cuda_memory_reduction": check_fraction("min_cuda_memory_reduction",
-                                                                   min_cuda_memory_reduction)}
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise GradckptUsageError(f"seed={seed!r}: pass an int")
-        checked_timeout, baseline_kind = check_timeout(timeout), check_baseline(baseline)
-        check_isolate(isolate)
-        return cls(given_rtol, given_atol, memory_cuts, seed, checked_timeout, baseline_kind,
-                   resolve_strategies(strategies), resolve_scenarios(scenarios),
-                   distributed_options(distributed), cache, fingerprint)
-
-    def limits(self, dtype: torch.dtype) -> verdicts.Limits:
-        """The tolerances (given, else the compute dtype's) and memory cuts of one scenario."""
-        default_rtol, default_atol = default_tolerances(dtype)
-        return verdicts.Limits(rtol=default_rtol if self.rtol is None else self.rtol,
-                               atol=default_atol if self.atol is None else self.atol, **self.memory_cuts)
 
 
-def _stepper(model: Any, inputs: Any, loss: Any, device: Any, layers: Any, isolate: bool | str,
-             compile_order: str | None, options: _Options) -> tuple[Stepper, bool]:
+def limits(spec: CheckSpec, dtype: torch.dtype) -> verdicts.Limits:
+    """What a strategy is judged within: ``spec``'s tolerances (else ``dtype``'s defaults) and memory cuts.
+
+    Example:
+        >>> limits(CheckSpec.of(atol=0.5), torch.float32).atol, limits(CheckSpec.of(), torch.float32).rtol
+        (0.5, 1.3e-06)
+    """
+    default_rtol, default_atol = default_tolerances(dtype)
+    return verdicts.Limits(rtol=default_rtol if spec.rtol is None else spec.rtol,
+                           atol=default_atol if spec.atol is None else spec.atol, **spec.memory_cuts())
+
+
+def _stepper(model: Any, inputs: Any, loss: Any, plan: _Plan) -> tuple[Stepper, bool]:
     """The subject and its stepper, and whether steps run isolated in a child process."""
-    subject = Subject(model, inputs, loss, device)
-    isolated = _isolated(isolate, subject.device, compiled=subject.compilation is not None)
-    subject.order_compilation(compile_order, elsewhere=isolated or any(
-        s.distributed for s in options.scenarios))
-    return Stepper(subject, layers, options.seed, options.timeout, options.distributed), isolated
+    spec = plan.spec
+    subject = Subject(model, inputs, loss, spec.device)
+    isolated = _isolated(spec.isolate, subject.device, compiled=subject.compilation is not None)
+    subject.order_compilation(spec.compile_order, elsewhere=isolated or any(
+        s.distributed for s in plan.scenarios))
+    return Stepper(subject, spec.layers, spec.seed, spec.timeout, spec.distributed.as_dict()), isolated
 
 
 def _new_report(model: str, stepper: Stepper) -> Report:
@@ -231,35 +228,35 @@ def _new_report(model: str, stepper: Stepper) -> Report:
 
 
 def _check_scenario(report: Report, step: Callable[..., Run], scenario: Scenario, stepper: Stepper,
-                    options: _Options, determinism: Any) -> None:
+                    plan: _Plan, determinism: Any) -> None:
     """One scenario: its baseline (built, or found in the cache), then every strategy judged against it."""
     subject = stepper.subject
     dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
-    reference = _baseline(report.model, step, scenario, stepper, dtype, options)
+    reference = _baseline(report.model, step, scenario, stepper, dtype, plan)
     summary = report.baseline[scenario.name] = reference.summary()
     if scenario.distributed:
-        summary["ranks"] = describe_ranks(options.distributed, subject.device)
+        summary["ranks"] = describe_ranks(plan.spec.distributed.as_dict(), subject.device)
     if determinism.note:  # read after the baseline: building it may have relaxed the kernels
         summary["determinism"] = determinism.note
-    limits = options.limits(dtype)
-    for strategy in options.strategies:
-        result = _judge_one(step, scenario, strategy, reference, limits, report.model, options.fingerprint)
+    scenario_limits = limits(plan.spec, dtype)
+    for strategy in plan.strategies:
+        result = _judge_one(step, scenario, strategy, reference, scenario_limits, report.model, plan.spec.fingerprint)
         if scenario.distributed:
             result.metrics["ranks"] = summary["ranks"]
         report.results.append(result)
 
 
 def _baseline(model: str, step: Callable[..., Run], scenario: Scenario, stepper: Stepper, dtype: torch.dtype,
-              options: _Options) -> baselines.Baseline | baselines.NotJudged:
-    """The scenario's baseline: from ``options.cache`` when an equal check built it, else built here."""
-    subject, cache = stepper.subject, options.cache
-    key = (model, scenario.name, options.seed, str(subject.device), tuple(stepper.layer_names),
-           tuple(sorted(options.distributed.items())) if scenario.distributed else (), options.baseline,
+              plan: _Plan) -> baselines.Baseline | baselines.NotJudged:
+    """The scenario's baseline: from ``plan.cache`` when an equal check built it, else built here."""
+    subject, cache = stepper.subject, plan.cache
+    key = (model, scenario.name, str(subject.device), tuple(stepper.layer_names),
+           *plan.spec.baseline_key(bool(scenario.distributed)),
            # an eager and a compiled model of one name, or two compile orders, have other baselines
            None if subject.compilation is None else (subject.compilation.kind, subject.compilation.order))
     if cache is not None and key in cache:
         return cache[key]
-    reference = baselines.build(step, scenario, subject.name, dtype, options.baseline)
+    reference = baselines.build(step, scenario, subject.name, dtype, plan.spec.baseline)
     if subject.compilation is not None and isinstance(reference, baselines.Baseline):
         _judge_under_compile(step, subject, scenario, reference, dtype, stepper.layer_names)
     _make_room(reference, subject)

@@ -63,7 +63,7 @@ def check_tolerance(name: str, value: Any) -> float | None:
     return float(value)
 
 
-def check_timeout(value: Any) -> float | None:
+def check_timeout(value: Any, where: str = "timeout") -> float | None:
     """Validate the per-run time limit: a positive number of seconds, or None for no limit.
 
     Example:
@@ -73,8 +73,53 @@ def check_timeout(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise GradckptUsageError(f"timeout={value!r}: pass a positive number of seconds, or None for no limit")
+        raise GradckptUsageError(f"{where}={value!r}: pass a positive number of seconds, or None for no limit")
     return float(value)
+
+
+def check_seed(value: Any, where: str = "seed") -> int:
+    """Validate the seed every run is reseeded with: an int.
+
+    Example:
+        >>> check_seed(3)
+        3
+        >>> check_seed("3")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: seed='3' is not an int; pass an int such as 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GradckptUsageError(f"{where}={value!r} is not an int; pass an int such as 0")
+    return value
+
+
+def check_device(value: Any, where: str = "device") -> Any:
+    """Validate a device named as text (``auto``, ``cpu``, ``cuda``, ``cuda:N``); None (where the model
+    is) and ``torch.device`` objects pass unchanged (the subject resolves them). Torch-free.
+
+    Example:
+        >>> check_device("cuda:1")
+        'cuda:1'
+        >>> check_device("tpu", "--gradckpt-device")
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: --gradckpt-device='tpu': not a device; pass auto, cpu or cuda
+    """
+    if isinstance(value, str) and value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+        raise GradckptUsageError(f"{where}={value!r}: not a device; pass auto, cpu or cuda")
+    return value
+
+
+def check_flag(value: Any, where: str) -> bool:
+    """Validate a yes/no setting.
+
+    Example:
+        >>> check_flag(True, "fingerprint")
+        True
+    """
+    if not isinstance(value, bool):
+        raise GradckptUsageError(f"{where}={value!r}: pass True or False")
+    return value
 
 
 #: Where checkpoints sit in a model with compiled blocks (``compile_order=``; see docs/compile.md).
@@ -118,6 +163,40 @@ def check_isolate(value: Any) -> bool | str:
     return value
 
 
+#: ``distributed=`` settings and their defaults (see docs/multi-gpu.md).
+DISTRIBUTED_DEFAULTS: dict[str, Any] = {"world_size": 2, "find_unused_parameters": False, "static_graph": False,
+                                        "micro_batches": 1, "timeout": None, "start_method": "auto"}
+START_METHODS = ("auto", "fork", "spawn")
+
+
+def check_distributed(given: Mapping[str, Any] | None, where: str = "distributed") -> dict[str, Any]:
+    """Validate ``distributed=`` settings; the defaults fill in what is not given.
+
+    Example:
+        >>> check_distributed({"static_graph": True})["world_size"]
+        2
+    """
+    if given is not None and not isinstance(given, Mapping):
+        raise GradckptUsageError(f"{where}={given!r}: pass a dict such as {{'world_size': 2}}")
+    chosen = dict(DISTRIBUTED_DEFAULTS)
+    unknown = sorted(set(given or {}) - set(DISTRIBUTED_DEFAULTS))
+    if unknown:
+        raise GradckptUsageError(f"{where}: unknown option(s) {', '.join(unknown)}; accepted: "
+                                 f"{', '.join(DISTRIBUTED_DEFAULTS)}")
+    chosen.update(given or {})
+    if chosen["start_method"] not in START_METHODS:
+        raise GradckptUsageError(f"{where}: start_method={chosen['start_method']!r}; pass one of "
+                                 f"{', '.join(START_METHODS)}")
+    for name in ("world_size", "micro_batches"):
+        if isinstance(chosen[name], bool) or not isinstance(chosen[name], int) or chosen[name] < 1:
+            raise GradckptUsageError(f"{where}: {name}={chosen[name]!r}; pass an int >= 1")
+    limit = chosen["timeout"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise GradckptUsageError(f"{where}: timeout={limit!r}; pass seconds > 0 per step, or None (the default: "
+                                 "a limit that scales with the measured model build and step times)")
+    return chosen
+
+
 def split_names(value: str | Iterable[str] | None) -> list[str] | None:
     """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; empty -> None.
 
@@ -133,7 +212,6 @@ def split_names(value: str | Iterable[str] | None) -> list[str] | None:
 
 def check_strategy_names(names: Iterable[str] | None, where: str) -> list[str] | None:
     """Every name must be registered; the message lists what is."""
-    import pytest_gradckpt.compile_budget  # noqa: F401 - registers the opt-in strategy
     from pytest_gradckpt.strategies import available_strategies
 
     if names is None:
@@ -157,7 +235,59 @@ def check_scenario_names(names: Iterable[str] | None, where: str) -> list[str] |
     return list(names)
 
 
-def check_expect(expect: Any, where: str) -> dict[str, str] | None:
+def check_strategies(value: Any, where: str = "strategies") -> tuple[Any, ...] | None:
+    """Validate ``strategies=``: None (every registered strategy), names (a list, or one text of
+    names split at commas and spaces) and :class:`~pytest_gradckpt.strategies.Strategy` objects.
+
+    Example:
+        >>> check_strategies("reentrant, sac")
+        ('reentrant', 'sac')
+        >>> check_strategies([])
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: strategies is empty; pass at least one of reentrant, ...
+    """
+    from pytest_gradckpt.strategies import Strategy, available_strategies
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: Any = split_names(value) or []
+    else:
+        items = [value] if isinstance(value, Strategy) else value
+    if not isinstance(items, Iterable):
+        raise GradckptUsageError(f"{where}={value!r}: pass strategy names or Strategy objects")
+    items = list(items)
+    if not items:
+        raise GradckptUsageError(f"{where} is empty; pass at least one of {', '.join(available_strategies(opt_in=True))}")
+    for item in items:
+        if not isinstance(item, (str, Strategy)):
+            raise GradckptUsageError(f"{where}: {item!r} is neither a strategy name nor a Strategy; "
+                                     f"pass names from {', '.join(available_strategies(opt_in=True))}")
+    check_strategy_names([i for i in items if isinstance(i, str)], where)
+    return tuple(items)
+
+
+def check_scenarios(value: Any, where: str = "scenarios") -> tuple[Any, ...] | None:
+    """Validate ``scenarios=``: None (``train``), names (a list, or one text of names) or
+    :class:`~pytest_gradckpt.scenarios.Scenario` objects.
+
+    Example:
+        >>> check_scenarios("train ddp")
+        ('train', 'ddp')
+    """
+    from pytest_gradckpt.scenarios import Scenario
+
+    if value is None:
+        return None
+    items = (split_names(value) or []) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise GradckptUsageError(f"{where}={value!r}: pass a non-empty list of names from {', '.join(SCENARIOS)}")
+    check_scenario_names([i for i in items if not isinstance(i, Scenario)], where)
+    return tuple(items)
+
+
+def check_expect(expect: Any, where: str = "expect") -> dict[str, str] | None:
     """``expect`` maps ``strategy`` or ``strategy/scenario`` to a non-pass outcome.
 
     Example:

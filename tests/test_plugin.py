@@ -141,7 +141,7 @@ def test_bad(gradckpt):
     ("--gradckpt-strategies=ours,bogus", "*unknown strategy 'bogus'*"),
     ("--gradckpt-scenarios=bogus", "*unknown scenario 'bogus'*"),
     ("--gradckpt-min-memory-reduction=2", "*out of range*"),
-    ("--gradckpt-device=tpu", "*--gradckpt-device='tpu'; pass auto, cpu or cuda*"),
+    ("--gradckpt-device=tpu", "*--gradckpt-device='tpu': not a device; pass auto, cpu or cuda*"),
     ("--gradckpt-baseline=local", "*--gradckpt-baseline='local' is not a baseline kind*"),
     ("--gradckpt-model=nowhere:factory", "*--gradckpt-model='nowhere:factory': cannot load it*"),
 ])

@@ -16,6 +16,7 @@ from typing import Any
 
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.registries import Registry
+from pytest_gradckpt.spec import CheckSpec
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 
 #: Modules holding a built-in adapter (each exports ``ADAPTERS``), in the order they are tried.
@@ -28,7 +29,7 @@ _REGISTERED: Registry[TrainerAdapter] = Registry("trainer_adapters", (), name_of
     adapter.name or type(adapter).__qualname__))
 
 __all__ = ["BUILTIN_ADAPTERS", "Configuration", "TrainerAdapter", "adapter_for", "check_trainer",
-           "register_trainer_adapter", "unregister_trainer_adapter"]
+           "check_trainer_spec", "register_trainer_adapter", "unregister_trainer_adapter"]
 
 
 def register_trainer_adapter(adapter: TrainerAdapter) -> TrainerAdapter:
@@ -120,20 +121,28 @@ def check_trainer(trainer: Any, *, rtol: float | None = None, atol: float | None
         ...
         pytest_gradckpt.errors.GradckptUsageError: check_trainer: no adapter for str; supported: ...
     """
+    spec = CheckSpec.of(rtol=rtol, atol=atol, min_memory_reduction=min_memory_reduction, seed=seed, timeout=timeout)
+    return check_trainer_spec(trainer, spec, name=name)
+
+
+def check_trainer_spec(trainer: Any, spec: CheckSpec, *, name: str | None = None) -> Any:
+    """:func:`check_trainer` with its options given as one :class:`~pytest_gradckpt.spec.CheckSpec`
+    (the plugin's way in); it reads the options in :data:`~pytest_gradckpt.spec.TRAINER_OPTIONS`.
+
+    Example:
+        >>> from pytest_gradckpt.spec import CheckSpec
+        >>> check_trainer_spec("not a trainer", CheckSpec.of(seed=1))
+        Traceback (most recent call last):
+        ...
+        pytest_gradckpt.errors.GradckptUsageError: check_trainer: no adapter for str; supported: ...
+    """
     from pytest_gradckpt import outcomes
     from pytest_gradckpt.environment import versions
     from pytest_gradckpt.process_state import preserved_global_state
     from pytest_gradckpt.report import Report, Result
-    from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance
     from pytest_gradckpt.trainers.compare import SCENARIO, compare_configuration
 
     adapter = adapter_for(trainer)
-    options = dict(rtol=None if rtol is None else check_tolerance("rtol", rtol),
-                   atol=None if atol is None else check_tolerance("atol", atol),
-                   min_memory_reduction=check_fraction("min_memory_reduction", min_memory_reduction),
-                   timeout=check_timeout(timeout))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise GradckptUsageError(f"seed={seed!r}: pass an int")
     configuration = adapter.configuration(trainer)
     model_name = name or f"{type(trainer).__name__}({type(adapter.model(trainer)).__name__})"
     report = Report(model=model_name, versions=versions())
@@ -143,8 +152,7 @@ def check_trainer(trainer: Any, *, rtol: float | None = None, atol: float | None
                                      f"{configuration.field}=True to check it", model=model_name))
         return report
     with preserved_global_state(), adapter.preserved(trainer):
-        result, summary = compare_configuration(adapter, trainer, configuration, seed=seed,
-                                                model_name=model_name, **options)
+        result, summary = compare_configuration(adapter, trainer, configuration, spec, model_name=model_name)
     report.baseline[SCENARIO.name] = summary
     report.results.append(result)
     return report

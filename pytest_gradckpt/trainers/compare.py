@@ -14,14 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from pytest_gradckpt import baselines, outcomes, verdicts
+from pytest_gradckpt import baselines, engine, outcomes, verdicts
 from pytest_gradckpt.errors import GradckptUsageError, StrategyTimeout
 from pytest_gradckpt.process_state import deadline, seed_everything
 from pytest_gradckpt.layers import ModelInfo, find_layers
-from pytest_gradckpt.probes.gradients import default_tolerances
 from pytest_gradckpt.report import Result
 from pytest_gradckpt.runs import Run, prepare_copy, probed
 from pytest_gradckpt.scenarios import SCENARIOS
+from pytest_gradckpt.spec import CheckSpec
 from pytest_gradckpt.strategies import Strategy, Units
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 
@@ -111,17 +111,15 @@ class TrainerStepper:
         run.buffers = {prepared.buffer_names.get(id(b), n): b.detach().clone() for n, b in model.named_buffers()}
 
 
-def compare_configuration(adapter: TrainerAdapter, trainer: Any, configuration: Configuration, *,
-                          rtol: float | None, atol: float | None, min_memory_reduction: float | None,
-                          seed: int, timeout: float | None, model_name: str) -> tuple[Result, dict[str, Any]]:
-    """The verdict on ``configuration`` and the baseline's summary (call inside ``adapter.preserved``)."""
+def compare_configuration(adapter: TrainerAdapter, trainer: Any, configuration: Configuration, spec: CheckSpec, *,
+                          model_name: str) -> tuple[Result, dict[str, Any]]:
+    """The verdict on ``configuration`` and the baseline's summary (call inside ``adapter.preserved``);
+    ``spec`` gives the tolerances, the memory cut, the seed and the time limit."""
     strategy = Configured(configuration.label)
     batches = adapter.batches(trainer)
-    stepper = TrainerStepper(adapter, trainer, batches, seed, timeout)
+    stepper = TrainerStepper(adapter, trainer, batches, spec.seed, spec.timeout)
     dtype = adapter.compute_dtype(trainer, adapter.model(trainer))
-    default_rtol, default_atol = default_tolerances(dtype)
-    limits = verdicts.Limits(rtol=default_rtol if rtol is None else rtol, atol=default_atol if atol is None else atol,
-                             min_memory_reduction=min_memory_reduction)
+    limits = engine.limits(spec, dtype)
     reference = baselines.whole_model(stepper.step, SCENARIO, model_name, dtype)
     assert not isinstance(reference, baselines.OutOfMemory)  # only returned when a fallback is asked for
     summary = reference.summary()
