@@ -1,33 +1,30 @@
 """What running every step in a forked child (``isolate="auto"``, the plugin's default on CPU)
 costs next to running it in this process (``isolate=False``).
 
-``python benchmarks/isolation_cost.py [--repeats 5]``  (any machine; CPU)
-    One check of three models (a tiny tanh stack, a tiny Llama, the 2-layer BERT of the zoo),
-    every built-in strategy, scenario ``train``, ``--repeats`` times each way, alternating, after
-    one warm-up each. Reports the median wall time, and the CPU time of this process plus its
-    children (``resource.getrusage``), per check and per step. Verdicts must be equal both ways.
-    Writes ``isolation-cost-cpu-<date>.json`` to ``$OUT`` or ``results/``.
+Cases ``tanh_net`` (a tiny tanh stack), ``llama`` (a tiny Llama), ``bert`` (the 2-layer BERT of the zoo):
+one check, every built-in strategy, scenario ``train``, ``repeats`` times each way, alternating, after
+one warm-up each. Reports the median wall time, and the CPU time of this process plus its children
+(``resource.getrusage``), per check and per step. Verdicts must be equal both ways.
+
+    python -m benchmarks isolation-cost --repeats 3      # any machine; CPU
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
 import resource
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import pytest_gradckpt as gc
+from benchmarks.case import Case, Emit
 
-import pytest_gradckpt as gc  # noqa: E402
-from pytest_gradckpt.environment import versions  # noqa: E402
-from pytest_gradckpt.zoo import entry, plain  # noqa: E402
+ABOUT = "a check with every step forked into a child against the same check in this process (CPU)"
+CASES = {"tanh_net": Case("a tiny tanh stack (the plain zoo)", {"model": "tanh_net"}, repeats=5),
+         "llama": Case("the zoo's tiny Llama", {"model": "llama"}, repeats=5),
+         "bert": Case("the zoo's 2-layer BERT", {"model": "bert"}, repeats=5)}
 
 
 def _cpu_seconds() -> float:
@@ -67,26 +64,15 @@ def measure(name: str, build: Callable[[], tuple[Any, Any]], repeats: int) -> di
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    llama, bert = entry("llama"), entry("bert")
-    rows = [measure("tanh_net", plain.tanh_net, args.repeats), measure("llama", llama.build, args.repeats),
-            measure("bert", bert.build, args.repeats)]
-    document = {"date": datetime.date.today().isoformat(), "repeats": args.repeats,
-                "threads": os.environ["OMP_NUM_THREADS"], "versions": versions(),
-                "rows": rows}
-    target = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    target.mkdir(parents=True, exist_ok=True)
-    path = target / f"isolation-cost-cpu-{document['date']}.json"
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    for row in rows:
-        print(f"{row['model']}: {row['steps_per_check']} steps; in process {row['in_process']}; isolated "
-              f"{row['isolated']}; +{row['extra_wall_per_step_s'] * 1000:.0f} ms wall, "
-              f"+{row['extra_cpu_per_step_s'] * 1000:.0f} ms CPU per step")
-    print(path)
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pytest_gradckpt.zoo import entry, plain
 
-
-if __name__ == "__main__":
-    main()
+    name = params["model"]
+    build = plain.tanh_net if name == "tanh_net" else entry(name).build
+    row = measure(name, build, repeats)
+    row["threads"] = os.environ.get("OMP_NUM_THREADS")
+    print(f"{row['model']}: {row['steps_per_check']} steps; in process {row['in_process']}; isolated "
+          f"{row['isolated']}; +{row['extra_wall_per_step_s'] * 1000:.0f} ms wall, "
+          f"+{row['extra_cpu_per_step_s'] * 1000:.0f} ms CPU per step", flush=True)
+    emit(row)

@@ -6,12 +6,11 @@ forward+backward time is recorded there (strategies in ``metrics.seconds``, base
 the report's baseline section, twice per scenario), so the ratio says how much the
 harness (building models, copies, probes, comparisons, pytest) costs on top.
 
-    python benchmarks/zoo_sweep.py            # prints a summary, writes benchmarks/results/zoo-sweep-<date>.json
+    python -m benchmarks zoo-sweep            # prints a summary; one row
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import platform
@@ -20,21 +19,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from benchmarks.case import Case, Emit
+
+ABOUT = "the packaged suite's full sweep: wall time against the raw compute it needs"
+CASES = {"all": Case("pytest --gradckpt --pyargs pytest_gradckpt.suite --gradckpt-models=all, serially",
+                     {"models": "all"})}
 
 
-def main() -> int:
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
     with tempfile.TemporaryDirectory() as folder:
         report_path = Path(folder) / "report.json"
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
         command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-q", "--gradckpt",
-                   "--pyargs", "pytest_gradckpt.suite", "--gradckpt-models=all", f"--gradckpt-report={report_path}",
+                   "--pyargs", "pytest_gradckpt.suite", f"--gradckpt-models={params['models']}", f"--gradckpt-report={report_path}",
                    "-p", "no:xdist"]
         started = time.perf_counter()
         finished = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if finished.returncode != 0:
             print(finished.stdout[-3000:], finished.stderr[-3000:])
-            return finished.returncode
+            raise SystemExit(f"the sweep failed (exit {finished.returncode}); its output is above")
         report = json.loads(report_path.read_text())
     results = report["results"]
     strategy_seconds = sum(r["metrics"].get("seconds", 0.0) for r in results if r["strategy"] != "all")
@@ -45,17 +51,10 @@ def main() -> int:
     models = {r["model"] for r in results}
     ran = {r["model"] for r in results if r["strategy"] != "all"}
     summary = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "versions": report["versions"], "models": len(models), "models_ran": len(ran),
         "results": len(results), "wall_seconds": round(wall, 1), "compute_seconds": round(compute, 1),
         "ratio_wall_to_compute": round(wall / compute, 2) if compute else None,
     }
     print(json.dumps(summary, indent=1))
-    out = Path(__file__).parent / "results" / f"zoo-sweep-{summary['date']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    emit(summary)

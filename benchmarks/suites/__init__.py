@@ -1,0 +1,10 @@
+"""The suites: name -> module. Each module declares ``ABOUT``, ``CASES`` and ``run`` (see :mod:`benchmarks.case`);
+they are imported only when listed or run, so listing needs none of their dependencies."""
+
+SUITES = {
+    "check-cost": "benchmarks.suites.check_cost",
+    "dist": "benchmarks.suites.dist",
+    "dist-cost": "benchmarks.suites.dist_cost",
+    "isolation-cost": "benchmarks.suites.isolation_cost",
+    "zoo-sweep": "benchmarks.suites.zoo_sweep",
+}
