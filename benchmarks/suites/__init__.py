@@ -3,8 +3,10 @@ they are imported only when listed or run, so listing needs none of their depend
 
 SUITES = {
     "check-cost": "benchmarks.suites.check_cost",
+    "compile-truth": "benchmarks.suites.compile_truth",
     "dist": "benchmarks.suites.dist",
     "dist-cost": "benchmarks.suites.dist_cost",
     "isolation-cost": "benchmarks.suites.isolation_cost",
+    "layerwise": "benchmarks.suites.layerwise",
     "zoo-sweep": "benchmarks.suites.zoo_sweep",
 }

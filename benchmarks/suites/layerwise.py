@@ -1,6 +1,7 @@
 """The layer-local baseline on a model that only fits with checkpointing, on a CUDA GPU.
 
-``python benchmarks/layerwise_gpu.py [--repeats 3]``
+``python -m benchmarks layerwise [--case agree-7b-lora-2048] [--case 7b-lora-8192] [--repeats 3]``
+(``--set smoke=true``: a tiny model on the CPU, to try the suite)
 
 1. ``agree-7b-lora-2048``: the 7B Llama shape with LoRA (r=16, dropout 0.05), bf16, 1 x 2048
    tokens, which fits without checkpointing. The six per-layer strategies checked once with
@@ -13,30 +14,28 @@
    each time. Recorded: why it fell back, the baseline run's allocator peak and each strategy
    run's (above the weights and gradients, as the report gives them), and the time of each.
 
-Writes ``layerwise-<device>-<date>.json`` to ``$OUT`` or ``benchmarks/results/``.
+The envelope's ``machine`` names the card; each row carries ``total_memory_gib``.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import pytest_gradckpt as gc
+from benchmarks.case import Case, Emit
+from benchmarks.common import PER_LAYER, SHAPES, llama, lora, tokens
+from tests import mutations
 
-import mutations  # noqa: E402  tests/mutations.py
-from check_cost import PER_LAYER, SHAPES, llama, lora, tokens  # noqa: E402
-
-import pytest_gradckpt as gc  # noqa: E402
+ABOUT = "the layer-local baseline against the whole-model one, and on a model that only fits with checkpointing"
+CASES = {"agree-7b-lora-2048": Case("7B LoRA, 1 x 2048 tokens: whole-model and layerwise baselines agree",
+                                    {"part": "agreement", "smoke": False}, needs="cuda"),
+         "7b-lora-8192": Case("7B LoRA, 1 x 8192 tokens (fits only with checkpointing): baseline auto, faults caught",
+                              {"part": "only_fits", "smoke": False}, needs="cuda", repeats=3)}
 
 GIB = 2 ** 30
 #: (mutation, the outcome the CPU mutation suite gives it)
@@ -107,34 +106,11 @@ def only_fits_with_checkpointing(repeats: int) -> dict[str, Any]:
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-agreement", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (tries the script)")
-    args = parser.parse_args()
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import peft
-    import transformers
-
-    if args.smoke:
+    if params["smoke"]:
         SETUP.update(shape=SMOKE, device="cpu", dtype=torch.float32)
-        os.environ["OUT"] = os.environ.get("OUT") or "/tmp"
     on_cuda = SETUP["device"] == "cuda"
-    document: dict[str, Any] = {"device": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
-                                "transformers": transformers.__version__, "peft": peft.__version__,
-                                "total_memory_gib": gib(torch.cuda.get_device_properties(0).total_memory)
-                                if on_cuda else None}
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    path = out / f"layerwise-{document['device'].replace(' ', '-')}-{datetime.date.today().isoformat()}.json"
-    if not args.skip_agreement:
-        document["agreement"] = agreement()
-        path.write_text(json.dumps(document, indent=1) + "\n")  # kept if the next part is cut off
-    document["only_fits_with_checkpointing"] = only_fits_with_checkpointing(args.repeats)
-    path.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    total = gib(torch.cuda.get_device_properties(0).total_memory) if on_cuda else None
+    row = agreement() if params["part"] == "agreement" else only_fits_with_checkpointing(repeats)
+    emit({**row, "total_memory_gib": total})

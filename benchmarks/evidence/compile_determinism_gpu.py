@@ -4,24 +4,17 @@
 (largest relative error norm over logits and gradients) with deterministic algorithms off and on,
 then the check's own compile distance on the same model.
 
-``python benchmarks/compile_determinism_gpu.py`` (CUDA); prints one JSON line.
+``python -m benchmarks.evidence.compile_determinism_gpu`` (CUDA); prints one JSON line.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
-
-import compile_truth as ct  # noqa: E402
+from benchmarks.suites import compile_truth as ct
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=1024)

@@ -13,7 +13,7 @@ compiled step without checkpointing):
   ``preserve_rng_state=False`` (a recompute that redraws: must differ, so the probe can see a redraw).
 
 Then ``gc.check`` on the same model (whole-model compile) with ``non_reentrant`` and
-``compile_budget`` under each setting. ``python benchmarks/compile_rng.py [--device cuda]``;
+``compile_budget`` under each setting. ``python -m benchmarks.evidence.compile_rng [--device cuda]``;
 prints JSON and writes ``compile-rng-<device>-<date>.json`` to ``$OUT`` (if set).
 """
 
@@ -24,7 +24,6 @@ import copy
 import datetime
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pytest_gradckpt as gc  # noqa: E402
+import pytest_gradckpt as gc
 from tests.models import DropoutNet  # noqa: E402  (the model tests/test_compile.py checks)
 
 

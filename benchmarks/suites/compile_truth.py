@@ -19,15 +19,15 @@ d(S, B) with inductor's own random numbers (the user's program as it is), where 
 Each phase runs in its own process with its own inductor and triton caches (cold, as a first
 check in CI is), so the check and plain torch are timed alike.
 
-``python benchmarks/compile_truth.py [--smoke] [--repeats N] [--budget SECONDS]``; writes
-``compile-truth-<device>-<date>.json`` to ``$OUT`` or ``benchmarks/results/``.
+``python -m benchmarks compile-truth --case 1b-width [--repeats N] [--set budget=SECONDS]``; case
+``smoke-cpu`` is a tiny shape on the CPU with aot_eager. Each phase runs as
+``python -m benchmarks.suites.compile_truth --phase plain|check --how whole|per_block``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import functools
 import json
 import os
@@ -39,9 +39,15 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from benchmarks.case import Case, Emit
+
+ROOT = Path(__file__).resolve().parents[2]
+ABOUT = "compiled checks' verdicts beside plain torch's, and what each costs to compile and run (issue 31)"
+CASES = {"1b-width": Case("8 layers of the 1.1B width, bf16, inductor, whole and per block, on CUDA",
+                          {"smoke": False, "budget": 3000.0,
+                           "setting": "SHAPE, bf16, 2 x 1024 tokens, inductor, attention_dropout 0.1"}, needs="cuda"),
+         "smoke-cpu": Case("a two-layer Llama on the CPU with aot_eager: tries the suite", {"smoke": True, "budget": 3000.0,
+                                    "setting": "SMOKE, fp32, 2 x 32 tokens, aot_eager, attention_dropout 0.1"})}
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=32000)
@@ -74,7 +80,7 @@ def plain_sac(function: Any, *args: Any) -> Any:
 
 
 def plain_functions() -> dict[str, Any]:
-    import mutations
+    from tests import mutations
 
     return {"non_reentrant": mutations.correct, "sac": plain_sac, "rng_not_preserved": mutations.rng_not_preserved,
             "gradient_three_percent_off": mutations.gradient_three_percent_off}
@@ -205,7 +211,7 @@ def phase_plain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def phase_check(args: argparse.Namespace) -> dict[str, Any]:
-    import mutations
+    from tests import mutations
 
     import pytest_gradckpt as gc
 
@@ -240,10 +246,11 @@ def run_phase(kind: str, how: str, args: argparse.Namespace, deadline: float, re
     """One phase in a fresh process with cold inductor/triton caches of its own."""
     cache = Path(f"/tmp/compile-truth-cache/{kind}-{how}-{repeat}")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
-    command = [sys.executable, __file__, "--phase", kind, "--how", how, "--deadline", str(deadline)]
+    command = [sys.executable, "-m", "benchmarks.suites.compile_truth", "--phase", kind, "--how", how,
+               "--deadline", str(deadline)]
     command += ["--smoke"] if args.smoke else []
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True,
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT,
                           timeout=max(deadline - time.time(), 1) + 60)
     if done.returncode != 0:
         return {"kind": kind, "compile": how, "error": done.stderr[-3000:]}
@@ -252,38 +259,30 @@ def run_phase(kind: str, how: str, args: argparse.Namespace, deadline: float, re
     return found
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU with aot_eager")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--budget", type=float, default=3000.0, help="seconds; later programs are skipped")
-    parser.add_argument("--phase", choices=["plain", "check"])
-    parser.add_argument("--how", choices=["whole", "per_block"])
-    parser.add_argument("--deadline", type=float)
-    args = parser.parse_args()
-    if args.phase:
-        found = (phase_plain if args.phase == "plain" else phase_check)(args)
-        print(json.dumps(found, default=str))
-        return 0
-    deadline = time.time() + args.budget
-    out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    name = (torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() and not args.smoke
-            else "cpu")
-    path = out / f"compile-truth-{name}-{datetime.date.today()}.json"
-    rows: list[dict[str, Any]] = []
-    shape, device, dtype, backend, length = setting(args)
-    document = {"device": name, "torch": torch.__version__, "shape": shape, "dtype": str(dtype),
-                "tokens": [2, length], "backend": backend, "attention_dropout": 0.1, "rows": rows}
-    for repeat in range(args.repeats):
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
+    args = argparse.Namespace(smoke=params["smoke"])
+    deadline = time.time() + params["budget"]
+    for repeat in range(repeats):
         for how in ("per_block", "whole"):
             for kind in ("plain", "check"):
                 if time.time() > deadline - 30:
-                    rows.append({"kind": kind, "compile": how, "repeat": repeat, "skipped": "budget spent"})
+                    emit({"kind": kind, "compile": how, "repeat": repeat, "skipped": "budget spent"})
                     continue
-                rows.append(dict(run_phase(kind, how, args, deadline, repeat), repeat=repeat))
-                print(json.dumps(rows[-1], default=str), flush=True)
-                path.write_text(json.dumps(document, indent=1, default=str))
-    print(path)
+                found = dict(run_phase(kind, how, args, deadline, repeat), repeat=repeat)
+                print(json.dumps(found, default=str), flush=True)
+                emit(found)
+
+
+def main() -> int:
+    """A phase's process (started by :func:`run_phase`): prints its row as the last line."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU with aot_eager")
+    parser.add_argument("--phase", choices=["plain", "check"], required=True)
+    parser.add_argument("--how", choices=["whole", "per_block"], required=True)
+    parser.add_argument("--deadline", type=float)
+    args = parser.parse_args()
+    found = (phase_plain if args.phase == "plain" else phase_check)(args)
+    print(json.dumps(found, default=str))
     return 0
 
 
