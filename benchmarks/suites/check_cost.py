@@ -11,7 +11,7 @@ checkpoint functions on bf16 models of real width (2048). ``--set profile=true``
 a GPU case instead (cProfile, printed).
 
 CPU cases ``cpu-2M`` ... ``cpu-90M``: the same figures for fp32 Llama shapes on the CPU; ``tiny-cpu``
-(a two-layer Llama, 2 x 32 tokens) tries the suite in seconds.
+(a two-layer Llama, 2 x 32 tokens) tries the suite in seconds, ``tiny-cuda`` the same on a GPU.
 
     python -m benchmarks check-cost --case '1b-*' --case 7b-lora-bf16 --case faults-bf16 --repeats 10
     python -m benchmarks check-cost --case 'cpu-*' --repeats 3
@@ -59,6 +59,8 @@ CASES = {
     "cpu-50M": _cpu("cpu-50M", 512, 10, 1376, 8, 256),
     "cpu-90M": _cpu("cpu-90M", 640, 12, 1728, 10, 256),
     "tiny-cpu": _cpu("cpu-tiny", 64, 2, 128, 4, 32),
+    "tiny-cuda": Case("a two-layer Llama (hidden 64), bf16, 2 x 256 tokens on CUDA: tries the suite on a GPU",
+                      {"size": "tiny", "kind": "full", "profile": False}, needs="cuda"),
 }
 
 
@@ -176,9 +178,9 @@ def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
         emit(measure_case(case, model, tokens(2, params["length"], 32000, "cpu"), "cpu", repeats, PER_LAYER))
         return
     size, kind = params["size"], params["kind"]
-    model = llama(SHAPES[size], "cuda", torch.bfloat16)
+    model = llama(common.shape(size), "cuda", torch.bfloat16)
     model = lora(model) if kind == "lora" else model
-    inputs = tokens(2 if size == "1b" else 1, 2048, 32000, "cuda")
+    inputs = tokens(2 if size != "7b" else 1, 256 if size == "tiny" else 2048, 32000, "cuda")
     if params["profile"]:
         _profile(model, inputs, "cuda")
         return

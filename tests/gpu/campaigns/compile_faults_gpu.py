@@ -5,7 +5,7 @@ them (``compile_outside``). Each check holds a correct strategy beside the fault
 ``tests/mutations.py``, so one run shows both that correct checkpointing passes and that each
 fault is caught.
 
-``python benchmarks/compile_faults_gpu.py [--smoke]``; writes ``compile-faults-<device>-<date>.json``
+``python -m tests.gpu.campaigns.compile_faults_gpu [--smoke]`` (run by tests/gpu/test_campaigns.py); writes ``compile-faults-<device>-<date>.json``
 to ``$OUT`` or ``benchmarks/results/``.
 """
 
@@ -15,20 +15,16 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import pytest_gradckpt as gc
+from tests import mutations
 
-import mutations  # noqa: E402
-
-import pytest_gradckpt as gc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=32000)

@@ -1,6 +1,6 @@
 """DeepSpeed's own activation checkpointing (``deepspeed.checkpointing``) as strategies, on one GPU, as JSON.
 
-    torchrun --nproc-per-node 1 benchmarks/deepspeed_checkpointing_gpu.py OUT.json
+    torchrun --nproc-per-node 1 -m tests.gpu.campaigns.deepspeed_checkpointing_gpu OUT.json
 
 For a Llama (4 layers of 512, attention dropout 0.1, bf16, 2 x 1024 tokens) and its LoRA: the verdict
 of every strategy in ``pytest_gradckpt.trainers.deepspeed_checkpointing.STRATEGIES`` (``gc.check``),
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -103,5 +102,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main(sys.argv[1])

@@ -1,9 +1,9 @@
 """Issue 21's FSDP2 gate, written the way a user writes it (run it explicitly; not collected by
 ``make test``)::
 
-    torchrun --nproc-per-node 2 -m pytest -p no:cacheprovider -o addopts= --gradckpt benchmarks/dist_gate.py
-    GATE_FACTORY=gpu torchrun --nproc-per-node 2 -m pytest -p no:cacheprovider -o addopts= --gradckpt benchmarks/dist_gate.py
-    python -m pytest -p no:cacheprovider -o addopts= --gradckpt benchmarks/dist_gate.py   # self-started ranks
+    torchrun --nproc-per-node 2 -m pytest -p no:cacheprovider -o addopts= --gradckpt tests/gpu/campaigns/dist_gate.py
+    GATE_FACTORY=gpu torchrun --nproc-per-node 2 -m pytest -p no:cacheprovider -o addopts= --gradckpt tests/gpu/campaigns/dist_gate.py
+    python -m pytest -p no:cacheprovider -o addopts= --gradckpt tests/gpu/campaigns/dist_gate.py   # self-started ranks
 
 ``GATE_FACTORY``: ``cpu`` (default, as most users build), ``gpu`` (the rank's GPU) or ``meta``;
 ``GATE_SIZE``: ``1b`` (default) or ``tiny`` (a two-layer Llama: the same gate on CPU with gloo,

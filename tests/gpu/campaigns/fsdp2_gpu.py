@@ -1,6 +1,6 @@
 """FSDP2 at real size on several GPUs: the check starts one rank per GPU itself (NCCL).
 
-``python benchmarks/fsdp2_gpu.py [--world-size 2] [--repeats 2]``
+``python -m tests.gpu.campaigns.fsdp2_gpu [--world-size 2] [--repeats 2]`` (run by tests/gpu/test_campaigns.py)
 
 The 1.1B Llama shape (hidden 2048, 16 layers, intermediate 5632, 16 heads, 4 KV heads, vocab
 32000), bf16, full fine-tuning, a global batch of 2 x 2048 tokens (one sequence per rank),
@@ -27,12 +27,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from check_cost import PER_LAYER, SHAPES, llama, tokens  # noqa: E402
-
-import pytest_gradckpt as gc  # noqa: E402
+import pytest_gradckpt as gc
+from benchmarks.common import PER_LAYER, SHAPES, llama, tokens
 
 GIB = 2 ** 30
 
@@ -64,7 +60,7 @@ def main() -> int:
                                 "case": "1b-full-bf16-fsdp2", "tokens": "2 x 2048 global, 1 x 2048 per rank",
                                 "min_cuda_memory_reduction": args.min_cuda_memory_reduction, "checks": []}
     inputs = tokens(2, 2048, 32000, "cpu")
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parents[3] / "benchmarks" / "results")
     name = f"fsdp2-{document['device'].replace(' ', '-')}-x{args.world_size}-{datetime.date.today().isoformat()}.json"
     for attempt in range(args.repeats):
         started = time.perf_counter()

@@ -2,7 +2,7 @@
 the engine's verdicts, and plain-transformers ground truth (gradients after LLaMA-Factory's own
 ``prepare_model_for_training`` against the step without checkpointing), as JSON.
 
-Run on the GPU machine: ``python benchmarks/llamafactory_gpu.py OUT.json`` with LLaMA-Factory's
+Run on the GPU machine: ``python -m tests.gpu.campaigns.llamafactory_gpu OUT.json`` with LLaMA-Factory's
 package importable (only its checkpointing module is imported).
 """
 

@@ -5,7 +5,7 @@ For each: the verdict of ``gc.check_trainer`` run as a user runs it, and ground 
 engine: the gradients (and buffers) of one real FSDP training step with checkpointing as
 configured, against the same real FSDP step with it off, and against a plain-torch step.
 
-Run on the GPU machine: ``python benchmarks/trainers_fsdp_gpu.py OUT.json`` (it starts Lightning
+Run on the GPU machine: ``python -m tests.gpu.campaigns.trainers_fsdp_gpu OUT.json`` (it starts Lightning
 in a subprocess and accelerate under ``torchrun --nproc-per-node 1``).
 """
 
@@ -292,7 +292,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1] == "lightning":
         found = run_lightning()
         with open(sys.argv[2], "w") as handle:

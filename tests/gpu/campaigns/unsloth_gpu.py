@@ -11,7 +11,7 @@ the same step without checkpointing. A second ground truth runs in a fresh proce
 ``prepare_model_for_training(use_gradient_checkpointing=False)``; where ``import unsloth`` fails,
 its error is recorded.
 
-Run on the GPU machine: ``python benchmarks/unsloth_gpu.py OUT.json`` with ``unsloth_zoo``
+Run on the GPU machine: ``python -m tests.gpu.campaigns.unsloth_gpu OUT.json`` with ``unsloth_zoo``
 importable (and ``unsloth`` for the second ground truth).
 """
 
@@ -103,8 +103,7 @@ except BaseException as error:
 import unsloth_zoo
 from unsloth_zoo.training_utils import prepare_model_for_training
 from unsloth.models._utils import apply_unsloth_gradient_checkpointing
-sys.path.insert(0, sys.argv[3])
-import unsloth_gpu as bench
+from tests.gpu.campaigns import unsloth_gpu as bench
 for name in sys.argv[1].split(","):
     model, inputs = bench.build(name)
     lora = "lora" in name
@@ -130,9 +129,8 @@ print(json.dumps(out, default=str))
 def full_package_ground_truth(names: list[str]) -> dict[str, Any]:
     import os
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
-    done = subprocess.run([sys.executable, "-c", FULL_PACKAGE, ",".join(names), root, here],
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run([sys.executable, "-c", FULL_PACKAGE, ",".join(names), root],
                           capture_output=True, text=True, timeout=400)
     last = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if last:
