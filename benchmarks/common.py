@@ -109,16 +109,42 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return int(count(tensors))
 
 
-def apply_strategy(model: Any, strategy: str) -> None:
-    """Switch a built-in strategy on ``model`` in place, as the engine does (calls routed through a layer counter)."""
+def instrumented(model: Any) -> tuple[Any, Any, list[str]]:
+    """The model's checkpoint units found as the engine finds them, each call routed through one layer
+    counter (``counter.counts[name]``): the engine's model info, the counter, the units' names."""
     from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
     from pytest_gradckpt.probes.recompute import LayerCounter
-    from pytest_gradckpt.strategies import get_strategy
 
     names, found_by = find_layers(model)
     info = ModelInfo(model, names, found_by)
+    counter = LayerCounter()
     for name, layer in zip(names, info.layers, strict=True):
-        instrument(layer, name, LayerCounter())
+        instrument(layer, name, counter)
+    return info, counter, names
+
+
+def unit_names(model: Any) -> list[str]:
+    from pytest_gradckpt.layers import find_layers
+
+    return list(find_layers(model)[0])
+
+
+def switch_on(info: Any, strategy: str) -> str | None:
+    """Apply a built-in strategy to a model info of :func:`instrumented`; the reason it does not apply, if so."""
+    from pytest_gradckpt.strategies import get_strategy
+
+    found = get_strategy(strategy)
+    reason = found.applies_to(info)
+    if not reason:
+        found.apply(info)
+    return reason or None
+
+
+def apply_strategy(model: Any, strategy: str) -> None:
+    """Switch a built-in strategy on ``model`` in place, as the engine does (calls routed through a layer counter)."""
+    from pytest_gradckpt.strategies import get_strategy
+
+    info, _, _ = instrumented(model)
     get_strategy(strategy).apply(info)
 
 

@@ -8,5 +8,6 @@ SUITES = {
     "dist-cost": "benchmarks.suites.dist_cost",
     "isolation-cost": "benchmarks.suites.isolation_cost",
     "layerwise": "benchmarks.suites.layerwise",
+    "strategies-gpu": "benchmarks.suites.strategies_gpu",
     "zoo-sweep": "benchmarks.suites.zoo_sweep",
 }

@@ -7,30 +7,28 @@ layers are frozen), ``qlora`` (bitsandbytes 4-bit nf4 base + LoRA on all linear 
 
 Two parts, run where each belongs:
 
-``python benchmarks/gpu.py predict``  (any machine, CPU only)
+``python -m benchmarks strategies-gpu --case predict``  (any machine, CPU only)
     The engine's saved-activation probe (what downstream CPU-only CI measures) on the same
     16-layer model with 16 tokens, scaled to 4096 tokens (saved activations grow linearly in
     tokens: flash attention saves O(T)), plus the gradient bytes of the trainable parameters.
-    Writes ``results/cpu-prediction.json``.
+    One row per setting (the committed one is ``results/cpu-prediction.json``, which the GPU cases read).
 
-``python benchmarks/gpu.py measure``  (on the GPU)
+``python -m benchmarks strategies-gpu --case full --case lora --case lora_half --case qlora``  (on the GPU)
     For each setting and strategy: a fresh copy of the model with the strategy applied, one
     two warm-up steps, then eight timed steps; the CUDA allocator peak of a step above what was
     allocated before it (the weights), the fastest step time (and the median), and the ratio to no
-    checkpointing. Merges the CPU prediction and writes ``results/<device>-<date>.json``.
+    checkpointing, and the floor row. Merges the CPU prediction of ``results/cpu-prediction.json``.
 
-``python benchmarks/gpu.py chart RESULT.json``  draws the PNG and prints the table of docs/gpu.md.
+``python -m benchmarks.suites.strategies_gpu chart RESULT.json [MORE.json ...]``  draws the PNG and prints the table of docs/gpu.md
+(from a historic result or an envelope).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,18 +36,21 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common
+from benchmarks.case import Case, Emit
 
-from pytest_gradckpt.layers import ModelInfo, find_layers, instrument  # noqa: E402
-from pytest_gradckpt.probes.recompute import LayerCounter  # noqa: E402
-from pytest_gradckpt.strategies import BUILTIN, get_strategy  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+BUILTIN = common.builtin_strategies()
+ABOUT = "peak memory and step time of every built-in strategy on a ~1.1B Llama, beside the CPU prediction"
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
              vocab_size=32000, max_position_embeddings=4096, attention_dropout=0.0)
 LAYERS, BATCH, SEQUENCE = 16, 2, 2048
 SETTINGS = ("full", "lora", "lora_half", "qlora")
 GIB = 2 ** 30
+CASES = {"predict": Case("the engine's CPU probe at 16 tokens, scaled to 2 x 2048: predicted reductions per setting",
+                         {"settings": list(SETTINGS)}),
+         **{setting: Case(f"{setting}: each built-in strategy's step peak above weights and step time, and the floor",
+                          {"setting": setting}, needs="cuda") for setting in SETTINGS}}
 
 
 def llama(layers: int, device: str, dtype: torch.dtype) -> Any:
@@ -155,23 +156,17 @@ def measure(setting: str, strategies: list[str], steps: int = 8) -> list[dict[st
     device = "cuda"
     base_model = build(setting, LAYERS, device)
     inputs = token_batch(BATCH, SEQUENCE, device)
-    layer_names, found_by = find_layers(base_model)
     rows = []
     for name in ["none", *strategies]:
         model = copy.deepcopy(base_model)
         model.train()
-        info = ModelInfo(model, layer_names, found_by)
-        counter = LayerCounter()
-        for layer_name, layer in zip(layer_names, info.layers, strict=True):
-            instrument(layer, layer_name, counter)
+        info, counter, layer_names = common.instrumented(model)
         row: dict[str, Any] = {"setting": setting, "strategy": name}
         try:
             if name != "none":
-                strategy = get_strategy(name)
-                reason = strategy.applies_to(info)
+                reason = common.switch_on(info, name)
                 if reason:
                     raise RuntimeError(f"skipped: {reason}")
-                strategy.apply(info)
             for _ in range(2):  # warm-up: kernels chosen, allocator settled
                 _step(model, inputs)
             torch.cuda.synchronize()
@@ -209,10 +204,8 @@ def measure_floor(setting: str, steps: int = 3) -> dict[str, Any]:
     ONE layer, checkpointed (logits path + one layer's recompute), plus the gradients of the
     other layers' trainable weights, which exist whatever the strategy."""
     model = build(setting, 1, "cuda")
-    one_layer_gradients = trainable_bytes(model.get_submodule(find_layers(model)[0][0]))
-    layer_names, found_by = find_layers(model)
-    info = ModelInfo(model, layer_names, found_by)
-    get_strategy("non_reentrant").apply(info)
+    one_layer_gradients = trainable_bytes(model.get_submodule(common.unit_names(model)[0]))
+    common.apply_strategy(model, "non_reentrant")
     inputs = token_batch(BATCH, SEQUENCE, "cuda")
     for _ in range(2):
         _step(model, inputs)
@@ -230,44 +223,47 @@ def measure_floor(setting: str, steps: int = 3) -> dict[str, Any]:
     return row
 
 
-def run_measure(settings: tuple[str, ...]) -> Path:
-    import transformers
-
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
+    if "settings" in params:
+        prediction = predict(tuple(params["settings"]))
+        for setting, found in prediction["settings"].items():
+            emit({"setting": setting, "tokens": prediction["tokens"], "layers": prediction["layers"], **found})
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("strategies-gpu: the measuring cases need a CUDA GPU (the predict case runs anywhere)")
+    setting = params["setting"]
     prediction_path = RESULTS / "cpu-prediction.json"
     prediction = json.loads(prediction_path.read_text()) if prediction_path.exists() else {"settings": {}}
+    predicted = prediction["settings"].get(setting, {}).get("predicted_reduction", {})
     rows = []
-    for setting in settings:
-        predicted = prediction["settings"].get(setting, {}).get("predicted_reduction", {})
-        for row in measure(setting, list(BUILTIN)):
-            row["cpu_predicted_reduction"] = predicted.get(row["strategy"])
-            rows.append(row)
-        floor = measure_floor(setting)
-        offload = next((r for r in rows if r["setting"] == setting and r["strategy"] == "offload"), {})
-        if "peak_gib" in offload:
-            floor["offload_above_floor"] = round(offload["peak_gib"] / floor["peak_gib"] - 1, 4)
-        rows.append(floor)
-    device = torch.cuda.get_device_name()
-    document = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-                "model": "Llama ~1.1B (hidden 2048, 16 layers, intermediate 5632, 16 heads, 4 KV heads, "
-                         "vocab 32000), bf16, batch 2 x 2048 tokens, random weights",
-                "date": datetime.date.today().isoformat(), "rows": rows}
-    out = Path(os.environ.get("OUT", RESULTS)) / f"{device.replace(' ', '-')}-{document['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {out}")
-    return out
+    for row in measure(setting, list(BUILTIN)):
+        row["cpu_predicted_reduction"] = predicted.get(row["strategy"])
+        rows.append(row)
+        emit(row)
+    floor = measure_floor(setting)
+    offload = next((r for r in rows if r["strategy"] == "offload"), {})
+    if "peak_gib" in offload:
+        floor["offload_above_floor"] = round(offload["peak_gib"] / floor["peak_gib"] - 1, 4)
+    emit(floor)
 
 
 # --------------------------------------------------------------------------- chart and table
 
 
-def chart(path: Path) -> None:
+def chart(path: Path, *more: Path) -> None:
+    """The chart (PNG next to ``path``) and table of one historic result, or of the envelopes of several cases."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     document = json.loads(path.read_text())
+    envelope = "machine" in document
+    for other in more:
+        document["rows"] += json.loads(other.read_text())["rows"]
+    if envelope:  # the historic header from the envelope's machine and versions
+        document.update(device=document["machine"]["device"], torch=document["versions"].get("torch"),
+                        transformers=document["versions"].get("transformers"))
     prediction_path = RESULTS / "cpu-prediction.json"
     prediction: dict[str, Any] = {}
     if prediction_path.exists():  # the prediction may be made after the GPU run: merge it in
@@ -275,7 +271,8 @@ def chart(path: Path) -> None:
         for row in document["rows"]:
             row["cpu_predicted_reduction"] = prediction.get(row["setting"], {}).get(
                 "predicted_reduction", {}).get(row["strategy"])
-        path.write_text(json.dumps(document, indent=1) + "\n")
+        if not envelope:
+            path.write_text(json.dumps(document, indent=1) + "\n")
     rows = [r for r in document["rows"] if r["strategy"] not in ("none", "floor") and "memory_reduction" in r]
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     strategies = [s for s in BUILTIN if any(r["strategy"] == s for r in rows)]
@@ -323,22 +320,11 @@ def chart(path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["predict", "measure", "chart"])
-    parser.add_argument("path", nargs="?")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser = argparse.ArgumentParser(description="draw the chart and print the table of docs/gpu.md")
+    parser.add_argument("command", choices=["chart"])
+    parser.add_argument("paths", type=Path, nargs="+")
     args = parser.parse_args()
-    settings = tuple(args.settings.split(","))
-    if args.command == "predict":
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "cpu-prediction.json").write_text(json.dumps(predict(settings), indent=1) + "\n")
-    elif args.command == "measure":
-        if not torch.cuda.is_available():
-            print("measure needs a CUDA GPU", file=sys.stderr)
-            return 2
-        run_measure(settings)
-    else:
-        chart(Path(args.path))
+    chart(*args.paths)
     return 0
 
 
