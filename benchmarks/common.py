@@ -148,6 +148,21 @@ def apply_strategy(model: Any, strategy: str) -> None:
     get_strategy(strategy).apply(info)
 
 
+def promise(name: str, **claims: Any) -> Any:
+    """A strategy's declared promise (:class:`pytest_gradckpt.promises.Promise`), e.g. activations on the host."""
+    from pytest_gradckpt.promises import Promise
+
+    return Promise(name, **claims)
+
+
+def checkpoint_function(name: str) -> Any:
+    """A built-in strategy's checkpoint function by its name in :mod:`pytest_gradckpt.strategies`
+    (``non_reentrant_checkpoint``, ``sac_checkpoint``, ...)."""
+    from pytest_gradckpt import strategies
+
+    return getattr(strategies, name)
+
+
 def builtin_strategies() -> list[str]:
     from pytest_gradckpt.strategies import BUILTIN
 

@@ -8,6 +8,7 @@ SUITES = {
     "dist-cost": "benchmarks.suites.dist_cost",
     "isolation-cost": "benchmarks.suites.isolation_cost",
     "layerwise": "benchmarks.suites.layerwise",
+    "promises": "benchmarks.suites.promises",
     "strategies-gpu": "benchmarks.suites.strategies_gpu",
     "zoo-sweep": "benchmarks.suites.zoo_sweep",
 }

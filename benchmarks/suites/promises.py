@@ -11,25 +11,27 @@
    re-timing in plain transformers (the strategies' checkpoint functions installed through
    ``_set_gradient_checkpointing``, no engine) of every correct configuration that fits.
 
-Run: ``python benchmarks/promises_gpu.py OUT_DIR [--repeats N]``.
+Run: ``python -m benchmarks promises [--case 1.1B --case 7B --case lora] [--repeats N] [--set budget=24GiB]``;
+``--set tiny=true`` shrinks every shape (a CPU smoke run; its figures mean nothing). Each plan's JSON
+and PNG go to ``--set plans=FOLDER`` (default ``$OUT``, else a temporary folder named in the row).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
 import json
+import os
 import pathlib
 import statistics
-import sys
+import tempfile
 import time
 from typing import Any
 
 import torch
 
 import pytest_gradckpt as gc
-from pytest_gradckpt.promises import Promise
+from benchmarks import common
+from benchmarks.case import Case, Emit
 
 SHAPES = {
     "1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
@@ -38,7 +40,14 @@ SHAPES = {
                num_key_value_heads=32, vocab_size=32000),
 }
 BATCH, LENGTH = 2, 2048
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the script with --tiny
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run with tiny=true
+ABOUT = "what checkpointing promises and buys at users' sizes: gc.plan, and its recommendation re-timed in plain torch"
+_PARAMS = {"tiny": False, "budget": "24GiB", "plans": ""}
+CASES = {"1.1B": Case("1.1B Llama, bf16, 2 x 2048, full fine-tuning: gc.plan over five configurations",
+                      {"part": "1.1B", **_PARAMS}, needs="cuda", repeats=3),
+         "7B": Case("7B Llama shape, the same", {"part": "7B", **_PARAMS}, needs="cuda", repeats=3),
+         "lora": Case("7B LoRA under a memory budget: the recommendation re-timed in plain transformers",
+                      {"part": "lora", **_PARAMS}, needs="cuda", repeats=3)}
 
 
 def tiny() -> None:
@@ -60,7 +69,7 @@ def checkpoint_on_host(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 CKPT_OFFLOAD = gc.Strategy.from_checkpoint_fn(
     "ckpt_offload", checkpoint_on_host, description="checkpoint under save_on_cpu(pin_memory=True)",
-    promise=Promise("offload=True", activations="host"))
+    promise=common.promise("offload=True", activations="host"))
 
 
 def build(shape: str, lora: bool = False) -> torch.nn.Module:
@@ -184,8 +193,6 @@ def plain_step_seconds(model_factory: Any, install: Any, steps: int) -> tuple[fl
 
 
 def lora_plan(repeats: int, budget: str, out: pathlib.Path) -> dict[str, Any]:
-    from pytest_gradckpt import strategies as builtin
-
     model = build("7B", lora=True)
     started = time.perf_counter()
     found = gc.plan(model, inputs, strategies=["non_reentrant", "sac", "offload", "selective", "hf_every_2"],
@@ -194,9 +201,10 @@ def lora_plan(repeats: int, budget: str, out: pathlib.Path) -> dict[str, Any]:
     del model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-    functions = {"none": None, "non_reentrant": installer(builtin.non_reentrant_checkpoint),
-                 "sac": installer(builtin.sac_checkpoint), "offload": installer(builtin.offload_checkpoint),
-                 "selective": installer(builtin.selective_checkpoint), "hf_every_2": every_second}
+    functions = {"none": None, "non_reentrant": installer(common.checkpoint_function("non_reentrant_checkpoint")),
+                 "sac": installer(common.checkpoint_function("sac_checkpoint")),
+                 "offload": installer(common.checkpoint_function("offload_checkpoint")),
+                 "selective": installer(common.checkpoint_function("selective_checkpoint")), "hf_every_2": every_second}
     # The recommendation and the runner-up by the plan's own times: re-timed outside the engine.
     ranked = sorted((o for o in found.options if o.correct and o.fits and o.strategy in functions),
                     key=lambda o: o.seconds or 0.0)
@@ -219,31 +227,11 @@ def lora_plan(repeats: int, budget: str, out: pathlib.Path) -> dict[str, Any]:
             "plain_retiming": plain, **verdict, "seconds_to_run": time.perf_counter() - started}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", default="24GiB")
-    parser.add_argument("--parts", default="1.1B,7B,lora")
-    parser.add_argument("--tiny", action="store_true")
-    args = parser.parse_args()
-    if args.tiny:
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
+    if params["tiny"]:
         tiny()
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(params["plans"] or os.environ.get("OUT") or tempfile.mkdtemp(prefix="promises-"))
     out.mkdir(parents=True, exist_ok=True)
-    import transformers
-
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-                              "transformers": transformers.__version__, "repeats": args.repeats,
-                              "batch": BATCH, "length": LENGTH}
-    target = out / "promises.json"
-    for part in args.parts.split(","):
-        with contextlib.suppress(KeyboardInterrupt):
-            result[part] = lora_plan(args.repeats, args.budget, out) if part == "lora" else full_finetune(
-                part, args.repeats, out)
-        target.write_text(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    part = params["part"]
+    found = lora_plan(repeats, params["budget"], out) if part == "lora" else full_finetune(part, repeats, out)
+    emit({"part": part, "batch": BATCH, "length": LENGTH, "plans": str(out), **found})
