@@ -3,6 +3,7 @@ they are imported only when listed or run, so listing needs none of their depend
 
 SUITES = {
     "check-cost": "benchmarks.suites.check_cost",
+    "compile": "benchmarks.suites.compile",
     "compile-truth": "benchmarks.suites.compile_truth",
     "dist": "benchmarks.suites.dist",
     "dist-cost": "benchmarks.suites.dist_cost",
