@@ -5,6 +5,7 @@ SUITES = {
     "check-cost": "benchmarks.suites.check_cost",
     "compile": "benchmarks.suites.compile",
     "compile-truth": "benchmarks.suites.compile_truth",
+    "deepspeed": "benchmarks.suites.deepspeed",
     "dist": "benchmarks.suites.dist",
     "dist-cost": "benchmarks.suites.dist_cost",
     "isolation-cost": "benchmarks.suites.isolation_cost",

@@ -2,7 +2,8 @@
 
 Run as a user launches DeepSpeed training:
 
-    torchrun --nproc-per-node 1 benchmarks/deepspeed_gpu.py OUT.json [--tiny] [--repeats 3] [--budget SECONDS]
+    torchrun --nproc-per-node 1 -m benchmarks deepspeed --case 1b-zero3 [--repeats 3] [--set budget=SECONDS]
+    torchrun --nproc-per-node 1 -m benchmarks deepspeed --case tiny      # a two-layer Llama: tries the suite
 
 Rows: (1) ground truth without the engine: one plain DeepSpeed ZeRO-3 step (``deepspeed.initialize``
 with a torch AdamW, ``engine.backward``, no ``engine.step``) with transformers' checkpointing
@@ -10,20 +11,21 @@ with a torch AdamW, ``engine.backward``, no ``engine.step``) with transformers' 
 ``deepspeed.utils.safe_get_full_grad``; the engine build and the step timed apart. (2)
 ``gc.check_trainer(trainer)`` on ``Trainer(args=TrainingArguments(deepspeed=ZERO3, bf16=True,
 activation_checkpointing=True, ...))``, repeated, with its time against the plain step's. The file
-is rewritten after every row, so a run cut short keeps what it measured.
+is rewritten after every row, so a run cut short keeps what it measured. Rows, by ``kind``: ``ground_truth``,
+``check`` (each repeat), ``summary`` (``identical_outcomes``, ``check_s_over_plain_step_s``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Any
 
 import torch
+
+from benchmarks.case import Case, Emit
 
 #: the 1.1B Llama shape (TinyLlama): hidden 2048, 16 layers, intermediate 5632, 16 heads, 4 KV heads
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
@@ -33,6 +35,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 ZERO3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
          "gradient_accumulation_steps": "auto", "zero_allow_untested_optimizer": True}
 CHECKPOINTING = {"use_reentrant": False}
+ABOUT = "check_trainer on a transformers Trainer with DeepSpeed ZeRO-3 (torchrun), against a plain DeepSpeed step"
+CASES = {"1b-zero3": Case("1.1B Llama, bf16, 2 x 2048 tokens, ZeRO-3 on one GPU", {"tiny": False, "budget": 1e9},
+                          needs="cuda", repeats=3),
+         "tiny": Case("a two-layer Llama, 2 x 32 tokens: tries the suite", {"tiny": True, "budget": 1e9})}
 
 
 def _device() -> torch.device:
@@ -127,52 +133,31 @@ def check_once(shape: dict, rows: list, out: str) -> dict[str, Any]:
                 trainer_untouched=untouched, metrics={k: v for k, v in result.metrics.items() if k != "setting"})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=1e9, help="start no new repeat past this many seconds")
-    options = parser.parse_args()
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
     start = time.perf_counter()
     import deepspeed
-    import transformers
 
-    shape = TINY if options.tiny else LLAMA_1B
-    length = 32 if options.tiny else 2048
+    shape = TINY if params["tiny"] else LLAMA_1B
+    length = 32 if params["tiny"] else 2048
     rows = _rows(shape, 2, length)
-    report: dict[str, Any] = dict(
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        world_size=int(os.environ.get("WORLD_SIZE", 1)), launcher="torchrun" if "TORCHELASTIC_RUN_ID" in os.environ
-        else "python", versions=dict(torch=torch.__version__, transformers=transformers.__version__,
-                                     deepspeed=deepspeed.__version__),
-        shape=shape, batch=f"{len(rows)} x {length} tokens", dtype="bf16", zero_config=ZERO3,
-        activation_checkpointing_kwargs=CHECKPOINTING, checks=[])
-
-    def write() -> None:
-        report["elapsed_s"] = round(time.perf_counter() - start, 1)
-        with open(options.out, "w") as handle:
-            json.dump(report, handle, indent=1)
-
+    setting = dict(world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                   launcher="torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python", shape=shape,
+                   batch=f"{len(rows)} x {length} tokens", dtype="bf16", zero_config=ZERO3,
+                   activation_checkpointing_kwargs=CHECKPOINTING)
     deepspeed.init_distributed()
-    report["ground_truth"] = ground_truth(shape, rows)
-    write()
-    print("ground truth", report["ground_truth"], flush=True)
+    truth = ground_truth(shape, rows)
+    emit({"kind": "ground_truth", **setting, **truth})
+    print("ground truth", truth, flush=True)
+    checks = []
+    stopped = None
     with tempfile.TemporaryDirectory() as out:
-        for _ in range(options.repeats):
-            if time.perf_counter() - start > options.budget:
-                report["stopped"] = f"budget of {options.budget} s reached"
+        for _ in range(repeats):
+            if time.perf_counter() - start > params["budget"]:
+                stopped = f"budget of {params['budget']} s reached"
                 break
-            report["checks"].append(check_once(shape, rows, out))
-            write()
-            print("check", report["checks"][-1], flush=True)
-    outcomes = {c["outcome"] for c in report["checks"]}
-    report["identical_outcomes"] = len(outcomes) == 1
-    report["check_s_over_plain_step_s"] = [round(c["seconds"] / report["ground_truth"]["on"]["step_s"], 1)
-                                           for c in report["checks"]]
-    write()
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    main()
+            checks.append(check_once(shape, rows, out))
+            emit({"kind": "check", **checks[-1]})
+            print("check", checks[-1], flush=True)
+    emit({"kind": "summary", "identical_outcomes": len({c["outcome"] for c in checks}) == 1, "stopped": stopped,
+          "check_s_over_plain_step_s": [round(c["seconds"] / truth["on"]["step_s"], 1) for c in checks],
+          "elapsed_s": round(time.perf_counter() - start, 1)})
