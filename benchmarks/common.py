@@ -163,6 +163,14 @@ def checkpoint_function(name: str) -> Any:
     return getattr(strategies, name)
 
 
+def golden() -> Any:
+    """The golden-record module (:mod:`pytest_gradckpt.golden`: ``key``, ``differences``), as ``--gradckpt-compare``
+    applies it; benchmarks/preserved.py compares two sweeps with it."""
+    from pytest_gradckpt import golden as module
+
+    return module
+
+
 def builtin_strategies() -> list[str]:
     from pytest_gradckpt.strategies import BUILTIN
 

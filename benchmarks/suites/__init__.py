@@ -12,5 +12,6 @@ SUITES = {
     "layerwise": "benchmarks.suites.layerwise",
     "promises": "benchmarks.suites.promises",
     "strategies-gpu": "benchmarks.suites.strategies_gpu",
+    "vision-models": "benchmarks.suites.vision_models",
     "zoo-sweep": "benchmarks.suites.zoo_sweep",
 }

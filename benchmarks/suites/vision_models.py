@@ -5,25 +5,22 @@ which fail at import against the CPU torch (``operator torchvision::nms does not
 and timm imports torchvision. The GPU machine's image has both, so this runs there (on its
 CPU, where kernels are deterministic), and the result is committed.
 
-    python benchmarks/vision_models.py      # writes vision-models-<date>.json to $OUT or results/
+    python -m benchmarks vision-models      # one row per model
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
-import json
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest_gradckpt as gc
+from benchmarks.case import Case, Emit
 
-import pytest_gradckpt as gc  # noqa: E402
-
+ABOUT = "timm and torchvision models under every relevant strategy, with plain-torch ground truth (CPU)"
+CASES = {"all": Case("a timm ViT (4 blocks), timm's ResNet-18, torchvision's ResNet-18; 4 x 3 x 32 x 32 images",
+                     {}, needs="torchvision")}
 STRATEGIES = ["non_reentrant", "reentrant", "offload", "sac", "torch_wrapper", "native"]
 
 
@@ -60,28 +57,13 @@ def ground_truth(model: Any, images: Any) -> dict[str, Any]:
     return {"native_switch": True, "native_gradients_equal": grads_equal, "native_buffers_equal": buffers_equal}
 
 
-def main() -> int:
-    import timm
-    import torchvision
-
-    rows = []
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
     for name, model, images in models():
         truth = ground_truth(model, images)
         report = gc.check(model, images, strategies=STRATEGIES, name=name)
         print(name, report.baseline["layers_found_by"], truth, report.table(), sep="\n", flush=True)
-        rows.append({"model": name, "units": report.baseline["layers"], "units_found_by": report.baseline["layers_found_by"],
-                     "ground_truth": truth,
-                     "results": {r.strategy: {"outcome": r.outcome, "message": r.message[:200],
-                                              "recomputed_units": r.metrics.get("recomputed_units")}
-                                 for r in report.results}})
-    document = {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
-                "rows": rows}
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    path = out / f"vision-models-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        emit({"model": name, "units": report.baseline["layers"], "units_found_by": report.baseline["layers_found_by"],
+              "ground_truth": truth,
+              "results": {r.strategy: {"outcome": r.outcome, "message": r.message[:200],
+                                       "recomputed_units": r.metrics.get("recomputed_units")}
+                          for r in report.results}})
