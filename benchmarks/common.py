@@ -163,6 +163,23 @@ def checkpoint_function(name: str) -> Any:
     return getattr(strategies, name)
 
 
+def zoo_model(name: str) -> tuple[Any, Any]:
+    """A model of the packaged zoo and its inputs: ``tanh_net`` and ``DropoutMaskNet`` of the plain zoo by
+    those names, any other name through the zoo's entry (``llama``, ``bert``, ...)."""
+    from pytest_gradckpt.zoo import entry, plain
+
+    if name == "tanh_net":
+        return plain.tanh_net()
+    return entry(name).build()
+
+
+def dropout_mask_net(**sizes: Any) -> Any:
+    """The plain zoo's ``DropoutMaskNet`` (an embedding, dropout, a mask input) at the given sizes."""
+    from pytest_gradckpt.zoo.plain import DropoutMaskNet
+
+    return DropoutMaskNet(**sizes)
+
+
 def golden() -> Any:
     """The golden-record module (:mod:`pytest_gradckpt.golden`: ``key``, ``differences``), as ``--gradckpt-compare``
     applies it; benchmarks/preserved.py compares two sweeps with it."""

@@ -7,7 +7,7 @@ step used directly.) Here torchrun starts the ranks and each one runs the engine
 strategy with the same distributed run without checkpointing, and ranks are checked to hold
 identical gradients.
 
-    torchrun --nproc-per-node 2 benchmarks/ddp_cuda.py      # writes $OUT or benchmarks/results/ddp-cuda-*.json
+    torchrun --nproc-per-node 2 -m benchmarks.evidence.ddp_cuda      # writes $OUT or benchmarks/results/ddp-cuda-*.json
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pytest_gradckpt.arguments import Subject  # noqa: E402
 from pytest_gradckpt.distributed import Parallel, options  # noqa: E402
@@ -96,7 +93,7 @@ def main() -> int:
     if rank == 0:
         document = {"device": f"{dist.get_world_size()} x {torch.cuda.get_device_name() if cuda else 'cpu'}",
                     "torch": torch.__version__, "backend": dist.get_backend(), "rows": rows}
-        out = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
+        out = Path(os.environ.get("OUT", Path(__file__).resolve().parents[1] / "results"))
         path = out / f"ddp-cuda-{datetime.date.today().isoformat()}.json"
         path.write_text(json.dumps(document, indent=1) + "\n")
         print(f"wrote {path}")

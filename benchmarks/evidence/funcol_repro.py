@@ -104,7 +104,7 @@ def main() -> int:
     import torch
 
     device = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parents[1] / "results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"funcol-repro-{device}-x{args.nproc}-{datetime.date.today()}.json"
     path.write_text(json.dumps({"torch": torch.__version__, "size": args.size, "rows": rows}, indent=1))

@@ -107,12 +107,11 @@ def measure_case(case: str, model: Any, inputs: dict[str, Any], device: str, rep
 
 def fault_rows(device: str, emit: Emit) -> None:
     """The mutation suite's broken functions on bf16 models 2048 wide; expected verdicts from CPU."""
-    from pytest_gradckpt.zoo.plain import DropoutMaskNet
     from tests import mutations
 
     def masked() -> tuple[Any, Any]:
         torch.manual_seed(0)
-        model = DropoutMaskNet(vocab=32000, width=2048, depth=4, dropout=0.1).to(device, torch.bfloat16)
+        model = common.dropout_mask_net(vocab=32000, width=2048, depth=4, dropout=0.1).to(device, torch.bfloat16)
         generator = torch.Generator().manual_seed(1)
         inputs = {"ids": torch.randint(0, 32000, (2, 2048), generator=generator).to(device),
                   "mask": (torch.rand(2, 2048, 1, generator=generator) > 0.3).to(device, torch.bfloat16)}

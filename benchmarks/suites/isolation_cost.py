@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest_gradckpt as gc
+from benchmarks import common
 from benchmarks.case import Case, Emit
 
 ABOUT = "a check with every step forked into a child against the same check in this process (CPU)"
@@ -66,11 +67,8 @@ def measure(name: str, build: Callable[[], tuple[Any, Any]], repeats: int) -> di
 
 def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pytest_gradckpt.zoo import entry, plain
-
     name = params["model"]
-    build = plain.tanh_net if name == "tanh_net" else entry(name).build
-    row = measure(name, build, repeats)
+    row = measure(name, lambda: common.zoo_model(name), repeats)
     row["threads"] = os.environ.get("OMP_NUM_THREADS")
     print(f"{row['model']}: {row['steps_per_check']} steps; in process {row['in_process']}; isolated "
           f"{row['isolated']}; +{row['extra_wall_per_step_s'] * 1000:.0f} ms wall, "
