@@ -5,7 +5,7 @@ read with ``DTensor.full_tensor()`` in a torchrun process, as the plugin used to
 Nothing of pytest-gradckpt is imported. Each variant runs in its own torchrun launch, so a crash
 is seen as the launch's exit status instead of ending this script:
 
-    python benchmarks/funcol_repro.py [--nproc 1] [--size 1b|tiny] [--variants full_tensor:1,all_gather:1]
+    python -m benchmarks.evidence.funcol_repro [--nproc 1] [--size 1b|tiny] [--variants full_tensor:1,all_gather:1]
 
 Variants: gradients read with ``full_tensor()`` (functional collectives) or with a plain
 ``all_gather`` of the dimension-0 shards (what the plugin does now), each with

@@ -1,7 +1,7 @@
 """Ground truth, in plain peft + transformers + torch (no pytest-gradckpt code), for the verdict
 that differs between peft release lines (``fixtures/peft_add_adapter``).
 
-    python benchmarks/peft_lines_ground_truth.py     # in any environment; prints one JSON line
+    python -m benchmarks.evidence.peft_lines_ground_truth     # in any environment; prints one JSON line
 
 LoRA on a tiny Llama, the input embeddings made trainable by the user, then ``add_adapter``: does
 the embedding still train, and do the hidden states entering the first decoder layer require

@@ -2,7 +2,7 @@
 transformers + peft + torch (no pytest-gradckpt code): each difference the suite reports between
 4.57.x and 5.x is reproduced here without the engine, so it is the framework's behaviour, not ours.
 
-    python benchmarks/release_lines_ground_truth.py        # in any environment; prints one line per case
+    python -m benchmarks.evidence.release_lines_ground_truth        # in any environment; prints one line per case
 
 Cases (tiny configs, random weights, CPU, float32):
 - ``lora-reentrant``: PEFT LoRA on Llama (frozen embeddings), the model's own

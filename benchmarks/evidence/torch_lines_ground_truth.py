@@ -2,7 +2,7 @@
 torch release lines: selective activation checkpointing (SAC) and a custom op registered with an
 ordered effect (``fixtures/effectful_op``).
 
-    python benchmarks/torch_lines_ground_truth.py     # in any environment; prints one JSON line
+    python -m benchmarks.evidence.torch_lines_ground_truth     # in any environment; prints one JSON line
 
 The op scales by a factor drawn from a stream restarted at every forward; SAC's policy
 recomputes everything (``PREFER_RECOMPUTE``). Counted: how often the op ran in one training step
