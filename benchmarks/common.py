@@ -237,7 +237,7 @@ def raw_step_seconds(model: Any, inputs: dict[str, Any], strategy: str | None, d
 # put the timers on there too when ``GRADCKPT_PROFILE_DIR`` is set.
 
 #: part -> seconds, in this process; ranks write theirs to ``$GRADCKPT_PROFILE_DIR/<pid>.json``.
-SPENT: collections.Counter[str] = collections.Counter()
+SPENT: collections.defaultdict[str, float] = collections.defaultdict(float)
 
 
 def _timed(part: str, function: Any) -> Any:
