@@ -107,3 +107,13 @@ def test_engine_internals_are_imported_in_one_module() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pytest_gradckpt"):
                 readers.add(str(path.relative_to(ROOT)))
     assert readers == {"benchmarks/common.py"}
+
+
+@pytest.mark.parametrize("name", ["benchmarks.case", "benchmarks.common", "benchmarks.envelope", "benchmarks.runner"])
+def test_docstring_examples_run(name: str) -> None:
+    """benchmarks/ is not among the doctest paths (its suites import GPU-only stacks): its shared modules' examples
+    run here."""
+    import doctest
+
+    found = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert found.attempted > 0 and found.failed == 0
