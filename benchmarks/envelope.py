@@ -49,8 +49,11 @@ def _git(*args: str) -> str:
 def source() -> tuple[str, bool]:
     """The commit measured and whether the tree differed from it (``GRADCKPT_COMMIT``/``GRADCKPT_DIRTY``
     name them where the tree travelled without ``.git``, as on the GPU machine)."""
-    if os.environ.get("GRADCKPT_COMMIT"):
-        return os.environ["GRADCKPT_COMMIT"], os.environ.get("GRADCKPT_DIRTY", "1") != "0"
+    given = os.environ.get("GRADCKPT_COMMIT")
+    if given:
+        if not (7 <= len(given) <= 40 and all(c in "0123456789abcdef" for c in given)):
+            raise ValueError(f"GRADCKPT_COMMIT={given!r} is not a commit: give git rev-parse HEAD of the tree copied")
+        return given, os.environ.get("GRADCKPT_DIRTY", "1") != "0"
     return _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 

@@ -50,6 +50,9 @@ def test_the_envelope_names_the_commit_given_where_the_tree_has_no_git(monkeypat
     monkeypatch.setenv("GRADCKPT_COMMIT", "a" * 40)
     monkeypatch.setenv("GRADCKPT_DIRTY", "0")
     assert source() == ("a" * 40, False)
+    monkeypatch.setenv("GRADCKPT_COMMIT", "HEAD")
+    with pytest.raises(ValueError, match="is not a commit"):
+        source()
 
 
 @pytest.mark.parametrize("suite", sorted(SUITES))

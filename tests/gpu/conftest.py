@@ -38,7 +38,8 @@ def missing(gpus: int, needs: tuple[str, ...]) -> str | None:
 
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if found < gpus:
-            return f"needs {gpus} CUDA GPU{'s' * (gpus > 1)}; this machine has {found} (run make test-gpu on a GPU)"
+            return (f"needs {gpus} CUDA GPU{'s' * (gpus > 1)}; this machine has {found} "
+                    f"(make test-gpu PYTHON=python on a machine with {gpus})")
     return None
 
 
