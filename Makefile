@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export PYTHONDONTWRITEBYTECODE ?= 1
 
-.PHONY: check check-full test test-compile test-deepspeed lint matrix trainers-4.57 setup clean docs
+.PHONY: check check-full test test-compile test-deepspeed test-gpu lint matrix trainers-4.57 setup clean docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: lint
 
 test-deepspeed: $(STAMP)  ## every DeepSpeed ZeRO case (ZeRO-2/3 x full/LoRA x reentrant/non-reentrant, hazards) under torchrun, 1 and 2 CPU ranks
 	$(BIN)/pytest -p no:cacheprovider -m deepspeed_full tests/test_deepspeed.py $(ARGS)
+
+# Not part of `test` (there these are collected and skipped: no CUDA). On a GPU machine, with the
+# interpreter whose torch has CUDA (no .venv: its pinned torch is the CPU build): make test-gpu PYTHON=python
+test-gpu:  ## the GPU verdict campaigns (tests/gpu/, marker gpu): each skips, naming what it needs, where that is missing
+	$(PYTHON) -m pytest -p no:cacheprovider -o addopts= -m gpu tests/gpu $(ARGS)
 
 test-compile: $(STAMP)  ## every torch.compile test (inductor where a C++ compiler is present)
 	$(BIN)/pytest -n 2 -p no:cacheprovider tests/test_compile.py $(ARGS)

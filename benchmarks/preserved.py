@@ -12,8 +12,8 @@ committed plain-zoo fixture (``fixtures/golden/plain-zoo.json``).
 Every difference is listed; those that a later commit made on purpose are matched to the
 commit and the reason in ``INTENDED`` below, and anything else is printed as UNEXPLAINED (exit 1).
 
-    python benchmarks/preserved.py 5f25bd2 HEAD                # the representative subset (`make check`)
-    python benchmarks/preserved.py 5f25bd2 main --models=all   # the full zoo sweep (`make check-full`)
+    python -m benchmarks.preserved 5f25bd2 HEAD                # the representative subset (`make check`)
+    python -m benchmarks.preserved 5f25bd2 main --models=all   # the full zoo sweep (`make check-full`)
 
 A revision's sweep is cached by commit in ``~/.cache/pytest-gradckpt/preserved`` (a committed
 tree gives the same verdicts on the same pinned environment), so comparing a new revision with
@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import common
 
-from pytest_gradckpt import golden  # noqa: E402  (plain data, no torch: the comparison --gradckpt-compare makes)
+ROOT = Path(__file__).resolve().parents[1]
+golden = common.golden()  # the comparison --gradckpt-compare makes
 
 CACHE = Path.home() / ".cache" / "pytest-gradckpt" / "preserved"
 PLAIN_ZOO_FIXTURE = ROOT / "fixtures" / "golden" / "plain-zoo.json"

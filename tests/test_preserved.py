@@ -3,16 +3,13 @@ take minutes; the committed result in benchmarks/results/ is what one run found)
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from benchmarks import preserved
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("preserved", ROOT / "benchmarks" / "preserved.py")
-assert _spec is not None and _spec.loader is not None
-preserved = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(preserved)
 
 
 def entry(outcome: str, loss: float = 1.0, norm: float = 0.5, peak: int = 1000) -> dict[str, Any]:

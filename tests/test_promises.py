@@ -76,7 +76,7 @@ def test_offload_without_an_accelerator_is_an_error_as_in_plain_transformers():
     # without an accelerator, torch has no pinned allocator and the step raises (plain transformers too).
     model, inputs = four_layer_llama()
     if torch.cuda.is_available():
-        pytest.skip("the CPU-only failure: on a GPU offload runs (benchmarks/promises_gpu.py)")
+        pytest.skip("the CPU-only failure: on a GPU offload runs (python -m benchmarks promises)")
     with pytest.raises(RuntimeError, match="pin_memory=True requires") as plain:
         plain_recomputed_layers(model, inputs, lambda m: m.activation_checkpointing_enable(offload=True))
     (result,) = gc.check(*four_layer_llama(), strategies=["hf_offload"]).results

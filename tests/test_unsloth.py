@@ -1,7 +1,7 @@
 """Unsloth's ``use_gradient_checkpointing="unsloth"`` built-in where it cannot run: CI has no GPU and
 no Unsloth, so the built-in must say ``skipped`` with the reason, and never pass, fail or error.
 (Its verdicts where it runs, with plain-transformers ground truth, come from an H200:
-``benchmarks/unsloth_gpu.py``, ``benchmarks/results/unsloth-gpu-2026-12-01.json``.)"""
+``tests/gpu/campaigns/unsloth_gpu.py``, ``benchmarks/results/unsloth-gpu-2026-12-01.json``.)"""
 
 from __future__ import annotations
 

@@ -1,0 +1,112 @@
+"""What a distributed check costs next to the steps it runs, part by part (issue 30).
+
+Cases ``1b-full-fsdp2``, ``1b-lora-fsdp2``, ``1b-lora-ddp`` (those of the ``dist`` suite), the six
+per-layer strategies. Parameters (``--set``): ``launch`` (``self``: the check starts its own ranks;
+``torchrun``: the check runs in torchrun's world, whatever its size), ``world_size`` (self-started),
+``factory`` (``cpu``, ``gpu`` or ``meta``), ``budget`` (no check starts after so many seconds of this
+case), ``device``, ``tiny`` (``--set tiny=true --set device=cpu``: a two-layer Llama on gloo).
+
+    python -m benchmarks dist-cost --case 1b-full-fsdp2 --set factory=gpu --repeats 3
+    torchrun --nproc-per-node 1 -m benchmarks dist-cost --case 1b-full-fsdp2 --set launch=torchrun --repeats 3
+
+One row per case: ``case``, ``launch``, ``world``, ``factory``, ``seconds`` (each check, wall),
+``step_seconds_sum`` (each check: the baseline's two steps and every strategy's step, as the probes
+timed them on the ranks), ``build_seconds`` (the factory, where the check built it),
+``beyond_build_over_steps`` (``(seconds - build) / step_seconds_sum``), ``breakdown`` (the first check's
+parts, by process, from :func:`benchmarks.common.install_timers`), ``outcomes``, ``repeats``,
+``identical_outcomes``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import pytest_gradckpt as gc
+from benchmarks import common
+from benchmarks.case import Case, Emit
+from benchmarks.common import PER_LAYER, build, tokens
+from benchmarks.suites import dist
+
+ABOUT = "a distributed check's wall time next to the steps it runs, with a breakdown by part and process"
+CASES = {name: Case(dist.CASES[name].about + ", cost by part",
+                    {**{k: dist.CASES[name].params[k] for k in ("shape", "adapters", "scenario")},
+                     "launch": "self", "world_size": 1, "factory": "cpu", "device": "cuda", "tiny": False,
+                     "budget": 1e9},
+                    needs="cuda", repeats=3)
+         for name in ("1b-full-fsdp2", "1b-lora-fsdp2", "1b-lora-ddp")}
+
+
+def one_check(case: str, params: dict[str, Any], world_size: int) -> tuple[float, Any, dict[str, Any]]:
+    common.SPENT.clear()
+    started = time.perf_counter()
+    shape = "tiny" if params["tiny"] else params["shape"]
+    report = gc.check(functools.partial(build, shape, params["adapters"], params["factory"]),
+                      tokens(world_size, 64 if params["tiny"] else 2048, 32000, "cpu"), device=params["device"],
+                      scenarios=[params["scenario"]], strategies=PER_LAYER, timeout=None,
+                      distributed={"world_size": world_size})
+    seconds = time.perf_counter() - started
+    parts = common.collect_timers(os.environ["GRADCKPT_PROFILE_DIR"])
+    print(f"{case} ({params['factory']}): {seconds:.1f} s, {[(r.strategy, r.outcome) for r in report.results]}",
+          flush=True)
+    return seconds, report, parts
+
+
+def step_sum(report: Any, scenario: str) -> float:
+    """The steps the check ran: two without checkpointing (the baseline keeps the faster) and each strategy's."""
+    base = report.baseline[scenario].get("seconds") or 0.0
+    return 2 * base + sum(r.metrics.get("seconds") or 0.0 for r in report.results)
+
+
+def _builds(parts: dict[str, dict[str, float]], forked: bool) -> float:
+    """The factory's time: where the check built it, plus the slowest rank that built its own (a
+    forked rank's timers start from the parent's, so only what it added is its own)."""
+    here = parts["parent"].get("model build (factory)", 0.0)
+    ranks = [p.get("model build (factory)", 0.0) - (here if forked else 0.0)
+             for name, p in parts.items() if name != "parent"]
+    return here + max(ranks, default=0.0)
+
+
+def row(case: str, params: dict[str, Any], world_size: int,
+        checks: list[tuple[float, Any, dict[str, Any]]]) -> dict[str, Any]:
+    scenario = params["scenario"]
+    outcomes = [{r.strategy: r.outcome for r in report.results} for _, report, _ in checks]
+    builds = [_builds(parts, forked=params["device"] == "cpu") for _, _, parts in checks]
+    steps = [step_sum(report, scenario) for _, report, _ in checks]
+    first = checks[0][1]
+    return {"case": case, "launch": params["launch"], "world": world_size, "factory": params["factory"],
+            "seconds": [round(s, 2) for s, _, _ in checks], "step_seconds_sum": [round(s, 3) for s in steps],
+            "build_seconds": [round(b, 2) for b in builds],
+            "beyond_build_over_steps": [round((s - b) / t, 2) if t else None
+                                        for (s, _, _), b, t in zip(checks, builds, steps, strict=True)],
+            "breakdown": checks[0][2], "outcomes": outcomes[0],
+            "messages": {r.strategy: r.message[:200] for r in first.results if r.outcome != "pass"},
+            "ranks": first.baseline[scenario].get("ranks"),
+            "repeats": len(checks), "identical_outcomes": all(o == outcomes[0] for o in outcomes)}
+
+
+def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
+    began = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["GRADCKPT_PROFILE_DIR"] = tempfile.mkdtemp(prefix="gradckpt-profile-")
+    os.environ["GRADCKPT_PROFILE_PARENT"] = str(os.getpid())
+    common.install_timers()
+    world_size, _ = dist.world({**params, "world_size": params["world_size"] or 1})
+    case = f"{params['shape']}-{'lora' if params['adapters'] else 'full'}-{params['scenario']}"
+    try:
+        checks = []
+        for _ in range(repeats):
+            if time.perf_counter() - began > params["budget"]:
+                break
+            checks.append(one_check(case, params, world_size))
+        if checks:
+            measured = row(case, params, world_size, checks)
+            emit(measured)
+            print(json.dumps({k: v for k, v in measured.items() if k != "breakdown"}), flush=True)
+    finally:
+        if params["launch"] == "torchrun":
+            common.leave_launch()
