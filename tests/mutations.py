@@ -66,6 +66,7 @@ def hangs(function: Any, *args: Any) -> Any:
 def inverted_frozen_skipper(function: Any, *args: Any) -> Any:
     """Claims to skip frozen layers, but checkpoints exactly the frozen ones."""
     layer = layer_of(function)
+    assert layer is not None, "called outside a layer the engine instrumented"
     if any(p.requires_grad for p in layer.parameters()):
         return function(*args)
     return checkpoint(function, *args, use_reentrant=False)
@@ -75,6 +76,7 @@ def selective_forgetting_input_grads(function: Any, *args: Any) -> Any:
     """Skips frozen layers, reentrant on the rest, but forgets that reentrant needs a
     grad-requiring input: with frozen embeddings the LoRA weights get nothing."""
     layer = layer_of(function)
+    assert layer is not None, "called outside a layer the engine instrumented"
     if not any(p.requires_grad for p in layer.parameters()):
         return function(*args)
     return checkpoint(function, *args, use_reentrant=True)
