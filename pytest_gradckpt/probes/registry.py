@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
+from pytest_gradckpt.probes.compiled_regions import CompiledRegionsProbe
 from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.memory import MemoryProbe
@@ -38,6 +39,7 @@ PROBES: Kinds = (
     BackwardCallsProbe,
     SavedElsewhereProbe,  # after MemoryProbe: its hook is ours, not "elsewhere"
     OpCountProbe,         # matmuls and FLOPs, forward and backward: what recompute costs
+    CompiledRegionsProbe,  # checkpoint regions the compiled backward recomputes (no Python runs there)
     PhasesProbe,          # resident after forward, device and host
     StepTime,             # innermost: times the micro-batches only
 )
@@ -50,7 +52,7 @@ def registered() -> Kinds:
 
     Example:
         >>> [kind.name for kind in registered()]
-        ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'ops', 'phases', 'seconds']
+        ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'ops', 'compiled_regions', 'phases', 'seconds']
     """
     return _active.get()
 
@@ -66,7 +68,7 @@ def using(*kinds: type[Probe[Any]], only: bool = False) -> Iterator[Kinds]:
         ...     [kind.name for kind in kinds]
         ['seconds']
         >>> len(registered())
-        9
+        10
     """
     chosen = tuple(kinds) if only else (*registered(), *kinds)
     names = [kind.name for kind in chosen]
