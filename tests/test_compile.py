@@ -587,3 +587,20 @@ def test_every_verdict_equals_plain_torch(how):
         truth = "pass" if moved <= tolerance else "mismatch" if moved > 1e-2 else f"unclear ({moved:.3g})"
         assert results[name].outcome == truth, (how, name, moved, results[name].message)
     assert [results[name].outcome for name in _TABLE] == ["pass", "pass", "pass", "mismatch"]
+
+
+def test_a_regionally_compiled_transformers_model():
+    # Before: 'the model fails without checkpointing (AttributeError: LlamaDecoderLayer has no attribute
+    # `_orig_mod`)': the layers were found by class under the caller's OptimizedModule wrappers
+    # ("model.layers.0._orig_mod"), names the engine's unwrapped copies do not have.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    for index, layer in enumerate(model.model.layers):
+        model.model.layers[index] = torch.compile(layer, backend="aot_eager")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    (result,) = gc.check(model, {"input_ids": ids, "labels": ids}, strategies=["non_reentrant"]).results
+    assert result.outcome == "pass", result.message
+    assert result.metrics["compiled"]["kind"] == "regional" and result.metrics["recomputed_regions"] > 0, result.metrics
