@@ -156,11 +156,12 @@ class CompiledRegionsProbe(Probe[CompiledRegions]):
             yield
             return
         callers = functorch_config.joint_custom_pass
+        graphs = self.joint_graphs  # not self: the pass outlives the patch (seen: a copy held past its step)
 
         def look(module: torch.fx.GraphModule, inputs: Any) -> torch.fx.GraphModule:
             if callable(callers):
                 module = callers(module, inputs)
-            self.joint_graphs.append(module)  # read after the step: the partitioner's final tags
+            graphs.append(module)  # read after the step: the partitioner's final tags
             return module
 
         with functorch_config.patch(joint_custom_pass=look, enable_autograd_cache=False):
@@ -168,7 +169,7 @@ class CompiledRegionsProbe(Probe[CompiledRegions]):
 
     def read(self) -> CompiledRegions:
         found = [read_joint_graph(module.graph) for module in self.joint_graphs]
-        self.joint_graphs = []  # their fake tensors and nodes are not needed past the step
+        self.joint_graphs.clear()  # their fake tensors and nodes are not needed past the step
         return CompiledRegions(len(found), sum(f.regions for f in found), sum(f.recomputed_regions for f in found),
                                sum(f.recomputed_bytes for f in found))
 
