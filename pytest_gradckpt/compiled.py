@@ -244,6 +244,18 @@ def blocks_order(model: nn.Module, order: str | None) -> str | None:
     return order if compilation is not None and compilation.kind != WHOLE else None
 
 
+def eager_name(name: str) -> str:
+    """``name`` as in the eager model: the ``_orig_mod`` levels of ``OptimizedModule`` wrappers left out
+    (the caller's regional model names a compiled layer's modules through them; the engine's copies,
+    stripped of the wrappers, do not have them).
+
+    Example:
+        >>> eager_name("model.layers.0._orig_mod"), eager_name("model.layers.0._orig_mod.mlp"), eager_name("_orig_mod")
+        ('model.layers.0', 'model.layers.0.mlp', '')
+    """
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def eager_view(model: nn.Module) -> nn.Module:
     """The caller's own eager module under a top-level ``OptimizedModule`` (not a copy: the
     engine reads facts from it, never trains it); other models unchanged."""

@@ -144,7 +144,8 @@ class Stepper:
                  distributed: dict[str, Any] | None = None):
         self.subject, self.seed, self.timeout = subject, seed, timeout
         self.distributed = distributed
-        self.layer_names, self.found_by = find_layers(subject.peek(), layers, reference=subject.reference)
+        names, self.found_by = find_layers(subject.peek(), layers, reference=subject.reference)
+        self.layer_names = [compiled.eager_name(name) for name in names]  # a regional model's names, on its copies
 
     def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None,
              parallel: Any = None) -> Run:

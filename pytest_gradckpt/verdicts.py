@@ -24,6 +24,7 @@ from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
+from pytest_gradckpt.probes.compiled_regions import CompiledRegionsProbe
 from pytest_gradckpt.probes.gradients import NOISE_FACTOR, Comparison, Noise, compare
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.op_counts import OpCountProbe
@@ -265,6 +266,21 @@ def wrong_recompute_count(e: Evidence, limits: Limits) -> str | None:
     return None
 
 
+def compiled_regions_not_recomputed(e: Evidence, limits: Limits) -> str | None:
+    """Verdict rule for compiled runs: AOT autograd's joint graphs were read
+    (:mod:`pytest_gradckpt.probes.compiled_regions`) and no checkpoint region in them is recomputed
+    in backward, while the strategy promised recompute and no eager recompute was counted: the
+    checkpoint never reached the compiled program (a switch that does nothing, a policy that saves
+    every op)."""
+    run, seen = e.run, e.run.of(CompiledRegionsProbe)
+    if (run.compiled is None or not seen.graphs or seen.recomputed_regions or e.checkpointable
+            or not any(run.expected_recompute.values()) or run.of(BackwardCallsProbe).recomputed_units
+            or run.of(SavedElsewhereProbe).saved_elsewhere_units):
+        return None
+    return (f"no checkpoint region is recomputed in the compiled backward ({seen.graphs} compiled graph(s), "
+            f"{seen.regions} checkpoint region(s) traced, none marked for recompute and used by backward)")
+
+
 def recompute_unobserved(e: Evidence, limits: Limits) -> str | None:
     """Verdict rule for compiled runs: a checkpoint inside compiled code is recomputed inside the
     compiled backward, where no Python runs and no recompute can be counted. What remains
@@ -273,7 +289,8 @@ def recompute_unobserved(e: Evidence, limits: Limits) -> str | None:
     run = e.run
     if (run.compiled is None or e.strategy.recomputes is False or e.checkpointable
             or run.of(BackwardCallsProbe).recomputed_units
-            or run.of(SavedElsewhereProbe).saved_elsewhere_units):  # an offload keeps its activations elsewhere
+            or run.of(SavedElsewhereProbe).saved_elsewhere_units  # an offload keeps its activations elsewhere
+            or run.of(CompiledRegionsProbe).recomputed_regions):  # the compiled backward recomputes: observed
         return None
     reduction = e.activation_reduction
     if reduction is None or reduction > 0:
@@ -314,6 +331,7 @@ _RULES: tuple[tuple[str, Rule], ...] = (
     (outcomes.RECOMPUTE, promise_broken),
     (outcomes.RECOMPUTE, wrong_recompute_count),
     (outcomes.NOT_APPLIED, never_recomputed),
+    (outcomes.NOT_APPLIED, compiled_regions_not_recomputed),
     (outcomes.NOT_APPLIED, recompute_unobserved),
     (outcomes.NOT_APPLIED, too_little_saved_memory),
     (outcomes.NOT_APPLIED, too_little_cuda_memory),

@@ -80,6 +80,8 @@ def test_every_run_executes_compiled_code(how):
         ran = result.metrics["compiled"]
         assert ran["kind"] == how and ran["backend"] == "aot_eager" and ran["frames"] > 0, ran
         assert ran["graph_breaks"] == 0, ran  # the engine's probes stay out of the traced program
+        # The compiled backward recomputes checkpoint regions (read in AOT autograd's joint graphs).
+        assert result.metrics["checkpoint_regions"] >= result.metrics["recomputed_regions"] > 0, result.metrics
     assert "compiled" in report.baseline["train"]["why"]
     # The caller's model is untouched: still compiled, no gradient, same weights.
     assert compiled.Compilation.of(model).kind == how
@@ -124,7 +126,11 @@ def test_faults_caught_under_compile_compile_outside():
     assert results["gradient_three_percent_off"].outcome == "mismatch"
     for name in ("not_checkpointing", "sac_saving_everything"):
         assert results[name].outcome == "not_applied", (name, results[name].message)
-        assert "under compile" in results[name].message
+        assert "no checkpoint region is recomputed in the compiled backward" in results[name].message
+        assert results[name].metrics["recomputed_regions"] == 0, results[name].metrics
+    # Traced, yet nothing to recompute: SAC's policy keeps every op (3 regions); no checkpoint at all (0).
+    assert results["sac_saving_everything"].metrics["checkpoint_regions"] == 3
+    assert results["not_checkpointing"].metrics["checkpoint_regions"] == 0
     assert results["compile_budget"].outcome == "pass", results["compile_budget"].message
     assert results["compile_budget"].metrics["compiled"]["activation_memory_budget"] == 0.5
     assert results["compile_budget"].metrics["activation_reduction"] > 0
@@ -226,13 +232,50 @@ def test_tiny_blocks_under_compile_are_no_false_alarm(how):
     inputs = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
     report = gc.check(model, inputs, strategies=["non_reentrant", "sac", strategy(mutations.not_checkpointing)])
     assert report.baseline["train"]["checkpoint_room_bytes"] == 0
-    for result in report.results:  # before: non_reentrant and sac 'not_applied' (saved activations fell by 0%)
-        assert result.outcome == "pass", (result.strategy, result.message)
+    results = {r.strategy: r for r in report.results}
+    for name in ("non_reentrant", "sac"):  # before: 'not_applied' (saved activations fell by 0%)
+        assert results[name].outcome == "pass", (name, results[name].message)
+    # Before the compiled backward's regions were read, 'not_checkpointing' passed here too (memory
+    # cannot tell it apart); now it is caught: no region is recomputed.
+    assert results["not_checkpointing"].outcome == "not_applied", results["not_checkpointing"].message
     # Ground truth in plain torch: compiled with and without checkpointing save the same bytes
-    # (the blocks' inputs and the last output: 4 x 4 x 8 floats) and give the same gradients.
+    # (the blocks' inputs and the last output: 4 x 4 x 8 floats) and give the same gradients ...
     plain, plain_bytes = _saved_step(eager_model, inputs, None)
     ckpt, ckpt_bytes = _saved_step(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False))
     assert plain_bytes == ckpt_bytes == 4 * 4 * 8 * 4 and torch.equal(plain, ckpt)
+    # ... yet the checkpointed program's backward recomputes a matmul that the program without
+    # checkpointing does not (the last block's: each other block's output enters the next
+    # checkpoint, so the partitioner saves it), and the plain call's backward (not_checkpointing)
+    # recomputes none. The check counts the same: 1 recomputed region in the one whole-model graph.
+    none = _backward_matmuls(eager_model, inputs, None)
+    assert _backward_matmuls(eager_model, inputs, lambda f, x: checkpoint(f, x, use_reentrant=False)) == none + 1
+    assert _backward_matmuls(eager_model, inputs, mutations.not_checkpointing) == none
+    assert results["not_checkpointing"].metrics["checkpoint_regions"] == 0
+    if how == "whole":
+        assert results["non_reentrant"].metrics["recomputed_regions"] == 1, results["non_reentrant"].metrics
+    else:  # a graph per compiled block: its region's output leaves the graph, so it is recomputed
+        assert results["non_reentrant"].metrics["recomputed_regions"] >= 1, results["non_reentrant"].metrics
+
+
+def _backward_matmuls(model: torch.nn.Module, inputs: torch.Tensor, wrap) -> int:
+    """Plain torch: the matmuls in the compiled backward graph of the blocks compiled as one program
+    (AOT autograd with the min-cut partitioner, as ``aot_eager``)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep_backward(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=keep_backward,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch.compile(lambda x: _blocks(target, x, wrap), backend=backend)(inputs.detach().requires_grad_()).sum().backward()
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    return sum(node.target in matmuls for gm in graphs for node in gm.graph.nodes)
 
 
 def _saved_step(model: torch.nn.Module, inputs: torch.Tensor, wrap) -> tuple[torch.Tensor, int]:
@@ -354,8 +397,10 @@ def _inside_verdicts(backend: str) -> None:
     inputs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
     fns = (compiled_inside, compiled_inside_on_cpu, compiled_inside_rng_redrawn)
     results = {r.strategy: r for r in gc.check(model, inputs, strategies=[strategy(f) for f in fns]).results}
-    # Ground truth: plain torch, the same functions around each block against no checkpoint at all.
-    none = plain_grads(model, inputs)
+    # Ground truth: plain torch, the same functions around each block against the user's program
+    # without checkpointing: each block through the same compile (under inductor, compiled and eager
+    # blocks round differently: against the eager step no function was ever bitwise equal).
+    none = plain_grads(model, inputs, lambda function, x: torch.compile(function, backend=backend)(x))
     for fn in fns:
         torch._dynamo.reset()
         truth = "pass" if torch.equal(plain_grads(model, inputs, fn), none) else "mismatch"
@@ -544,3 +589,20 @@ def test_every_verdict_equals_plain_torch(how):
         truth = "pass" if moved <= tolerance else "mismatch" if moved > 1e-2 else f"unclear ({moved:.3g})"
         assert results[name].outcome == truth, (how, name, moved, results[name].message)
     assert [results[name].outcome for name in _TABLE] == ["pass", "pass", "pass", "mismatch"]
+
+
+def test_a_regionally_compiled_transformers_model():
+    # Before: 'the model fails without checkpointing (AttributeError: LlamaDecoderLayer has no attribute
+    # `_orig_mod`)': the layers were found by class under the caller's OptimizedModule wrappers
+    # ("model.layers.0._orig_mod"), names the engine's unwrapped copies do not have.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    for index, layer in enumerate(model.model.layers):
+        model.model.layers[index] = torch.compile(layer, backend="aot_eager")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    (result,) = gc.check(model, {"input_ids": ids, "labels": ids}, strategies=["non_reentrant"]).results
+    assert result.outcome == "pass", result.message
+    assert result.metrics["compiled"]["kind"] == "regional" and result.metrics["recomputed_regions"] > 0, result.metrics

@@ -11,6 +11,7 @@ from pytest_gradckpt import outcomes, verdicts
 from pytest_gradckpt.baselines import Baseline
 from pytest_gradckpt.compiled import CompiledRun
 from pytest_gradckpt.errors import StrategyNotApplicable
+from pytest_gradckpt.probes.compiled_regions import CompiledRegions
 from pytest_gradckpt.probes.gradients import Comparison
 from pytest_gradckpt.probes.layer_calls import LayerCalls
 from pytest_gradckpt.probes.op_counts import OpCounts
@@ -89,6 +90,10 @@ CASES = [
     ("compiled, no memory saved", evidence(Run(compiled=CompiledRun(frames=2)), recomputed=0, checkpointable=0,
                                            activation_reduction=0.0), LIMITS,
      {"recompute_unobserved"}, outcomes.NOT_APPLIED, "fell by 0% under compile"),
+    ("compiled, no region recomputed", evidence(Run(compiled={"frames": 1}, expected_recompute={"l.0": True},
+                                                    measured={"compiled_regions": CompiledRegions(graphs=1, regions=2)}),
+                                                recomputed=0, checkpointable=0, activation_reduction=0.5), LIMITS,
+     {"compiled_regions_not_recomputed"}, outcomes.NOT_APPLIED, "no checkpoint region is recomputed"),
     ("too little CUDA memory", evidence(activation_reduction=0.9, cuda_reduction=0.2), MEMORY_LIMITS,
      {"too_little_cuda_memory"}, outcomes.NOT_APPLIED, "min_cuda_memory_reduction=50%"),
     # precedence: two findings, the worse outcome wins

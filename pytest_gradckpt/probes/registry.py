@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
+from pytest_gradckpt.probes.compiled_regions import CompiledRegionsProbe
 from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.memory import MemoryProbe
@@ -40,6 +41,7 @@ PROBES: Kinds = (
     BackwardCallsProbe,
     SavedElsewhereProbe,  # after MemoryProbe: its hook is ours, not "elsewhere"
     OpCountProbe,         # matmuls and FLOPs, forward and backward: what recompute costs
+    CompiledRegionsProbe,  # checkpoint regions the compiled backward recomputes (no Python runs there)
     PhasesProbe,          # resident after forward, device and host
     StepTime,             # innermost: times the micro-batches only
 )
@@ -52,7 +54,7 @@ def registered() -> Kinds:
 
     Example:
         >>> [kind.name for kind in registered()]
-        ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'ops', 'phases', 'seconds']
+        ['warnings', 'memory', 'cuda', 'recompute', 'backward_calls', 'saved_elsewhere', 'ops', 'compiled_regions', 'phases', 'seconds']
     """
     return _PROBES.registered()
 
@@ -79,7 +81,7 @@ def using(*kinds: type[Probe[Any]], only: bool = False) -> Iterator[Kinds]:
         ...     [kind.name for kind in kinds]
         ['seconds']
         >>> len(registered())
-        9
+        10
     """
     _checked(tuple(kinds) if only else (*registered(), *kinds))
     with _PROBES.using(*kinds, only=only) as chosen:
