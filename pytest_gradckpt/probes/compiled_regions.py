@@ -37,14 +37,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from pytest_gradckpt.probes.protocol import Probe
-
-if TYPE_CHECKING:
-    from pytest_gradckpt.verdicts import Evidence
+from pytest_gradckpt.probes.protocol import Probe, ProbeEvidence
 
 #: Checkpoint policies under which the partitioner recomputes a node (``must_recompute``).
 _RECOMPUTE_POLICIES = ("MUST_RECOMPUTE", "PREFER_RECOMPUTE")
@@ -174,7 +171,7 @@ class CompiledRegionsProbe(Probe[CompiledRegions]):
                                sum(f.recomputed_bytes for f in found))
 
     @classmethod
-    def metrics(cls, evidence: Evidence) -> Mapping[str, Any]:
+    def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         seen = evidence.run.of(cls)
         if not evidence.compared or not seen.graphs:
             return {}
