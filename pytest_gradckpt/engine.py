@@ -33,6 +33,7 @@ from pytest_gradckpt.launcher import Launcher
 from pytest_gradckpt.layers import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap, norms
+from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.report import Report, Result
 from pytest_gradckpt.runs import Run, Stepper
@@ -173,7 +174,8 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
     plan = _Plan(spec, resolve_strategies(spec.strategies), resolve_scenarios(spec.scenarios), cache)
     if any(s.distributed for s in plan.scenarios):  # before any model is built
         refuse_unrunnable_world(spec.distributed.as_dict(), device_before_build(model, spec.device))
-    with preserved_global_state():
+    # The per-op probes only where a judged promise reads them: their dispatch modes cost more than the steps.
+    with preserved_global_state(), registry.using(*registry.lean(_read_per_op(plan.strategies)), only=True):
         _warm_up()
         stepper, isolated = _stepper(model, inputs, loss, plan)
         report = _new_report(name or stepper.subject.name, stepper)
@@ -184,6 +186,28 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
                 step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
                 _check_scenario(report, step, scenario, stepper, plan, determinism)
     return report
+
+
+def _read_per_op(strategies: Iterable[Strategy]) -> set[str]:
+    """The per-op measurements (:data:`~pytest_gradckpt.probes.registry.PER_OP`) the strategies'
+    promises read: ``"ops"`` for kept ops, ``"host_copies"`` for host-resident activations. A strategy
+    that decides its promise per run (its own ``promise`` method) may read either.
+
+    Example:
+        >>> from pytest_gradckpt.strategies import get_strategy
+        >>> sorted(_read_per_op([get_strategy("non_reentrant")])), sorted(_read_per_op([get_strategy("sac")]))
+        ([], ['ops'])
+    """
+    read: set[str] = set()
+    for strategy in strategies:
+        if type(strategy).promise is not Strategy.promise:
+            return set(registry.PER_OP)
+        promise = strategy.promised
+        if promise is not None and promise.kept_ops:
+            read.add("ops")
+        if promise is not None and promise.activations == "host":
+            read.add("host_copies")
+    return read
 
 
 @dataclasses.dataclass
@@ -253,7 +277,8 @@ def _baseline(model: str, step: Callable[..., Run], scenario: Scenario, stepper:
     key = (model, scenario.name, str(subject.device), tuple(stepper.layer_names),
            *plan.spec.baseline_key(bool(scenario.distributed)),
            # an eager and a compiled model of one name, or two compile orders, have other baselines
-           None if subject.compilation is None else (subject.compilation.kind, subject.compilation.order))
+           None if subject.compilation is None else (subject.compilation.kind, subject.compilation.order),
+           registry.registered())  # a baseline measured without the per-op probes cannot serve a promise that reads them
     if cache is not None and key in cache:
         return cache[key]
     reference = baselines.build(step, scenario, subject.name, dtype, plan.spec.baseline)

@@ -221,7 +221,8 @@ def plan(model: nn.Module | Callable[[], nn.Module], inputs: Any, *, memory_budg
     if warmup < 0 or repeats < 1:
         raise GradckptUsageError(f"plan: warmup={warmup!r} must be >= 0 and repeats={repeats!r} >= 1")
     candidates = resolve_strategies(list(strategies) if strategies is not None else list(DEFAULT_CANDIDATES))
-    judged = check(model, inputs, loss=loss, strategies=candidates, layers=layers, device=device, name=name)
+    with registry.asking("ops"):  # every candidate's recomputed FLOPs, promised or not
+        judged = check(model, inputs, loss=loss, strategies=candidates, layers=layers, device=device, name=name)
     subject = Subject(model, inputs, loss, device)
     layer_names = judged.baseline["layers"]
     options = [Option(NONE, outcomes.PASS, "no checkpointing")]

@@ -31,11 +31,21 @@ from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:
+    found = _storage_and_key(tensor)
+    return None if found is None else found[1]
+
+
+def _storage_and_key(tensor: torch.Tensor) -> tuple[torch.UntypedStorage, tuple[Any, int, int]] | None:
     try:
         storage = tensor.untyped_storage()
-        return (tensor.device, storage.data_ptr(), storage.nbytes())
+        return storage, (tensor.device, storage.data_ptr(), storage.nbytes())
     except (RuntimeError, NotImplementedError):  # sparse, nested, meta, DTensor, or storage FSDP freed
         return None
+
+
+#: torch's own test of a storage weak reference (what ``StorageWeakRef.expired`` calls through two
+#: Python frames): the live set is scanned at every possible new peak, so each test counts.
+_expired: Any = getattr(torch.UntypedStorage, "_expired", None)
 
 
 class SavedActivationProbe:
@@ -95,7 +105,10 @@ class SavedActivationProbe:
         return True
 
     def _prune(self) -> None:
-        dead = [k for k, ref in self.live.items() if ref.expired()]
+        if _expired is None:
+            dead = [k for k, ref in self.live.items() if ref.expired()]
+        else:
+            dead = [k for k, ref in self.live.items() if _expired(ref.cdata)]
         for key in dead:
             del self.live[key]
             self.live_bytes -= key[2]
@@ -106,8 +119,11 @@ class SavedActivationProbe:
             return
         if isinstance(tensor, torch.nn.Parameter):
             return
-        key = _storage_key(tensor)
-        if key is None or key[2] == 0 or self._is_excluded(key[1]):
+        found = _storage_and_key(tensor)
+        if found is None:
+            return
+        storage, key = found
+        if key[2] == 0 or self._is_excluded(key[1]):
             return
         known = self.live.get(key)
         if known is not None:
@@ -116,7 +132,7 @@ class SavedActivationProbe:
             del self.live[key]  # a dead storage's address, reused by a new one of the same size
             self.live_bytes -= key[2]
         try:
-            self.live[key] = StorageWeakRef(tensor.untyped_storage())
+            self.live[key] = StorageWeakRef(storage)
         except RuntimeError:
             return
         self.live_bytes += key[2]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -100,11 +100,15 @@ class OpCountProbe(Probe[OpCounts]):
                    "uncounted_flop_ops")
     columns = (Column("flops", ("flop_ratio",), lambda ratio: "" if ratio is None else f"{ratio:.2f}x"),)
 
+    #: Whether ops are counted (:class:`OpCounter`, a Python call for every aten op). A check whose
+    #: strategies promise no kept ops runs :class:`UncountedOpsProbe` (same name, metrics declared).
+    counts_ops: ClassVar[bool] = True
+
     counter: OpCounter | None = None
 
     @contextlib.contextmanager
     def around_batches(self) -> Iterator[None]:
-        if compiled_model(self.step.model):
+        if not self.counts_ops or compiled_model(self.step.model):
             yield
             return
         self.counter = OpCounter()
@@ -133,3 +137,10 @@ class OpCountProbe(Probe[OpCounts]):
             if base_total:  # the step's FLOPs against the same step without checkpointing
                 found["flop_ratio"] = (run.forward_flops + run.backward_flops) / base_total
         return found
+
+
+class UncountedOpsProbe(OpCountProbe):
+    """:class:`OpCountProbe` that counts nothing (``counted`` False): what a check runs where no
+    judged strategy promises kept ops."""
+
+    counts_ops = False

@@ -13,8 +13,9 @@ is one module with a :class:`~pytest_gradckpt.probes.protocol.Probe` subclass an
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
@@ -22,8 +23,8 @@ from pytest_gradckpt.probes.compiled_regions import CompiledRegionsProbe
 from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.probes.layer_calls import RecomputeProbe
 from pytest_gradckpt.probes.memory import MemoryProbe
-from pytest_gradckpt.probes.op_counts import OpCountProbe
-from pytest_gradckpt.probes.phases import PhasesProbe
+from pytest_gradckpt.probes.op_counts import OpCountProbe, UncountedOpsProbe
+from pytest_gradckpt.probes.phases import DevicePhasesProbe, PhasesProbe
 from pytest_gradckpt.probes.protocol import Column, Probe
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.timing import StepTime
@@ -47,6 +48,11 @@ PROBES: Kinds = (
 )
 
 _PROBES: Registry[type[Probe[Any]]] = Registry("probes", PROBES, name_of=lambda kind: kind.name)
+#: Measurements that cost a Python call for every aten op of a step (a dispatch mode), which a check
+#: takes only where a verdict reads them or :func:`asking` asks: ``"ops"`` (matmuls and FLOPs) and
+#: ``"host_copies"`` (host tensors made during the step).
+PER_OP = ("ops", "host_copies")
+_asked: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("pytest_gradckpt_asked", default=frozenset())
 
 
 def registered() -> Kinds:
@@ -103,7 +109,7 @@ def register_probe(kind: type[Probe[Any]]) -> type[Probe[Any]]:
         >>> register_probe(NothingProbe).name, registered()[-1].name
         ('nothing', 'nothing')
         >>> unregister_probe("nothing") is NothingProbe, len(registered())
-        (True, 9)
+        (True, 10)
     """
     _checked((*registered(), kind))
     return _PROBES.register(kind)
@@ -118,6 +124,44 @@ def unregister_probe(name: str) -> type[Probe[Any]]:
         raise ValueError(f"unregister_probe: no probe named {name!r} is registered; registered: "
                          f"{', '.join(_PROBES.names())}")
     return _PROBES.unregister(name)
+
+
+@contextlib.contextmanager
+def asking(*measures: str) -> Iterator[None]:
+    """Take ``measures`` (of :data:`PER_OP`) in every check inside the block, whether or not a verdict
+    reads them (a planner reports every candidate's recomputed FLOPs).
+
+    Example:
+        >>> with asking("ops"):
+        ...     [kind.__name__ for kind in lean(())][-3:]
+        ['OpCountProbe', 'DevicePhasesProbe', 'StepTime']
+    """
+    unknown = sorted(set(measures) - set(PER_OP))
+    if unknown:
+        raise ValueError(f"asking({', '.join(map(repr, unknown))}): not a per-op measurement; pick from {PER_OP}")
+    token = _asked.set(_asked.get() | frozenset(measures))
+    try:
+        yield
+    finally:
+        _asked.reset(token)
+
+
+def lean(needed: Iterable[str]) -> Kinds:
+    """The probes in force less the per-op work (:data:`PER_OP`) that neither ``needed`` nor
+    :func:`asking` names: :class:`OpCountProbe` as :class:`UncountedOpsProbe` without ``"ops"``,
+    :class:`PhasesProbe` as :class:`DevicePhasesProbe` without ``"host_copies"`` (same names, same
+    metric keys). A check runs its steps under these.
+
+    Example:
+        >>> [kind.__name__ for kind in lean(["host_copies"])][-3:]
+        ['UncountedOpsProbe', 'PhasesProbe', 'StepTime']
+        >>> lean(["ops", "host_copies"]) == registered()
+        True
+    """
+    wanted = _asked.get() | frozenset(needed)
+    lighter = {OpCountProbe: None if "ops" in wanted else UncountedOpsProbe,
+               PhasesProbe: None if "host_copies" in wanted else DevicePhasesProbe}
+    return tuple(lighter.get(kind) or kind for kind in registered())
 
 
 def metric_keys() -> frozenset[str]:

@@ -24,7 +24,7 @@ Cost (item 5): whole-model plain torch (baseline, eager and each function once) 
 cold inductor/triton caches, the check in another, cold too. Then the check twice more on warm
 caches (repeats 2 and 3), then the other families: plain torch once, the check 3 times.
 
-``python benchmarks/compile_truth_families.py [--smoke] [--budget S]``; JSON to ``$OUT``.
+``python benchmarks/evidence/compile_truth_families.py [--smoke] [--budget S]``; JSON to ``$OUT``.
 """
 
 from __future__ import annotations
