@@ -42,12 +42,9 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
 
-import compile_truth as truth  # noqa: E402
+from benchmarks.suites import compile_truth as truth  # noqa: E402 - the compile-truth suite's plain-torch helpers
 
 BF16_CAP = 0.125
 FAMILIES = ("whole", "per_block", "regional", "per_block_no_dropout", "lora", "inside")
@@ -86,7 +83,7 @@ BACKEND = ["inductor"]
 
 
 def functions() -> dict[str, Any]:
-    import mutations
+    from tests import mutations
 
     return {"non_reentrant": mutations.correct, "sac": truth.plain_sac, "rng_not_preserved": mutations.rng_not_preserved,
             "gradient_three_percent_off": mutations.gradient_three_percent_off,
@@ -198,7 +195,7 @@ def plain_truth(family: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check(family: str, args: argparse.Namespace) -> dict[str, Any]:
-    import mutations
+    from tests import mutations
 
     import pytest_gradckpt as gc
 
@@ -254,7 +251,7 @@ def phase(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_process(families: str, cache: str, args: argparse.Namespace, checks: int, no_plain: bool) -> list[Any]:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor", TRITON_CACHE_DIR=f"{cache}/triton")
-    command = [sys.executable, __file__, "--phase", "--families", families, "--checks", str(checks),
+    command = [sys.executable, "-m", "benchmarks.evidence.compile_truth_families", "--phase", "--families", families, "--checks", str(checks),
                "--deadline", str(args.deadline)] + (["--no-plain"] if no_plain else []) + (
                ["--smoke"] if args.smoke else [])
     started = time.perf_counter()

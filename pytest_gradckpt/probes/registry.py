@@ -133,8 +133,8 @@ def asking(*measures: str) -> Iterator[None]:
 
     Example:
         >>> with asking("ops"):
-        ...     [kind.__name__ for kind in lean(())][-3:]
-        ['OpCountProbe', 'DevicePhasesProbe', 'StepTime']
+        ...     [kind.__name__ for kind in lean(())][-4:]
+        ['OpCountProbe', 'CompiledRegionsProbe', 'DevicePhasesProbe', 'StepTime']
     """
     unknown = sorted(set(measures) - set(PER_OP))
     if unknown:
@@ -153,8 +153,8 @@ def lean(needed: Iterable[str]) -> Kinds:
     metric keys). A check runs its steps under these.
 
     Example:
-        >>> [kind.__name__ for kind in lean(["host_copies"])][-3:]
-        ['UncountedOpsProbe', 'PhasesProbe', 'StepTime']
+        >>> [kind.__name__ for kind in lean(["host_copies"])][-4:]
+        ['UncountedOpsProbe', 'CompiledRegionsProbe', 'PhasesProbe', 'StepTime']
         >>> lean(["ops", "host_copies"]) == registered()
         True
     """
