@@ -80,6 +80,19 @@ class Registry(Generic[T]):
         self._active.set(tuple(item for item in self.registered() if item is not found))
         return found
 
+    def unregister_refusal(self, name: str, caller: str, noun: str, nouns: str) -> str | None:
+        """Why ``caller`` may not unregister ``name`` (a built-in, or nothing of that name), or None.
+
+        Example:
+            >>> Registry("numbers", [1], name_of=str).unregister_refusal("1", "forget", "number", "numbers")
+            "forget: '1' is built in; built-in numbers stay registered"
+        """
+        if self.is_builtin(name):
+            return f"{caller}: {name!r} is built in; built-in {nouns} stay registered"
+        if self.find(name) is None:
+            return f"{caller}: no {noun} named {name!r} is registered; registered: {', '.join(self.names())}"
+        return None
+
     @contextlib.contextmanager
     def using(self, *items: T, only: bool = False) -> Iterator[tuple[T, ...]]:
         """Run the block with ``items`` added after those in force (``only``: exactly these);

@@ -669,11 +669,9 @@ def unregister_strategy(name: str) -> Strategy:
         ...
         pytest_gradckpt.errors.GradckptUsageError: unregister_strategy: 'reentrant' is built in; built-in strategies stay registered
     """
-    if _STRATEGIES.is_builtin(name):
-        raise GradckptUsageError(f"unregister_strategy: {name!r} is built in; built-in strategies stay registered")
-    if _STRATEGIES.find(name) is None:
-        raise GradckptUsageError(f"unregister_strategy: no strategy named {name!r} is registered; "
-                                 f"registered: {', '.join(_STRATEGIES.names())}")
+    refusal = _STRATEGIES.unregister_refusal(name, "unregister_strategy", "strategy", "strategies")
+    if refusal:
+        raise GradckptUsageError(refusal)
     return _STRATEGIES.unregister(name)
 
 

@@ -118,11 +118,9 @@ def register_probe(kind: type[Probe[Any]]) -> type[Probe[Any]]:
 def unregister_probe(name: str) -> type[Probe[Any]]:
     """Take the probe called ``name`` out of force for the rest of this context; the built-in
     probes (:data:`PROBES`) stay."""
-    if _PROBES.is_builtin(name):
-        raise ValueError(f"unregister_probe: {name!r} is built in; built-in probes stay registered")
-    if _PROBES.find(name) is None:
-        raise ValueError(f"unregister_probe: no probe named {name!r} is registered; registered: "
-                         f"{', '.join(_PROBES.names())}")
+    refusal = _PROBES.unregister_refusal(name, "unregister_probe", "probe", "probes")
+    if refusal:
+        raise ValueError(refusal)
     return _PROBES.unregister(name)
 
 
