@@ -74,8 +74,13 @@ def compiled_model(model: torch.nn.Module) -> bool:
     """Whether any module of ``model`` runs compiled code (a dispatch mode must not be active while
     dynamo traces): an ``OptimizedModule``, a compiled call, or an engine unit whose body the check
     compiled below its eager checkpoint (``compile_order='checkpoint_outside'``)."""
-    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-               or getattr(instrumented(m), "compiled_body", False) for m in model.modules())
+    return any(_runs_compiled(m) for m in model.modules())
+
+
+def _runs_compiled(module: torch.nn.Module) -> bool:
+    record = instrumented(module)
+    return (type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+            or (record is not None and record.compiled_body))
 
 
 @dataclasses.dataclass
