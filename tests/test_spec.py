@@ -9,7 +9,7 @@ import pytest
 import pytest_gradckpt as gc
 from pytest_gradckpt import marker
 from pytest_gradckpt.engine import check
-from pytest_gradckpt.spec import FLAGS, MARKER_OPTIONS, OPTIONS, TRAINER_OPTIONS, CheckSpec
+from pytest_gradckpt.spec import FLAGS, MARKER_OPTIONS, OPTIONS, TRAINER_OPTIONS, CheckSpec, DistributedSpec
 from pytest_gradckpt.trainers import check_trainer
 
 #: check()'s arguments that are the call's own (the subject, its report name, the caller's cache), not options
@@ -60,3 +60,10 @@ def test_a_spec_is_frozen_and_replace_validates():
     with pytest.raises(gc.GradckptUsageError, match="rtol=-1 is not a usable tolerance"):
         spec.replace(rtol=-1)
     assert spec.replace(atol=0.5).rtol == 1e-3
+
+
+def test_the_specs_own_defaults_are_the_tables():
+    """CheckSpec's and DistributedSpec's field defaults repeat the option table's and
+    settings.DISTRIBUTED_DEFAULTS: a drift would make check() and a bare CheckSpec() disagree."""
+    assert CheckSpec() == CheckSpec.of(**{o.name: o.default for o in OPTIONS if o.in_spec})
+    assert CheckSpec().distributed == DistributedSpec.of(None)
