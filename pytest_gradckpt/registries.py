@@ -90,7 +90,7 @@ class Registry(Generic[T]):
         if self.is_builtin(name):
             return f"{caller}: {name!r} is built in; built-in {nouns} stay registered"
         if self.find(name) is None:
-            return f"{caller}: no {noun} named {name!r} is registered; registered: {', '.join(self.names())}"
+            return f"{caller}: no {noun} named {name!r} is registered; registered: {', '.join(self.names()) or '(none)'}"
         return None
 
     @contextlib.contextmanager

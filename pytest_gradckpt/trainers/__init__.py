@@ -60,9 +60,9 @@ def unregister_trainer_adapter(name: str) -> TrainerAdapter:
         ...
         pytest_gradckpt.errors.GradckptUsageError: unregister_trainer_adapter: no adapter named 'nobody' is registered; registered: (none)
     """
-    if _REGISTERED.find(name) is None:
-        raise GradckptUsageError(f"unregister_trainer_adapter: no adapter named {name!r} is registered; "
-                                 f"registered: {', '.join(_REGISTERED.names()) or '(none)'}")
+    refusal = _REGISTERED.unregister_refusal(name, "unregister_trainer_adapter", "adapter", "adapters")
+    if refusal:
+        raise GradckptUsageError(refusal)
     return _REGISTERED.unregister(name)
 
 
