@@ -104,7 +104,7 @@ def gib(values: Iterable[float] | None) -> list[float] | None:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    from pytest_gradckpt.arguments import tensor_bytes as count
+    from pytest_gradckpt.pipeline.subject import tensor_bytes as count
 
     return int(count(tensors))
 
@@ -112,8 +112,8 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def instrumented(model: Any) -> tuple[Any, Any, list[str]]:
     """The model's checkpoint units found as the engine finds them, each call routed through one layer
     counter (``counter.counts[name]``): the engine's model info, the counter, the units' names."""
-    from pytest_gradckpt.layers import ModelInfo, find_layers, instrument
-    from pytest_gradckpt.probes.recompute import LayerCounter
+    from pytest_gradckpt.pipeline.units import ModelInfo, find_layers, instrument
+    from pytest_gradckpt.probes.unit_counter import LayerCounter
 
     names, found_by = find_layers(model)
     info = ModelInfo(model, names, found_by)
@@ -124,7 +124,7 @@ def instrumented(model: Any) -> tuple[Any, Any, list[str]]:
 
 
 def unit_names(model: Any) -> list[str]:
-    from pytest_gradckpt.layers import find_layers
+    from pytest_gradckpt.pipeline.units import find_layers
 
     return list(find_layers(model)[0])
 
@@ -149,8 +149,8 @@ def apply_strategy(model: Any, strategy: str) -> None:
 
 
 def promise(name: str, **claims: Any) -> Any:
-    """A strategy's declared promise (:class:`pytest_gradckpt.promises.Promise`), e.g. activations on the host."""
-    from pytest_gradckpt.promises import Promise
+    """A strategy's declared promise (:class:`pytest_gradckpt.pipeline.promises.Promise`), e.g. activations on the host."""
+    from pytest_gradckpt.pipeline.promises import Promise
 
     return Promise(name, **claims)
 
@@ -181,9 +181,9 @@ def dropout_mask_net(**sizes: Any) -> Any:
 
 
 def golden() -> Any:
-    """The golden-record module (:mod:`pytest_gradckpt.golden`: ``key``, ``differences``), as ``--gradckpt-compare``
+    """The golden-record module (:mod:`pytest_gradckpt.release.golden`: ``key``, ``differences``), as ``--gradckpt-compare``
     applies it; benchmarks/preserved.py compares two sweeps with it."""
-    from pytest_gradckpt import golden as module
+    from pytest_gradckpt.release import golden as module
 
     return module
 
@@ -195,14 +195,14 @@ def builtin_strategies() -> list[str]:
 
 
 def join_launch(device: str) -> int | None:
-    """This process's rank when started by torchrun (``None`` otherwise); see :mod:`pytest_gradckpt.distributed`."""
-    from pytest_gradckpt.distributed import join_launch as join
+    """This process's rank when started by torchrun (``None`` otherwise); see :mod:`pytest_gradckpt.ranks.distributed`."""
+    from pytest_gradckpt.ranks.distributed import join_launch as join
 
     return join(device)
 
 
 def leave_launch() -> None:
-    from pytest_gradckpt.distributed import leave_launch as leave
+    from pytest_gradckpt.ranks.distributed import leave_launch as leave
 
     leave()
 
@@ -270,11 +270,12 @@ def _wrap(owner: Any, name: str, part: str) -> None:
 
 def install_timers() -> None:
     """Put the timers on (idempotent; modules are patched where they are looked up)."""
-    from pytest_gradckpt import arguments, baselines, engine, rank_group, runs, verdicts
-    from pytest_gradckpt.probes import gradients
+    from pytest_gradckpt.pipeline import subject, baselines, engine, runs, verdicts
+    from pytest_gradckpt.ranks import rank_group
+    from pytest_gradckpt.pipeline import comparison
 
-    _wrap(arguments.Subject, "_build", "model build (factory)")
-    _wrap(arguments.Subject, "fresh_model", "per-run model copy (to device)")
+    _wrap(subject.Subject, "_build", "model build (factory)")
+    _wrap(subject.Subject, "fresh_model", "per-run model copy (to device)")
     _wrap(runs.Stepper, "_switch_on", "strategy switched on")
     _wrap(runs.Stepper, "_wrap", "parallel wrap (DDP/fully_shard)")
     _wrap(runs.Stepper, "_train", "steps (forward+backward, probes)")
@@ -284,15 +285,15 @@ def install_timers() -> None:
     _wrap(rank_group, "fingerprint", "rank: fingerprints")
     _wrap(rank_group.RankGroup, "start", "parent: ranks started")
     _wrap(rank_group.RankGroup, "run", "parent: waiting for ranks (incl. transfer)")
-    _wrap(arguments.Subject, "keep_template_on_device", "rank: template kept on its device")
+    _wrap(subject.Subject, "keep_template_on_device", "rank: template kept on its device")
     _wrap(verdicts, "gather", "parent: comparison (evidence)")
     _mark_spawn(rank_group)
-    _wrap(gradients, "measure_noise", "parent: baseline noise")
+    _wrap(comparison, "measure_noise", "parent: baseline noise")
     _wrap(baselines, "_validate", "parent: baseline validated")
     _wrap(engine, "_make_room", "parent: make room")
     for module in (baselines, verdicts):
         if hasattr(module, "measure_noise"):
-            module.measure_noise = gradients.measure_noise  # type: ignore[attr-defined]
+            module.measure_noise = comparison.measure_noise  # type: ignore[attr-defined]
 
 
 def _mark_spawn(rank_group: Any) -> None:

@@ -5,7 +5,7 @@ put first on ``PYTHONPATH`` and the packaged suite runs in a subprocess with thi
 ``.venv`` python, the way a user runs it (``pytest --gradckpt --pyargs pytest_gradckpt.suite``),
 writing a golden record (outcome + loss, gradient norms, activation peak per
 ``test [strategy/scenario] model``) and the JSON report (for the messages). The two records are
-then compared entry by entry with the golden comparison itself (:func:`pytest_gradckpt.golden.differences`,
+then compared entry by entry with the golden comparison itself (:func:`pytest_gradckpt.release.golden.differences`,
 the one ``--gradckpt-compare`` applies), and each revision's record is also compared with the
 committed plain-zoo fixture (``fixtures/golden/plain-zoo.json``).
 

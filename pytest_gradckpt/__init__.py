@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "check": "pytest_gradckpt.engine",
+    "check": "pytest_gradckpt.pipeline.engine",
     "Report": "pytest_gradckpt.report",
     "Result": "pytest_gradckpt.report",
     "Strategy": "pytest_gradckpt.strategies",
@@ -24,9 +24,9 @@ _LAZY = {
     "unregister_strategy": "pytest_gradckpt.strategies",
     "available_strategies": "pytest_gradckpt.strategies",
     "GradckptUsageError": "pytest_gradckpt.errors",
-    "SCENARIOS": "pytest_gradckpt.scenarios",
-    "layer_of": "pytest_gradckpt.layers",
-    "memory_probe_of": "pytest_gradckpt.layers",
+    "SCENARIOS": "pytest_gradckpt.pipeline.scenarios",
+    "layer_of": "pytest_gradckpt.pipeline.units",
+    "memory_probe_of": "pytest_gradckpt.pipeline.units",
     "check_trainer": "pytest_gradckpt.trainers",
     "plan": "pytest_gradckpt.planning",
 }

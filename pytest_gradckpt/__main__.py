@@ -18,11 +18,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "bisect":
-        from pytest_gradckpt.bisect import main as bisect
+        from pytest_gradckpt.release.bisect import main as bisect
 
         return bisect(rest)
     if command == "matrix":
-        from pytest_gradckpt.matrix import main as matrix
+        from pytest_gradckpt.release.matrix import main as matrix
 
         return matrix(rest)
     if command == "strategies":

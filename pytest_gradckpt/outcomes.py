@@ -3,7 +3,7 @@
 When several problems show up in one run, the worst one is reported: a
 ``silent`` failure is never downgraded to a ``mismatch``, and a ``mismatch`` is
 never hidden behind a memory complaint. :data:`SEVERITY` is the one place this order
-lives: :data:`pytest_gradckpt.verdicts.RULES` is sorted by it.
+lives: :data:`pytest_gradckpt.pipeline.verdicts.RULES` is sorted by it.
 """
 
 from __future__ import annotations

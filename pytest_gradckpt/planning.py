@@ -1,7 +1,7 @@
 """Which checkpointing should I use? Rank the correct configurations by memory saved against time
 added, and recommend the fastest that fits a memory budget.
 
-:func:`plan` first judges every candidate with :func:`pytest_gradckpt.engine.check`: a
+:func:`plan` first judges every candidate with :func:`pytest_gradckpt.pipeline.engine.check`: a
 configuration whose verdict is not ``pass`` (a mismatch, a broken promise, an error, skipped) is
 never ranked, however good its numbers. It then times each correct one, and the step without
 checkpointing, in warmed steps of their own (no probe attached, so nothing but the model runs),
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from pytest_gradckpt import outcomes
-from pytest_gradckpt.arguments import Subject, tensor_bytes
+from pytest_gradckpt.pipeline.subject import Subject, tensor_bytes
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes import registry
-from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
 from pytest_gradckpt.report import Report, Result
-from pytest_gradckpt.runs import prepare_copy
+from pytest_gradckpt.pipeline.runs import prepare_copy
 from pytest_gradckpt.strategies import Strategy, resolve_strategies
 
 #: What :func:`plan` ranks when no strategies are named: per-layer full checkpointing, selective
@@ -215,7 +215,7 @@ def plan(model: nn.Module | Callable[[], nn.Module], inputs: Any, *, memory_budg
         >>> [o.strategy for o in found.options], found.recommended in ("none", "non_reentrant", "sac")
         (['none', 'non_reentrant', 'sac'], True)
     """
-    from pytest_gradckpt.engine import check
+    from pytest_gradckpt.pipeline.engine import check
 
     budget = parse_budget(memory_budget)
     if warmup < 0 or repeats < 1:

@@ -9,10 +9,10 @@ from typing import Any
 
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.scenarios import SCENARIOS
+from pytest_gradckpt.pipeline.scenarios import SCENARIOS
 
 #: What ``baseline=`` accepts. ``auto``: the step without checkpointing, and the layer-local
-#: replay when that step runs out of device memory (see :mod:`pytest_gradckpt.baselines`).
+#: replay when that step runs out of device memory (see :mod:`pytest_gradckpt.pipeline.baselines`).
 BASELINE_KINDS = ("auto", "whole-model", "layerwise")
 
 
@@ -270,13 +270,13 @@ def check_strategies(value: Any, where: str = "strategies") -> tuple[Any, ...] |
 
 def check_scenarios(value: Any, where: str = "scenarios") -> tuple[Any, ...] | None:
     """Validate ``scenarios=``: None (``train``), names (a list, or one text of names) or
-    :class:`~pytest_gradckpt.scenarios.Scenario` objects.
+    :class:`~pytest_gradckpt.pipeline.scenarios.Scenario` objects.
 
     Example:
         >>> check_scenarios("train ddp")
         ('train', 'ddp')
     """
-    from pytest_gradckpt.scenarios import Scenario
+    from pytest_gradckpt.pipeline.scenarios import Scenario
 
     if value is None:
         return None

@@ -208,7 +208,7 @@ class DistributedSpec:
         return cls(**settings.check_distributed(given, where))
 
     def as_dict(self) -> dict[str, Any]:
-        """The settings as the rank code reads them (:mod:`pytest_gradckpt.distributed`)."""
+        """The settings as the rank code reads them (:mod:`pytest_gradckpt.ranks.distributed`)."""
         return dataclasses.asdict(self)
 
 
@@ -266,7 +266,7 @@ class CheckSpec:
         return dataclasses.replace(self, **{name: validated(name, value, where) for name, value in given.items()})
 
     def memory_cuts(self) -> dict[str, float | None]:
-        """The required memory reductions, by option name (as :class:`~pytest_gradckpt.verdicts.Limits` takes them)."""
+        """The required memory reductions, by option name (as :class:`~pytest_gradckpt.pipeline.verdicts.Limits` takes them)."""
         return {"min_memory_reduction": self.min_memory_reduction,
                 "min_cuda_memory_reduction": self.min_cuda_memory_reduction}
 

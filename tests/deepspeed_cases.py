@@ -264,7 +264,7 @@ def deepspeed_checkpoint_truth(flags: dict, function_name: str) -> dict:
 def deepspeed_strategies(flags: dict) -> dict:
     """gc.check with DeepSpeed's checkpointing strategies, and plain DeepSpeed's ground truth."""
     import pytest_gradckpt as gc
-    from pytest_gradckpt.trainers.deepspeed_checkpointing import STRATEGIES
+    from pytest_gradckpt.strategies.deepspeed import STRATEGIES
 
     model = _model(flags)
     batch = _rank_batches(0)[0]

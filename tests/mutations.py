@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pytest_gradckpt.layers import layer_of
+from pytest_gradckpt.pipeline.units import layer_of
 
 
 def correct(function: Any, *args: Any) -> Any:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from pytest_gradckpt.bisect import Candidate
+from pytest_gradckpt.release.bisect import Candidate
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from pytest_gradckpt.bisect import (BAD, GOOD, SKIP, BisectError, Outcome, between, bisect, direction, make_tester,
+from pytest_gradckpt.release.bisect import (BAD, GOOD, SKIP, BisectError, Outcome, between, bisect, direction, make_tester,
                                     search)
 
 VERSIONS = [Version(v) for v in ("5.15.0", "5.15.1", "5.16.0", "5.17.0", "5.18.0rc1", "5.18.0", "5.19.0",

@@ -16,7 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import pytest_gradckpt as gc
-from pytest_gradckpt import compiled
+from pytest_gradckpt.compilation import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from tests import mutations
 from tests.models import DropoutNet
@@ -201,11 +201,11 @@ class TinyNet(torch.nn.Module):
 
 
 def test_memory_is_no_evidence_where_checkpointing_has_nothing_to_cut():
-    from pytest_gradckpt import verdicts
-    from pytest_gradckpt.baselines import Baseline
-    from pytest_gradckpt.probes.gradients import Comparison
+    from pytest_gradckpt.pipeline import verdicts
+    from pytest_gradckpt.pipeline.baselines import Baseline
+    from pytest_gradckpt.pipeline.comparison import Comparison
     from pytest_gradckpt.probes.memory import SavedMemory
-    from pytest_gradckpt.runs import Run
+    from pytest_gradckpt.pipeline.runs import Run
     from pytest_gradckpt.strategies import get_strategy
 
     def rule(room: int | None) -> str | None:  # hand-built evidence: compiled, nothing counted, memory unchanged

@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 import transformers  # noqa: E402
 
 import pytest_gradckpt as gc  # noqa: E402
-from pytest_gradckpt.layers import unit_stacks  # noqa: E402
+from pytest_gradckpt.pipeline.units import unit_stacks  # noqa: E402
 from pytest_gradckpt.zoo import model_inputs, tiny_configs  # noqa: E402
 from pytest_gradckpt.zoo.peft_models import vision_language_lora  # noqa: E402
 from pytest_gradckpt.zoo.transformers_models import architectures, build  # noqa: E402

@@ -96,7 +96,7 @@ def test_spawn_needs_a_picklable_model():
 
 
 def test_strategy_that_does_not_apply_is_skipped_before_any_rank_starts(monkeypatch):
-    from pytest_gradckpt.launcher import Launcher
+    from pytest_gradckpt.ranks.launcher import Launcher
 
     started = []
     real_on_ranks = Launcher._on_ranks
@@ -111,9 +111,9 @@ def test_strategy_that_does_not_apply_is_skipped_before_any_rank_starts(monkeypa
 
 
 def test_a_failing_launch_is_retried_and_then_reported_as_the_harness_not_the_strategy(monkeypatch):
-    from pytest_gradckpt import distributed
-    from pytest_gradckpt.launcher import Launcher
-    from pytest_gradckpt.runs import Run
+    from pytest_gradckpt.ranks import distributed
+    from pytest_gradckpt.ranks.launcher import Launcher
+    from pytest_gradckpt.pipeline.runs import Run
 
     attempts = []
     real_on_ranks = Launcher._on_ranks
@@ -140,7 +140,7 @@ def test_a_failing_launch_is_retried_and_then_reported_as_the_harness_not_the_st
 
 
 def test_transport_errors_from_a_rank_count_as_launch_failures():
-    from pytest_gradckpt import distributed
+    from pytest_gradckpt.ranks import distributed
 
     assert distributed._is_transport_failure("RuntimeError: Gloo connectFullMesh failed with ... Connection closed by peer")
     assert not distributed._is_transport_failure("RuntimeError: Expected to mark a variable ready only once")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pytest_gradckpt as gc
-from pytest_gradckpt import rank_group
+from pytest_gradckpt.ranks import rank_group
 from pytest_gradckpt.zoo.plain import TanhNet, tanh_net
 
 

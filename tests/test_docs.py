@@ -42,7 +42,7 @@ def test_the_site_builds_strictly_with_api_pages_from_the_docstrings(tmp_path: P
     assert result.returncode == 0, result.stdout + result.stderr
     api_page = (tmp_path / "site" / "api" / "index.html").read_text()
     # The signature and a docstring example of check(), rendered from the source by mkdocstrings.
-    assert 'id="pytest_gradckpt.engine.check"' in api_page
+    assert 'id="pytest_gradckpt.pipeline.engine.check"' in api_page
     assert "min_cuda_memory_reduction" in api_page
     assert "Examples:" in api_page
 

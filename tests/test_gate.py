@@ -153,7 +153,7 @@ def test_bad(gradckpt, gradckpt_strategy):
 def test_the_marker_is_validated_once_per_marker(pytester):
     # In a subprocess: a conftest's registrations must not leak into this process's registry.
     pytester.makeconftest('''
-import pytest_gradckpt.marker as marker
+import pytest_gradckpt.plugin.marker as marker
 
 calls = []
 real = marker.gradckpt
@@ -219,7 +219,7 @@ def test_after():
 def test_auto_isolation_forks_only_where_that_is_cheap():
     import torch
 
-    from pytest_gradckpt.engine import _isolated
+    from pytest_gradckpt.pipeline.engine import _isolated
 
     assert _isolated("auto", torch.device("cpu")) is True  # this test process has not used CUDA
     assert _isolated("auto", torch.device("cuda")) is False  # a forked child cannot use CUDA

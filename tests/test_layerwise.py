@@ -35,10 +35,10 @@ def plain_gradients(model, inputs, *, seed=0, freeze_embeddings=False):
 
 
 def baseline_run(model, inputs, scenario="train", layers=None):
-    from pytest_gradckpt import baselines
-    from pytest_gradckpt.arguments import Subject
-    from pytest_gradckpt.runs import Stepper
-    from pytest_gradckpt.scenarios import SCENARIOS as ALL
+    from pytest_gradckpt.pipeline import baselines
+    from pytest_gradckpt.pipeline.subject import Subject
+    from pytest_gradckpt.pipeline.runs import Stepper
+    from pytest_gradckpt.pipeline.scenarios import SCENARIOS as ALL
 
     stepper = Stepper(Subject(model, inputs, None, None), layers, seed=0, timeout=None)
     return baselines.layerwise(stepper.step, ALL[scenario], "model", torch.float32).run
@@ -51,7 +51,7 @@ def test_gradients_equal_a_plain_step_with_dropout_and_keyword_masks(freeze):
     run = baseline_run(model, inputs, "frozen_inputs" if freeze else "train")
     assert set(run.grads) == set(expected)
     torch.testing.assert_close(run.grads, expected, rtol=0, atol=0)
-    from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+    from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
 
     # replays are not counted as the model's calls
     assert run.of(RecomputeProbe).calls == {f"blocks.{i}": 1 for i in range(4)}
@@ -238,7 +238,7 @@ def test_the_forward_keeps_only_unit_inputs_and_nothing_leaks():
     import gc as collector
     import weakref
 
-    from pytest_gradckpt.replay import replay_call
+    from pytest_gradckpt.pipeline.replay import replay_call
 
     inner = []
 
@@ -272,7 +272,7 @@ def test_a_run_that_fails_mid_step_gives_its_memory_back():
     import gc as collector
     import weakref
 
-    from pytest_gradckpt.layers import layer_of
+    from pytest_gradckpt.pipeline.units import layer_of
 
     seen = []
 

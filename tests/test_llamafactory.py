@@ -18,7 +18,7 @@ import transformers  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
 import pytest_gradckpt as gc  # noqa: E402
-from pytest_gradckpt.trainers import llamafactory  # noqa: E402
+from pytest_gradckpt.strategies import llamafactory  # noqa: E402
 from pytest_gradckpt.zoo.peft_models import llama_lora  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import pytest_gradckpt as gc
-from pytest_gradckpt.probes.gradients import default_tolerances
+from pytest_gradckpt.pipeline.comparison import default_tolerances
 from tests.models import noisy_backward_net
 
 CORRECT = ["non_reentrant", "reentrant", "offload", "sac", "torch_wrapper"]

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 import pytest_gradckpt as gc
-from pytest_gradckpt import verdicts
-from pytest_gradckpt.baselines import Baseline
+from pytest_gradckpt.pipeline import verdicts
+from pytest_gradckpt.pipeline.baselines import Baseline
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeStep
 from pytest_gradckpt.report import Metrics, Result, UnknownMetric, format_table
-from pytest_gradckpt.runs import Run
+from pytest_gradckpt.pipeline.runs import Run
 from pytest_gradckpt.strategies import get_strategy
 
 
@@ -223,7 +223,7 @@ UNDER_TORCHRUN = """
 import json, sys
 import torch
 import pytest_gradckpt as gc
-from pytest_gradckpt.distributed import join_launch, leave_launch
+from pytest_gradckpt.ranks.distributed import join_launch, leave_launch
 from pytest_gradckpt.probes import registry
 from tests.test_probes import ForwardCalls, net
 

@@ -152,7 +152,7 @@ def test_full_checkpointing_counts_its_recomputed_flops():
 
 
 def test_a_users_strategy_declares_its_promise():
-    from pytest_gradckpt.promises import Promise
+    from pytest_gradckpt.pipeline.promises import Promise
 
     lying = gc.Strategy.from_checkpoint_fn(
         "says_it_saves", functools.partial(checkpoint, use_reentrant=False),

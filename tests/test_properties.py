@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pytest_gradckpt as gc
-from pytest_gradckpt.hypothesis import batch_shapes, build, model_configs
+from pytest_gradckpt.hypothesis_models import batch_shapes, build, model_configs
 from pytest_gradckpt.strategies import BUILTIN
 from tests import mutations
 
@@ -90,7 +90,7 @@ def test_correct_checkpointing_always_passes(config, batch):
        rtol=st.sampled_from([0.0, 1.3e-6, 1.6e-2]), atol=st.sampled_from([0.0, 1e-5]),
        nan=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_device_comparison_agrees_with_torch_testing(shape, scale, rtol, atol, nan, seed):
-    from pytest_gradckpt.probes.gradients import compare
+    from pytest_gradckpt.pipeline.comparison import compare
 
     generator = torch.Generator().manual_seed(seed)
     want = torch.randn(shape, generator=generator) + 2.0  # non-zero: vanishing is a separate rule

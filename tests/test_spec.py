@@ -7,8 +7,8 @@ import inspect
 import pytest
 
 import pytest_gradckpt as gc
-from pytest_gradckpt import marker
-from pytest_gradckpt.engine import check
+from pytest_gradckpt.plugin import marker
+from pytest_gradckpt.pipeline.engine import check
 from pytest_gradckpt.spec import FLAGS, MARKER_OPTIONS, OPTIONS, TRAINER_OPTIONS, CheckSpec, DistributedSpec
 from pytest_gradckpt.trainers import check_trainer
 

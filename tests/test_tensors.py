@@ -7,10 +7,10 @@ import collections
 
 import torch
 
-from pytest_gradckpt.distributed import DEFAULTS, Parallel
-from pytest_gradckpt.probes.recompute import LayerCounter
-from pytest_gradckpt.runs import Run
-from pytest_gradckpt.tensors import map_tensors, tensors_in
+from pytest_gradckpt.ranks.distributed import DEFAULTS, Parallel
+from pytest_gradckpt.probes.unit_counter import LayerCounter
+from pytest_gradckpt.pipeline.runs import Run
+from pytest_gradckpt.pipeline.tensors import map_tensors, tensors_in
 
 A, B, C = torch.arange(4.0), torch.arange(8.0).reshape(4, 2), torch.ones(4, 3)
 

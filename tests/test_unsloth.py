@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import pytest_gradckpt as gc  # noqa: E402
-from pytest_gradckpt.trainers import unsloth  # noqa: E402
+from pytest_gradckpt.strategies import unsloth  # noqa: E402
 from pytest_gradckpt.zoo.peft_models import llama_lora  # noqa: E402
 
 

@@ -7,18 +7,19 @@ import dataclasses
 
 import pytest
 
-from pytest_gradckpt import outcomes, verdicts
-from pytest_gradckpt.baselines import Baseline
-from pytest_gradckpt.compiled import CompiledRun
+from pytest_gradckpt import outcomes
+from pytest_gradckpt.pipeline import verdicts
+from pytest_gradckpt.pipeline.baselines import Baseline
+from pytest_gradckpt.compilation.compiled import CompiledRun
 from pytest_gradckpt.errors import StrategyNotApplicable
 from pytest_gradckpt.probes.compiled_regions import CompiledRegions
-from pytest_gradckpt.probes.gradients import Comparison
-from pytest_gradckpt.probes.layer_calls import LayerCalls
+from pytest_gradckpt.pipeline.comparison import Comparison
+from pytest_gradckpt.probes.recompute_counts import LayerCalls
 from pytest_gradckpt.probes.op_counts import OpCounts
-from pytest_gradckpt.promises import Promise
-from pytest_gradckpt.runs import Run
+from pytest_gradckpt.pipeline.promises import Promise
+from pytest_gradckpt.pipeline.runs import Run
 from pytest_gradckpt.strategies import get_strategy
-from pytest_gradckpt.verdicts import Evidence, Limits, judge
+from pytest_gradckpt.pipeline.verdicts import Evidence, Limits, judge
 
 WARNING = "None of the inputs have requires_grad=True. Gradients will be None"
 LIMITS = Limits(rtol=1e-6, atol=1e-5)

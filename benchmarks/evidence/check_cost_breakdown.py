@@ -42,10 +42,10 @@ from benchmarks import common as check_cost  # noqa: E402 - check_cost.py's help
 check_cost.SHAPES["tiny"] = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=4, vocab_size=1000)
 import pytest_gradckpt as gc  # noqa: E402
-from pytest_gradckpt import baselines, engine, verdicts  # noqa: E402
+from pytest_gradckpt.pipeline import baselines, engine, verdicts  # noqa: E402
 from pytest_gradckpt.probes import registry  # noqa: E402
-from pytest_gradckpt.process_state import Determinism, deterministic_kernels  # noqa: E402
-from pytest_gradckpt.runs import Stepper  # noqa: E402
+from pytest_gradckpt.pipeline.process_state import Determinism, deterministic_kernels  # noqa: E402
+from pytest_gradckpt.pipeline.runs import Stepper  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of this script only

@@ -3,7 +3,7 @@
 (``check(..., device="cuda", scenarios=["ddp"])`` now starts one rank per GPU itself, and
 ``torchrun -m pytest --gradckpt`` runs checks on torchrun's ranks; this script is the engine's
 step used directly.) Here torchrun starts the ranks and each one runs the engine's own step with the engine's own DDP/FSDP2 wrapping
-(:class:`pytest_gradckpt.distributed.Parallel`), then the engine's judge compares every
+(:class:`pytest_gradckpt.ranks.distributed.Parallel`), then the engine's judge compares every
 strategy with the same distributed run without checkpointing, and ranks are checked to hold
 identical gradients.
 
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pytest_gradckpt.arguments import Subject  # noqa: E402
-from pytest_gradckpt.distributed import Parallel, options  # noqa: E402
-from pytest_gradckpt.runs import Stepper  # noqa: E402
-from pytest_gradckpt import verdicts  # noqa: E402
-from pytest_gradckpt.baselines import Baseline  # noqa: E402
-from pytest_gradckpt.probes.gradients import default_tolerances  # noqa: E402
-from pytest_gradckpt.scenarios import SCENARIOS  # noqa: E402
+from pytest_gradckpt.pipeline.subject import Subject  # noqa: E402
+from pytest_gradckpt.ranks.distributed import Parallel, options  # noqa: E402
+from pytest_gradckpt.pipeline.runs import Stepper  # noqa: E402
+from pytest_gradckpt.pipeline import verdicts  # noqa: E402
+from pytest_gradckpt.pipeline.baselines import Baseline  # noqa: E402
+from pytest_gradckpt.pipeline.comparison import default_tolerances  # noqa: E402
+from pytest_gradckpt.pipeline.scenarios import SCENARIOS  # noqa: E402
 from pytest_gradckpt.strategies import BUILTIN, get_strategy  # noqa: E402
 from pytest_gradckpt.zoo import plain  # noqa: E402
 

@@ -10,7 +10,7 @@ fixtures, generated items and reports. One module per job:
 - :mod:`~pytest_gradckpt.plugin.session`: the session's state, in one object.
 
 pytest registers this module, so the hooks and fixtures are imported here. It speaks pytest only:
-checking lives in :mod:`pytest_gradckpt.engine`, imported when a check actually runs, so loading
+checking lives in :mod:`pytest_gradckpt.pipeline.engine`, imported when a check actually runs, so loading
 the plugin never imports torch.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.marker import marker_help
+from pytest_gradckpt.plugin.marker import marker_help
 from pytest_gradckpt.plugin import launch, reporting, session
 from pytest_gradckpt.plugin.checks import golden_problems, nothing_judged, run_check
 from pytest_gradckpt.plugin.gate import (
@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     state.check_values = session_check_values(config)
     try:
         if option(config, "gradckpt_compare"):
-            from pytest_gradckpt import golden
+            from pytest_gradckpt.release import golden
 
             state.golden = golden.load(option(config, "gradckpt_compare"))
     except GradckptUsageError as error:

@@ -23,12 +23,12 @@ def run_check(node: pytest.Item, model: Any, inputs: Any, *, loss: Callable[...,
               reviewed: tuple[str, str] | None = None) -> Any:
     """Run the engine for ``node``, record its results, and fail the test on any problem:
     a usage error, a result that is not as expected, or a change from the golden record."""
-    from pytest_gradckpt.engine import check_spec
+    from pytest_gradckpt.pipeline.engine import check_spec
 
     state = GradckptSession.of(node.config)
     state.count_check(node.nodeid)
     if SESSION_COMPILE_ORDER in options:
-        from pytest_gradckpt.compiled import blocks_order
+        from pytest_gradckpt.compilation.compiled import blocks_order
 
         options = dict(options)
         options["compile_order"] = blocks_order(model, options.pop(SESSION_COMPILE_ORDER))
@@ -68,7 +68,7 @@ def golden_problems(node: pytest.Item, results: list[Result]) -> list[str]:
     path = option(node.config, "gradckpt_compare")
     if not path:
         return []
-    from pytest_gradckpt import golden
+    from pytest_gradckpt.release import golden
 
     golden_record = GradckptSession.of(node.config).golden
     assert golden_record is not None  # loaded at configure

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.marker import marker_settings
+from pytest_gradckpt.plugin.marker import marker_settings
 from pytest_gradckpt.plugin.checks import nothing_judged, run_check
 from pytest_gradckpt.plugin.items import GradckptItem, generated_items
 from pytest_gradckpt.plugin.options import check_options, enabled, option, selected_strategies, usage

@@ -16,7 +16,7 @@ def join(config: pytest.Config, session: GradckptSession, device: str | None) ->
     ranks other than 0 write no JUnit file."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return
-    from pytest_gradckpt.distributed import join_launch
+    from pytest_gradckpt.ranks.distributed import join_launch
 
     session.rank = join_launch(device)
     if session.rank is not None and session.rank != 0:
@@ -25,7 +25,7 @@ def join(config: pytest.Config, session: GradckptSession, device: str | None) ->
 
 def leave(session: GradckptSession) -> None:
     if session.under_launch:
-        from pytest_gradckpt.distributed import leave_launch
+        from pytest_gradckpt.ranks.distributed import leave_launch
 
         leave_launch()
 
@@ -34,7 +34,7 @@ def agreed_exit_status(session: GradckptSession, pytest_session: pytest.Session,
     """The exit status every rank ends with (a rank that failed fails them all); unchanged outside a launch."""
     if not session.under_launch:
         return exitstatus
-    from pytest_gradckpt.distributed import agreed_exit_status as agreed
+    from pytest_gradckpt.ranks.distributed import agreed_exit_status as agreed
 
     pytest_session.exitstatus = agreed(int(exitstatus))
     return int(pytest_session.exitstatus)

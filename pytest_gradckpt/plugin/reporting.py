@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pytest_gradckpt import environment
+from pytest_gradckpt.release import environment
 import pytest_gradckpt.plugin.launch as launch
 from pytest_gradckpt.plugin.options import enabled, option
 from pytest_gradckpt.plugin.session import GradckptSession
@@ -100,7 +100,7 @@ class GradckptReporter:
             self._write("gradckpt_report", {"versions": environment.versions(), "results": self.sorted_results(),
                                             "notices": state.notices})
         if option(self.config, "gradckpt_record"):
-            from pytest_gradckpt import golden
+            from pytest_gradckpt.release import golden
 
             self._write("gradckpt_record", golden.build_record(self.sorted_results(), environment.versions()))
         if option(self.config, "gradckpt_bisect"):

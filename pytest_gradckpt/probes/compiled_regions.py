@@ -1,7 +1,7 @@
 """Checkpoint regions inside compiled code, and which of them the compiled backward recomputes.
 
 Inside compiled code no Python of the check runs in backward, so the layer counters
-(:mod:`pytest_gradckpt.probes.layer_calls`) cannot see a recompute there. What the compiler is
+(:mod:`pytest_gradckpt.probes.recompute_counts`) cannot see a recompute there. What the compiler is
 told to recompute is in AOT autograd's joint graph (forward and backward in one graph, before the
 partitioner splits it): dynamo traces each checkpoint as the ``tag_activation_checkpoint``
 higher-order op, and AOT autograd marks every forward node of such a region with the region's

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt.tensors import tensor_bytes
+from pytest_gradckpt.pipeline.tensors import tensor_bytes
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence, ProbeStep
 
 

@@ -11,7 +11,7 @@ host memory (:meth:`SavedActivationProbe.mark_offloaded`) are not activation mem
 
 There is no module-level state: a probe belongs to one run. Code running inside a checkpoint
 unit (a strategy's checkpoint function, built-in or a user's) reaches that run's probe through
-the unit, :func:`pytest_gradckpt.layers.memory_probe_of`, so both are measured the same way.
+the unit, :func:`pytest_gradckpt.pipeline.units.memory_probe_of`, so both are measured the same way.
 :class:`MemoryProbe` is the probe (:mod:`pytest_gradckpt.probes.protocol`) that hands the units
 their run's :class:`SavedActivationProbe`.
 """
@@ -27,7 +27,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, int, int] | None:

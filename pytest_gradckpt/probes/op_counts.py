@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_gradckpt.layers import instrumented
+from pytest_gradckpt.pipeline.units import instrumented
 from pytest_gradckpt.probes.backward_calls import in_backward
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 

@@ -10,7 +10,7 @@ A probe declares
 - how its measurement ships from a rank: :meth:`Probe.to_host` / :meth:`Probe.from_host` (a
   picklable host form) and :meth:`Probe.merge` (the ranks' measurements into one);
 - what it adds to the evidence (:meth:`Probe.evidence`: fields of
-  :class:`~pytest_gradckpt.verdicts.Evidence` the rules read) and to a result's metrics
+  :class:`~pytest_gradckpt.pipeline.verdicts.Evidence` the rules read) and to a result's metrics
   (:meth:`Probe.metrics`, only the keys it declares in ``metric_keys``). Both read the evidence
   through :class:`ProbeEvidence`, the part of it declared here, so no probe imports the verdicts
   (which import the probes);
@@ -18,8 +18,8 @@ A probe declares
 
 The probes of a step are those of :mod:`pytest_gradckpt.probes.registry`, in its order: the
 order they are entered in (the first is outermost) and the order of their columns. A run keeps
-each measurement under its probe's name (:attr:`pytest_gradckpt.runs.Run.measured`), read back
-typed with ``run.of(SomeProbe)``. Rules stay in :data:`pytest_gradckpt.verdicts.RULES`. See
+each measurement under its probe's name (:attr:`pytest_gradckpt.pipeline.runs.Run.measured`), read back
+typed with ``run.of(SomeProbe)``. Rules stay in :data:`pytest_gradckpt.pipeline.verdicts.RULES`. See
 docs/probes.md for adding one.
 """
 
@@ -39,14 +39,14 @@ P = TypeVar("P", bound="Probe[Any]")
 
 
 class Measured(Protocol):
-    """A run as the probes read it: each probe's measurement (:class:`~pytest_gradckpt.runs.Run`)."""
+    """A run as the probes read it: each probe's measurement (:class:`~pytest_gradckpt.pipeline.runs.Run`)."""
 
     def of(self, kind: type[Probe[M]]) -> M:
         """What probe ``kind`` measured in this run."""
 
 
 class MeasuredBaseline(Protocol):
-    """A baseline as the probes read it (:class:`~pytest_gradckpt.baselines.Baseline`)."""
+    """A baseline as the probes read it (:class:`~pytest_gradckpt.pipeline.baselines.Baseline`)."""
 
     @property
     def run(self) -> Measured:
@@ -58,7 +58,7 @@ class MeasuredBaseline(Protocol):
 
 
 class ProbeEvidence(Protocol):
-    """What a probe reads of one strategy's evidence (:class:`~pytest_gradckpt.verdicts.Evidence`
+    """What a probe reads of one strategy's evidence (:class:`~pytest_gradckpt.pipeline.verdicts.Evidence`
     satisfies it): declared here so the probes need not import the verdicts, which import them."""
 
     @property

@@ -7,7 +7,7 @@ last, so it times the micro-batches only) and the order of their report columns.
 is one module with a :class:`~pytest_gradckpt.probes.protocol.Probe` subclass and one line here;
 :func:`using` adds probes for the code inside a ``with`` block only (a test's, or a check's own),
 :func:`register_probe` / :func:`unregister_probe` for the rest of the context
-(:class:`~pytest_gradckpt.registries.Registry`, the idiom of every registry).
+(:class:`~pytest_gradckpt.pipeline.registries.Registry`, the idiom of every registry).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.compiled_regions import CompiledRegionsProbe
 from pytest_gradckpt.probes.cuda import CudaProbe
-from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
 from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.probes.op_counts import OpCountProbe, UncountedOpsProbe
 from pytest_gradckpt.probes.phases import DevicePhasesProbe, PhasesProbe
@@ -29,7 +29,7 @@ from pytest_gradckpt.probes.protocol import Column, Probe
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.timing import StepTime
 from pytest_gradckpt.probes.warnings import WarningsProbe
-from pytest_gradckpt.registries import Registry
+from pytest_gradckpt.pipeline.registries import Registry
 
 Kinds = tuple[type[Probe[Any]], ...]
 

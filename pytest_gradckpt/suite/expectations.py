@@ -24,7 +24,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from pytest_gradckpt.environment import package_versions
+from pytest_gradckpt.release.environment import package_versions
 
 FOLDER = Path(__file__).with_name("expected")
 #: The packages a line is reviewed under, in the order messages name them.

@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.registries import Registry
+from pytest_gradckpt.pipeline.registries import Registry
 from pytest_gradckpt.spec import CheckSpec
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 
@@ -23,7 +23,7 @@ from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter
 BUILTIN_ADAPTERS: tuple[str, ...] = ("pytest_gradckpt.trainers.deepspeed", "pytest_gradckpt.trainers.hf", "pytest_gradckpt.trainers.accelerate",
                                      "pytest_gradckpt.trainers.lightning")
 
-#: Adapters registered here, the latest first (:class:`~pytest_gradckpt.registries.Registry`; the
+#: Adapters registered here, the latest first (:class:`~pytest_gradckpt.pipeline.registries.Registry`; the
 #: built-ins are imported from :data:`BUILTIN_ADAPTERS` when a trainer is checked).
 _REGISTERED: Registry[TrainerAdapter] = Registry("trainer_adapters", (), name_of=lambda adapter: (
     adapter.name or type(adapter).__qualname__))
@@ -137,8 +137,8 @@ def check_trainer_spec(trainer: Any, spec: CheckSpec, *, name: str | None = None
         pytest_gradckpt.errors.GradckptUsageError: check_trainer: no adapter for str; supported: ...
     """
     from pytest_gradckpt import outcomes
-    from pytest_gradckpt.environment import versions
-    from pytest_gradckpt.process_state import preserved_global_state
+    from pytest_gradckpt.release.environment import versions
+    from pytest_gradckpt.pipeline.process_state import preserved_global_state
     from pytest_gradckpt.report import Report, Result
     from pytest_gradckpt.trainers.compare import SCENARIO, compare_configuration
 

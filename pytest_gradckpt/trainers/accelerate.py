@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_gradckpt.arguments import default_loss
+from pytest_gradckpt.pipeline.subject import default_loss
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.layers import transformers_model_in
+from pytest_gradckpt.pipeline.units import transformers_model_in
 from pytest_gradckpt.trainers.adapter import (Configuration, TrainerAdapter, count_checkpoint_wrappers,
                                               kwargs_advice, unwrap_checkpoint_wrappers)
 from pytest_gradckpt.trainers.preserve import restored_attributes

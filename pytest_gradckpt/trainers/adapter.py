@@ -74,7 +74,7 @@ class TrainerAdapter:
 
     def device(self, trainer: Any, model: nn.Module) -> torch.device:
         """Where the trainer runs its step (the memory probes measure there): where ``model`` is, by default."""
-        from pytest_gradckpt.arguments import model_device
+        from pytest_gradckpt.pipeline.subject import model_device
 
         return model_device(model)
 

@@ -1,9 +1,9 @@
 """A trainer's checkpointing configuration against the same trainer with checkpointing off.
 
 Each run takes a private copy of the trainer's model, prepared (named, probes attached) by the
-engine's own :func:`~pytest_gradckpt.runs.prepare_copy`, switches checkpointing on (as the
+engine's own :func:`~pytest_gradckpt.pipeline.runs.prepare_copy`, switches checkpointing on (as the
 trainer would) or off, and runs one step through the trainer's own code under
-:func:`~pytest_gradckpt.runs.probed`; the engine's baseline and verdict rules then judge it like any strategy.
+:func:`~pytest_gradckpt.pipeline.runs.probed`; the engine's baseline and verdict rules then judge it like any strategy.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from pytest_gradckpt import baselines, engine, outcomes, verdicts
+from pytest_gradckpt import outcomes
+from pytest_gradckpt.pipeline import baselines, engine, verdicts
 from pytest_gradckpt.errors import GradckptUsageError, StrategyTimeout
-from pytest_gradckpt.process_state import deadline, seed_everything
-from pytest_gradckpt.layers import ModelInfo, find_layers
+from pytest_gradckpt.pipeline.process_state import deadline, seed_everything
+from pytest_gradckpt.pipeline.units import ModelInfo, find_layers
 from pytest_gradckpt.report import Result
-from pytest_gradckpt.runs import Run, prepare_copy, probed
-from pytest_gradckpt.scenarios import SCENARIOS
+from pytest_gradckpt.pipeline.runs import Run, prepare_copy, probed
+from pytest_gradckpt.pipeline.scenarios import SCENARIOS
 from pytest_gradckpt.spec import CheckSpec
 from pytest_gradckpt.strategies import Strategy, Units
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter

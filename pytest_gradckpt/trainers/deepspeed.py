@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_gradckpt.arguments import default_loss
+from pytest_gradckpt.pipeline.subject import default_loss
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.layers import transformers_model_in
+from pytest_gradckpt.pipeline.units import transformers_model_in
 from pytest_gradckpt.trainers.adapter import Configuration, TrainerAdapter, kwargs_advice
 from pytest_gradckpt.trainers.hf import HFTrainer
 from pytest_gradckpt.trainers.preserve import restored_attributes
@@ -409,7 +409,7 @@ class AccelerateDeepSpeed(DeepSpeedEngineAdapter):
 
 
 def _to(batch: Any, device: torch.device) -> Any:
-    from pytest_gradckpt.tensors import map_tensors
+    from pytest_gradckpt.pipeline.tensors import map_tensors
 
     return map_tensors(batch, lambda t: t.to(device))
 

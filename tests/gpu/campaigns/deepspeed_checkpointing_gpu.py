@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 1 -m tests.gpu.campaigns.deepspeed_checkpointing_gpu OUT.json
 
 For a Llama (4 layers of 512, attention dropout 0.1, bf16, 2 x 1024 tokens) and its LoRA: the verdict
-of every strategy in ``pytest_gradckpt.trainers.deepspeed_checkpointing.STRATEGIES`` (``gc.check``),
+of every strategy in ``pytest_gradckpt.strategies.deepspeed.STRATEGIES`` (``gc.check``),
 and ground truth without the engine: plain steps with DeepSpeed's function wrapped around each decoder
 layer by hand (after ``configure`` with the strategy's settings) against the step without it.
 """
@@ -70,7 +70,7 @@ def main(path: str) -> None:
     import deepspeed
 
     import pytest_gradckpt as gc
-    from pytest_gradckpt.trainers.deepspeed_checkpointing import STRATEGIES
+    from pytest_gradckpt.strategies.deepspeed import STRATEGIES
 
     deepspeed.init_distributed()
     rows: list[dict[str, Any]] = []

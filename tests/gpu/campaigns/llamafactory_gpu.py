@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import pytest_gradckpt as gc
-from pytest_gradckpt.trainers import llamafactory
+from pytest_gradckpt.strategies import llamafactory
 from pytest_gradckpt.zoo.peft_models import llama_inputs, llama_lora, tiny_llama_config
 
 

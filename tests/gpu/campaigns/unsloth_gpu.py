@@ -66,7 +66,7 @@ def distance(got: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> di
 
 def plain_ground_truth(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """Unsloth's switch as its trainer calls it (patch, then the model's own enable), one plain step."""
-    from pytest_gradckpt.trainers.unsloth import checkpointing_module
+    from pytest_gradckpt.strategies.unsloth import checkpointing_module
 
     zoo = checkpointing_module()
     truth = step(copy.deepcopy(model), inputs)
@@ -142,7 +142,7 @@ def main(path: str) -> None:
     import transformers
 
     import pytest_gradckpt as gc
-    from pytest_gradckpt.trainers import unsloth
+    from pytest_gradckpt.strategies import unsloth
 
     results: dict[str, Any] = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                             "device": torch.cuda.get_device_name(0)},

@@ -155,7 +155,7 @@ def _sitting_at(model: nn.Module, name: str, original: nn.Module) -> nn.Module:
 def _compile_body(module: nn.Module, ctx: Any) -> None:
     """Compile ``module``'s forward body only. An engine-instrumented unit keeps its counting and
     the strategy's checkpoint eager, around the compiled body; other modules compile their call."""
-    from pytest_gradckpt.layers import instrumented
+    from pytest_gradckpt.pipeline.units import instrumented
 
     record = instrumented(module)
     if record is None:
@@ -317,7 +317,7 @@ def compiled_run(compilation: Compilation, report: CompiledRun, budget: float | 
     and fill ``report`` with what was compiled for it: frames and graph breaks.
 
     ``budget``: the ``activation_memory_budget`` the run's strategy asked for
-    (:attr:`pytest_gradckpt.layers.ModelInfo.activation_memory_budget`, ``compile_budget``), set in
+    (:attr:`pytest_gradckpt.pipeline.units.ModelInfo.activation_memory_budget`, ``compile_budget``), set in
     torch._functorch.config while the step compiles.
 
     Random ops draw as eager draws them (:func:`eager_random`), in the baseline and in every
@@ -406,7 +406,7 @@ def measure_distance(step: Any, subject: Any, scenario: Any, compiled_first: Any
 
     ``step(scenario, None)`` runs the subject; the eager run runs it under ``subject.eager()``.
     """
-    from pytest_gradckpt.probes.gradients import measure_noise
+    from pytest_gradckpt.pipeline.comparison import measure_noise
 
     compiled_run_ = compiled_first
     with subject.eager():
@@ -442,11 +442,11 @@ def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> f
     bf16 under whole-model compile, ``sequential``'s logits were 0.0284 from the compiled baseline
     against a logits-only distance of about 0.028; with the largest distance alone, 0.0489, its
     gradients sat at 0.0487, inside by luck.) The baseline's noise is tolerated up to
-    :data:`~pytest_gradckpt.probes.gradients.NOISE_FACTOR` times, so the tolerance enters divided by it.
+    :data:`~pytest_gradckpt.pipeline.comparison.NOISE_FACTOR` times, so the tolerance enters divided by it.
 
     Example:
-        >>> from pytest_gradckpt.baselines import Baseline
-        >>> from pytest_gradckpt.runs import Run
+        >>> from pytest_gradckpt.pipeline.baselines import Baseline
+        >>> from pytest_gradckpt.pipeline.runs import Run
         >>> base = Baseline(Run(loss=torch.ones(()), grads={"a": torch.ones(2), "b": torch.ones(2)}))
         >>> tolerate_distance(base, CompileDistance(grads={"a": 0.03}, loss={"loss": 0.01}, outputs={}), cap=0.125)
         0.06
@@ -455,7 +455,7 @@ def tolerate_distance(baseline: Any, distance: CompileDistance, cap: float) -> f
         >>> round(3 * base.loss_noise.rel_norm["loss"], 3)
         0.06
     """
-    from pytest_gradckpt.probes.gradients import NOISE_FACTOR
+    from pytest_gradckpt.pipeline.comparison import NOISE_FACTOR
 
     tolerance = min(DISTANCE_FACTOR * distance.largest, cap)
     if tolerance == 0.0:
@@ -478,12 +478,12 @@ def boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = False)
     Measured on a fresh eager copy under ``torch.no_grad`` (shapes only; nothing is trained).
 
     Example:
-        >>> from pytest_gradckpt.arguments import Subject
+        >>> from pytest_gradckpt.pipeline.subject import Subject
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
         >>> boundary_bytes(Subject(net, torch.ones(4, 8), None, None), ["0", "2"])  # in and out of each: 4 x (4 x 8) floats
         512
     """
-    from pytest_gradckpt.tensors import tensor_leaves
+    from pytest_gradckpt.pipeline.tensors import tensor_leaves
 
     model = subject.fresh_model()
     seen: dict[tuple[Any, int], int] = {}
@@ -526,7 +526,7 @@ def try_boundary_bytes(subject: Any, layer_names: list[str], autocast: bool = Fa
     a model whose forward needs gradients on, say, is judged by memory as before).
 
     Example:
-        >>> from pytest_gradckpt.arguments import Subject
+        >>> from pytest_gradckpt.pipeline.subject import Subject
         >>> try_boundary_bytes(Subject(torch.nn.Linear(2, 2), torch.ones(1, 2), None, None), ["no.such.unit"]) is None
         True
     """

@@ -3,7 +3,7 @@
 What one rank does: :class:`Parallel` wraps the model in ``DistributedDataParallel`` or
 ``fully_shard`` (after the strategy is applied, as in training), gives the rank its shard of the
 global batch and gathers full gradients. The ranks are started once per check by
-:mod:`pytest_gradckpt.launcher` (which runs every step in them, see :mod:`pytest_gradckpt.rank_group`),
+:mod:`pytest_gradckpt.ranks.launcher` (which runs every step in them, see :mod:`pytest_gradckpt.ranks.rank_group`),
 or are those of a launch someone else started (torchrun): :func:`step_in_existing_group`.
 
 The judge compares against the same distributed setup without checkpointing (same ranks,
@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt.arguments import model_device
-from pytest_gradckpt.tensors import map_tensors, tensors_in
+from pytest_gradckpt.pipeline.subject import model_device
+from pytest_gradckpt.pipeline.tensors import map_tensors, tensors_in
 from pytest_gradckpt.errors import GradckptUsageError, HarnessFailure, StrategyNotApplicable
-from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.probes import registry
-from pytest_gradckpt.runs import Run, Stepper
-from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.pipeline.runs import Run, Stepper
+from pytest_gradckpt.pipeline.scenarios import Scenario
 from pytest_gradckpt.settings import DISTRIBUTED_DEFAULTS, check_distributed
 from pytest_gradckpt.strategies import Strategy
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.promises import Promise
+from pytest_gradckpt.pipeline.promises import Promise
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pytest_gradckpt.layers import ModelInfo
+    from pytest_gradckpt.pipeline.units import ModelInfo
 
 
 class Units(str, enum.Enum):
@@ -169,8 +169,8 @@ class CheckpointFunctionStrategy(Strategy):
 
 def install_layer_call(layer: Any, call: Callable[..., Any] | None) -> None:
     """Route an instrumented layer's calls through ``call(forward, args, kwargs)``; None restores it
-    (:attr:`pytest_gradckpt.layers.Instrumented.call`; layers imports torch, so it is imported here)."""
-    from pytest_gradckpt import layers
+    (:attr:`pytest_gradckpt.pipeline.units.Instrumented.call`; layers imports torch, so it is imported here)."""
+    from pytest_gradckpt.pipeline import units
 
-    layers.install_layer_call(layer, call)
+    units.install_layer_call(layer, call)
 

@@ -24,20 +24,22 @@ import torch
 import torch.utils.checkpoint  # noqa: F401 - imported up front so its import time is not billed to a strategy
 from torch import nn
 
-from pytest_gradckpt import baselines, compiled, held, verdicts
-from pytest_gradckpt.arguments import Subject, tensor_bytes
-from pytest_gradckpt.distributed import describe_ranks, device_before_build, launched_from_outside, refuse_unrunnable_world
-from pytest_gradckpt.environment import versions
-from pytest_gradckpt.process_state import deterministic_kernels, preserved_global_state
-from pytest_gradckpt.launcher import Launcher
-from pytest_gradckpt.layers import unit_stacks
+from pytest_gradckpt.pipeline import baselines, verdicts
+from pytest_gradckpt.compilation import compiled
+from pytest_gradckpt.ranks import held
+from pytest_gradckpt.pipeline.subject import Subject, tensor_bytes
+from pytest_gradckpt.ranks.distributed import describe_ranks, device_before_build, launched_from_outside, refuse_unrunnable_world
+from pytest_gradckpt.release.environment import versions
+from pytest_gradckpt.pipeline.process_state import deterministic_kernels, preserved_global_state
+from pytest_gradckpt.ranks.launcher import Launcher
+from pytest_gradckpt.pipeline.units import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
-from pytest_gradckpt.probes.gradients import default_tolerances, noise_cap, norms
+from pytest_gradckpt.pipeline.comparison import default_tolerances, noise_cap, norms
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.report import Report, Result
-from pytest_gradckpt.runs import Run, Stepper
-from pytest_gradckpt.scenarios import Scenario, resolve_scenarios
+from pytest_gradckpt.pipeline.runs import Run, Stepper
+from pytest_gradckpt.pipeline.scenarios import Scenario, resolve_scenarios
 from pytest_gradckpt.spec import DEFAULT_TIMEOUT, CheckSpec
 from pytest_gradckpt.strategies import Strategy, resolve_strategies
 
@@ -97,7 +99,7 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             (those that do not apply to the model are reported ``skipped``).
         layers: the checkpoint units: None (automatic), a dotted path, a module class,
             or a list of the model's modules.
-        scenarios: names from :data:`pytest_gradckpt.scenarios.SCENARIOS`; None = ``("train",)``.
+        scenarios: names from :data:`pytest_gradckpt.pipeline.scenarios.SCENARIOS`; None = ``("train",)``.
         rtol: relative tolerance; None = per compute dtype (float32: 1.3e-6, bf16: 1.6e-2, fp16: 1e-3).
         atol: absolute tolerance; None = per compute dtype (1e-5 for float32, bf16 and fp16).
         min_memory_reduction: fraction in [0, 1): every checkpointing strategy must cut
@@ -132,12 +134,12 @@ def check(model: nn.Module | Callable[[], nn.Module], inputs: Any, *,
             or ``"checkpoint_outside"`` (the blocks' own forwards are compiled, checkpoints run eager
             around them). See docs/compile.md.
         fingerprint: add ``metrics["fingerprint"]`` (loss, every parameter's gradient norm,
-            saved-activation peak) for golden records; see :mod:`pytest_gradckpt.golden`.
+            saved-activation peak) for golden records; see :mod:`pytest_gradckpt.release.golden`.
 
     On CUDA the check runs with deterministic kernels and restores every setting after
-    (:func:`~pytest_gradckpt.process_state.deterministic_kernels`); where the baseline still
+    (:func:`~pytest_gradckpt.pipeline.process_state.deterministic_kernels`); where the baseline still
     differs from itself by rounding noise, strategies are judged against that measured
-    noise (:mod:`pytest_gradckpt.baselines`). Gradients are compared on the device.
+    noise (:mod:`pytest_gradckpt.pipeline.baselines`). Gradients are compared on the device.
 
     Returns:
         A :class:`~pytest_gradckpt.report.Report`.

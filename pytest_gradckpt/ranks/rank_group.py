@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt import held
-from pytest_gradckpt.distributed import Parallel, RankTimeout, death, describe_exception, fingerprint
+from pytest_gradckpt.ranks import held
+from pytest_gradckpt.ranks.distributed import Parallel, RankTimeout, death, describe_exception, fingerprint
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes import registry
-from pytest_gradckpt.runs import Stepper
+from pytest_gradckpt.pipeline.runs import Stepper
 
 #: The first command's limit covers starting the ranks, importing, meeting and building the
 #: model: this many seconds, plus BUILD_FACTOR times the model's build measured here.
@@ -278,7 +278,7 @@ def _answer(rank: int, world_size: int, store_path: str, stepper: Stepper, catal
 def _step(payload: dict[str, Any], rank: int, world_size: int, store_path: str, stepper: Stepper,
           catalog: list[Any], body: tuple[Any, ...], settings: dict[str, Any], store: dict[int, dict[str, Any]],
           run_id: int) -> None:
-    """The step; rank 0 keeps its tensors in ``store`` and sends stand-ins (:mod:`pytest_gradckpt.held`)."""
+    """The step; rank 0 keeps its tensors in ``store`` and sends stand-ins (:mod:`pytest_gradckpt.ranks.held`)."""
     scenario_ref, strategy_ref, grad_targets, determinism, probes = body
     scenario, strategy = _resolve(catalog, scenario_ref), _resolve(catalog, strategy_ref)
     _follow(determinism)

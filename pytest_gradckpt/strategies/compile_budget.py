@@ -3,7 +3,7 @@
 AOT autograd's partitioner chooses what to save and what to recompute in backward so that the
 saved activations stay within ``torch._functorch.config.activation_memory_budget`` (a fraction of
 what saving everything would keep; 1.0 = the default, no rematerialization beyond the usual).
-The strategy asks for a budget; the compiled run (:func:`pytest_gradckpt.compiled.compiled_run`)
+The strategy asks for a budget; the compiled run (:func:`pytest_gradckpt.compilation.compiled.compiled_run`)
 sets it while the step compiles and restores it after. It applies to compiled models only, and
 is opt-in (not in the default set of strategies): name it, e.g. ``strategies=["compile_budget"]``.
 It is one of the built-ins the strategy registry lists (:data:`pytest_gradckpt.strategies.BUILTIN_OPT_IN`).
@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.strategy_base import Strategy, Units
+from pytest_gradckpt.strategies.base import Strategy, Units
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pytest_gradckpt.layers import ModelInfo
+    from pytest_gradckpt.pipeline.units import ModelInfo
 
 class CompileBudget(Strategy):
     """Compile with ``activation_memory_budget=budget``; no checkpoint wrapper at all.

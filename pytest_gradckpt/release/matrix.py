@@ -4,7 +4,7 @@
 [-- PYTEST_ARGS...]``
 
 A line is ``torch/transformers/peft`` releases (``2.15.0/5.24.0/0.21.2``). For each line a
-throwaway environment that mirrors this one (:mod:`pytest_gradckpt.venvs`: a torch release
+throwaway environment that mirrors this one (:mod:`pytest_gradckpt.release.venvs`: a torch release
 other than the installed one comes from a cached layer, built once) runs the packaged suite
 against the reviewed expectations of its transformers line (:mod:`pytest_gradckpt.suite.expectations`).
 Then one table lists every verdict that differs between the lines, and one line per line says
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_gradckpt.venvs import BuildError, Environment, installed
+from pytest_gradckpt.release.venvs import BuildError, Environment, installed
 
 #: A chosen subset of torch x transformers x peft: the oldest supported line (torch 2.13, transformers
 #: 4.57, peft 0.18), the pinned one, peft 0.18 on the newest transformers, and torch 2.14 and 2.15

@@ -4,7 +4,7 @@ into ``(model, inputs)``.
 
 Example:
     >>> from hypothesis import given
-    >>> from pytest_gradckpt.hypothesis import small_models
+    >>> from pytest_gradckpt.hypothesis_models import small_models
     >>> @given(small_models())
     ... def test_builds(made):
     ...     model, inputs = made

@@ -1,6 +1,6 @@
 """Layer-local replay: the engine's own no-checkpoint arithmetic, one checkpoint unit at a time.
 
-The layer-local baseline (:func:`pytest_gradckpt.baselines.layerwise`) needs the gradients a
+The layer-local baseline (:func:`pytest_gradckpt.pipeline.baselines.layerwise`) needs the gradients a
 training step *without* checkpointing would give, for a model whose step without
 checkpointing does not fit. :class:`LayerReplay` gets them with one unit's activations at a
 time: in forward, each unit runs as in a plain step (same grad mode, same requires_grad flags,
@@ -37,8 +37,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pytest_gradckpt.errors import NotReplayable
-from pytest_gradckpt.layers import ModelInfo, instrumented
-from pytest_gradckpt.probes.gradients import default_tolerances
+from pytest_gradckpt.pipeline.units import ModelInfo, instrumented
+from pytest_gradckpt.pipeline.comparison import default_tolerances
 from pytest_gradckpt.strategies import Strategy, install_layer_call
 
 
@@ -188,7 +188,7 @@ class _Replay(torch.autograd.Function):
 
 
 def replay_call(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run one call of an instrumented unit through the replay node (an :attr:`~pytest_gradckpt.layers.Instrumented.call`).
+    """Run one call of an instrumented unit through the replay node (an :attr:`~pytest_gradckpt.pipeline.units.Instrumented.call`).
 
     Example:
         >>> layer = torch.nn.Linear(3, 3)

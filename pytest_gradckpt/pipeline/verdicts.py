@@ -20,21 +20,21 @@ from collections.abc import Callable
 import torch
 
 from pytest_gradckpt import outcomes
-from pytest_gradckpt.baselines import Baseline
+from pytest_gradckpt.pipeline.baselines import Baseline
 from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.compiled_regions import CompiledRegionsProbe
-from pytest_gradckpt.probes.gradients import NOISE_FACTOR, Comparison, Noise, compare
-from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+from pytest_gradckpt.pipeline.comparison import NOISE_FACTOR, Comparison, Noise, compare
+from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
 from pytest_gradckpt.probes.op_counts import OpCountProbe
 from pytest_gradckpt.probes.phases import PhasesProbe
-from pytest_gradckpt.probes.recompute import recompute_verdict
+from pytest_gradckpt.probes.unit_counter import recompute_verdict
 from pytest_gradckpt.probes.saved_elsewhere import SavedElsewhereProbe
 from pytest_gradckpt.probes.warnings import WarningsProbe, silent_warning
-from pytest_gradckpt.promises import OpsSeen, broken, recomputed_units
+from pytest_gradckpt.pipeline.promises import OpsSeen, broken, recomputed_units
 from pytest_gradckpt.report import Metrics, UnknownMetric
-from pytest_gradckpt.runs import Run
+from pytest_gradckpt.pipeline.runs import Run
 from pytest_gradckpt.strategies import Strategy, units_of
 
 
@@ -105,7 +105,7 @@ def gather(strategy: Strategy, baseline: Baseline, run: Run, limits: Limits) -> 
 
     Example:
         >>> import torch
-        >>> from pytest_gradckpt.probes.layer_calls import LayerCalls
+        >>> from pytest_gradckpt.probes.recompute_counts import LayerCalls
         >>> from pytest_gradckpt.strategies import get_strategy
         >>> base = Run(loss=torch.ones(()), grads={"w": torch.ones(3)},
         ...            measured={"recompute": LayerCalls(calls={"0": 1}, graph_calls={"0": 1})})

@@ -3,7 +3,7 @@ isolated from the caller's process (``check(..., isolate=True)``).
 
 One :class:`Launcher` serves a whole check: its ranks start at the first step that needs
 them and run the baselines, every strategy and every distributed scenario of the check
-(:class:`~pytest_gradckpt.rank_group.RankGroup`), until the check closes it. A step that
+(:class:`~pytest_gradckpt.ranks.rank_group.RankGroup`), until the check closes it. A step that
 broke its group (a rank died, hung, or failed while its peers may wait in a collective) ends
 that group; the next step starts a fresh one. Under an existing launch (torchrun) the ranks
 are the launch's own processes, and each runs the same steps in turn.
@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt import held
+from pytest_gradckpt.ranks import held
 
-from pytest_gradckpt.distributed import (
+from pytest_gradckpt.ranks.distributed import (
     DEFAULTS, LAUNCH_ATTEMPTS, LaunchFailure, RaisedInChild, RankFailure, disagreement, launched_from_outside,
     refuse_unrunnable_world, step_in_existing_group, _is_transport_failure)
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
-from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.probes import registry
-from pytest_gradckpt.rank_group import RankGroup, TimeLimit
-from pytest_gradckpt.replay import LAYER_REPLAY
-from pytest_gradckpt.runs import Run, Stepper
+from pytest_gradckpt.ranks.rank_group import RankGroup, TimeLimit
+from pytest_gradckpt.pipeline.replay import LAYER_REPLAY
+from pytest_gradckpt.pipeline.runs import Run, Stepper
 
 #: The process group's own collective timeout when no fixed limit was given: ranks stuck in a
 #: collective are killed by the launcher's limit long before this.
@@ -43,11 +43,11 @@ class Launcher:
     start; others are pickled into the command).
 
     Example:
-        >>> from pytest_gradckpt.arguments import Subject
-        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> from pytest_gradckpt.pipeline.subject import Subject
+        >>> from pytest_gradckpt.pipeline.scenarios import SCENARIOS
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> stepper = Stepper(Subject(net, torch.ones(2, 4), None, None), None, seed=0, timeout=None)
-        >>> from pytest_gradckpt.probes.gradients import compare
+        >>> from pytest_gradckpt.pipeline.comparison import compare
         >>> with Launcher(stepper, [SCENARIOS["ddp"]]) as launcher:
         ...     runs = [launcher.step(SCENARIOS["ddp"], None) for _ in range(2)]
         ...     same = compare(runs[0].grads, runs[1].grads, rtol=0.0, atol=0.0).equal  # where the tensors are
@@ -66,7 +66,7 @@ class Launcher:
         self.limits: dict[bool, TimeLimit] = {}
         #: rank groups started so far: one per check, unless a step broke its group
         self.launches = 0
-        # Runs whose tensors rank 0 holds (pytest_gradckpt.held): by run id, the group holding them
+        # Runs whose tensors rank 0 holds (pytest_gradckpt.ranks.held): by run id, the group holding them
         # and the command that made them (repeated on a fresh group when their group ended).
         self.run_count = 0
         self.kept_in: dict[int, RankGroup] = {}

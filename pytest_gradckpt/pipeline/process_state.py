@@ -2,7 +2,7 @@
 warning filters), made deterministic for the check (CUDA kernels, seeds), and bounded in time.
 
 (Named ``isolation`` before: running a step in a child process, which is isolation, lives in
-:mod:`pytest_gradckpt.launcher` and :mod:`pytest_gradckpt.rank_group`.)
+:mod:`pytest_gradckpt.ranks.launcher` and :mod:`pytest_gradckpt.ranks.rank_group`.)
 """
 
 from __future__ import annotations

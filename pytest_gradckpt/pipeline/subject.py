@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_gradckpt import compiled
+from pytest_gradckpt.compilation import compiled
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.materialise import is_meta, to_device
+from pytest_gradckpt.pipeline.materialise import is_meta, to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
-from pytest_gradckpt.tensors import map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
+from pytest_gradckpt.pipeline.tensors import map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
 
@@ -74,7 +74,7 @@ class Subject:
         return self._compilation
 
     def order_compilation(self, order: str | None, *, elsewhere: bool) -> None:
-        """Apply ``check(compile_order=...)`` (:func:`pytest_gradckpt.compiled.with_order`);
+        """Apply ``check(compile_order=...)`` (:func:`pytest_gradckpt.compilation.compiled.with_order`);
         ``elsewhere``: the check runs steps in other processes, where compiled models cannot go."""
         self._compilation = compiled.with_order(self._compilation, order, elsewhere=elsewhere)
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pytest_gradckpt import held
+from pytest_gradckpt.ranks import held
 
 #: (rtol, atol) per compute dtype: torch.testing's own defaults. Recomputation repeats the
 #: same kernels on the same inputs, so float32 is held tight; bf16 and fp16 allow for the

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.strategies import Strategy
-from pytest_gradckpt.trainers.one_module import import_one_module
+from pytest_gradckpt.strategies.one_module import import_one_module
 
 MODULE = "unsloth_zoo.gradient_checkpointing"
 

@@ -1,9 +1,9 @@
 """The recompute probe: how many times each checkpoint unit's forward ran, and how many of those
-calls backward reached (:class:`~pytest_gradckpt.probes.recompute.LayerCounter`, filled by the
+calls backward reached (:class:`~pytest_gradckpt.probes.unit_counter.LayerCounter`, filled by the
 units the engine instruments on its private copy before any strategy is applied).
 
-It lives apart from :mod:`pytest_gradckpt.probes.recompute` because instrumenting needs
-:mod:`pytest_gradckpt.layers`, which itself imports the counter.
+It lives apart from :mod:`pytest_gradckpt.probes.unit_counter` because instrumenting needs
+:mod:`pytest_gradckpt.pipeline.units`, which itself imports the counter.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from pytest_gradckpt.layers import instrument
+from pytest_gradckpt.pipeline.units import instrument
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence, ProbeStep
-from pytest_gradckpt.probes.recompute import LayerCounter
+from pytest_gradckpt.probes.unit_counter import LayerCounter
 
 
 def _recomputed(done: Any, total: Any) -> str:

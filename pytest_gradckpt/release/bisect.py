@@ -3,7 +3,7 @@
 ``python -m pytest_gradckpt bisect PACKAGE OLD NEW [-- PYTEST_ARGS...]`` lists the released
 versions of PACKAGE between OLD and NEW on the package index, and binary-searches them.
 Each candidate is installed into a throwaway virtual environment that otherwise mirrors the
-current one (:mod:`pytest_gradckpt.venvs`: torch releases, CUDA builds included, come from a
+current one (:mod:`pytest_gradckpt.release.venvs`: torch releases, CUDA builds included, come from a
 cached layer), so only the candidate and whatever it requires differently change. In it,
 ``pytest --gradckpt --gradckpt-bisect PYTEST_ARGS`` runs in the current directory: exit 0 is
 good, 1 bad, 125 "cannot test this one" (skipped, as ``git bisect`` does). The two ends run
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-from pytest_gradckpt.venvs import BuildError, Environment
+from pytest_gradckpt.release.venvs import BuildError, Environment
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
 
@@ -170,7 +170,7 @@ def _other(verdict: str) -> str:
 
 class Candidate(Environment):
     """A throwaway environment: this one's packages, with ``package==version`` installed on top
-    (a torch release through the cached torch layer, see :mod:`pytest_gradckpt.venvs`)."""
+    (a torch release through the cached torch layer, see :mod:`pytest_gradckpt.release.venvs`)."""
 
     def __init__(self, package: str, version: Version, folder: Path):
         super().__init__({package: str(version)}, folder)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.strategies import Strategy
-from pytest_gradckpt.trainers.one_module import import_one_module
+from pytest_gradckpt.strategies.one_module import import_one_module
 
 MODULE = "llamafactory.model.model_utils.checkpointing"
 

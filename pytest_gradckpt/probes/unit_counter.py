@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pytest_gradckpt.tensors import tensors_in
+from pytest_gradckpt.pipeline.tensors import tensors_in
 
 
 class LayerCounter:
@@ -60,7 +60,7 @@ class LayerCounter:
     @contextlib.contextmanager
     def uncounted(self) -> Iterator[None]:
         """Executions in the block are not counted: the engine's own replays
-        (:mod:`pytest_gradckpt.replay`) are not the model's.
+        (:mod:`pytest_gradckpt.pipeline.replay`) are not the model's.
 
         Example:
             >>> c = LayerCounter()

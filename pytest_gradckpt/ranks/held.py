@@ -5,9 +5,9 @@ A 1.1B-parameter model's gradients are 2.2 GB in bf16: copying them to the host,
 through a pipe and comparing them on the judging process's CPU cost many times the step itself.
 So rank 0 keeps every run's gradients, outputs and buffers where they are, and sends back a
 :class:`Held` per tensor: its name, shape and dtype, enough for everything that does not read
-values. Functions that read values (:func:`pytest_gradckpt.probes.gradients.compare`,
+values. Functions that read values (:func:`pytest_gradckpt.pipeline.comparison.compare`,
 ``measure_noise``, ``nonfinite``, ``norms``) ask :func:`holder_of` first; when their tensors are
-held, the holder (the :class:`~pytest_gradckpt.launcher.Launcher`) runs the same function in the
+held, the holder (the :class:`~pytest_gradckpt.ranks.launcher.Launcher`) runs the same function in the
 process that holds them and only its small result travels back.
 
 Imports torch only, so any module may import it.
@@ -116,7 +116,7 @@ def host_copies(named: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Ten
 
 
 def bring_home(run: Any) -> bool:
-    """Replace the stand-ins of ``run`` (a :class:`~pytest_gradckpt.runs.Run`) by their tensors,
+    """Replace the stand-ins of ``run`` (a :class:`~pytest_gradckpt.pipeline.runs.Run`) by their tensors,
     copied here, when every one of them is in host memory where it is held (a CPU model: cheap to
     move, and then the run outlives the process that holds it, e.g. in a baseline cache).
     Returns whether ``run`` holds nothing elsewhere now."""

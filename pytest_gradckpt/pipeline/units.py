@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pytest_gradckpt.errors import GradckptUsageError
-from pytest_gradckpt.probes.recompute import LayerCounter
+from pytest_gradckpt.probes.unit_counter import LayerCounter
 
 
 def transformers_model_in(model: nn.Module) -> nn.Module | None:

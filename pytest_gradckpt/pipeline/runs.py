@@ -7,8 +7,8 @@ measurement under the probe's name (``run.of(Probe)``).
 
 The :class:`Stepper` knows the subject and its checkpoint units and runs a step the way a
 scenario says, with or without a strategy. It runs in this process; the distributed
-launcher (:mod:`pytest_gradckpt.distributed`) calls the same :meth:`Stepper.step` inside
-each rank with a ``parallel`` wrapper. Nothing here judges: see :mod:`pytest_gradckpt.verdicts`.
+launcher (:mod:`pytest_gradckpt.ranks.distributed`) calls the same :meth:`Stepper.step` inside
+each rank with a ``parallel`` wrapper. Nothing here judges: see :mod:`pytest_gradckpt.pipeline.verdicts`.
 
 Tensors a run keeps (gradients, outputs, buffers) stay where the step ran, so comparisons
 run on the device; :meth:`Run.to_host` moves them when they must travel.
@@ -25,16 +25,16 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from pytest_gradckpt import compiled
-from pytest_gradckpt.arguments import Subject
-from pytest_gradckpt.tensors import map_tensors, tensor_bytes, tensor_leaves
+from pytest_gradckpt.compilation import compiled
+from pytest_gradckpt.pipeline.subject import Subject
+from pytest_gradckpt.pipeline.tensors import map_tensors, tensor_bytes, tensor_leaves
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, StrategyTimeout
-from pytest_gradckpt.process_state import deadline, seed_everything
-from pytest_gradckpt.layers import ModelInfo, find_layers
+from pytest_gradckpt.pipeline.process_state import deadline, seed_everything
+from pytest_gradckpt.pipeline.units import ModelInfo, find_layers
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.protocol import Attached, Probe, ProbeStep
-from pytest_gradckpt.promises import Promise
-from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.pipeline.promises import Promise
+from pytest_gradckpt.pipeline.scenarios import Scenario
 from pytest_gradckpt.strategies import Strategy
 
 M = TypeVar("M")
@@ -55,7 +55,7 @@ class Run:
     measured: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: BaseException | None = None
     rank_disagreement: str | None = None  # distributed runs: ranks must hold the same gradients
-    #: a compiled subject's run: what dynamo compiled for it (:func:`pytest_gradckpt.compiled.compiled_run`)
+    #: a compiled subject's run: what dynamo compiled for it (:func:`pytest_gradckpt.compilation.compiled.compiled_run`)
     compiled: compiled.CompiledRun | None = None
     #: what the strategy promised for this run (:meth:`pytest_gradckpt.strategies.Strategy.promise`)
     promise: Promise | None = None
@@ -131,11 +131,11 @@ class Stepper:
     """Runs steps of one subject: the model, its inputs and loss, its checkpoint units.
 
     Example:
-        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> from pytest_gradckpt.pipeline.scenarios import SCENARIOS
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
         >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), None, seed=0, timeout=None)
         >>> run = stepper.step(SCENARIOS["train"], None)
-        >>> from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+        >>> from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
         >>> run.error is None, sorted(run.grads), run.of(RecomputeProbe).calls
         (True, ['0.bias', '0.weight', '1.bias', '1.weight'], {'0': 1, '1': 1})
     """

@@ -6,7 +6,7 @@ checkpoint unit (layer) the way transformers installs
 ``_gradient_checkpointing_func``: through the installed transformers' own
 mechanism on transformers models, and for plain modules as
 ``fn(functools.partial(bound_layer_forward, **kwargs), *args)``. Either way
-:func:`pytest_gradckpt.layers.layer_of` recovers the layer from ``function``.
+:func:`pytest_gradckpt.pipeline.units.layer_of` recovers the layer from ``function``.
 
 Whole-model strategies subclass :class:`Strategy` and implement ``apply`` on the
 engine's own copy of the model (which it discards after the step, so there is nothing to
@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
-from pytest_gradckpt.compile_budget import CompileBudget
-from pytest_gradckpt.promises import Promise
-from pytest_gradckpt.registries import Registry
-from pytest_gradckpt.strategy_base import (  # noqa: F401 - re-exported: the strategies' public face
+from pytest_gradckpt.strategies.compile_budget import CompileBudget
+from pytest_gradckpt.pipeline.promises import Promise
+from pytest_gradckpt.pipeline.registries import Registry
+from pytest_gradckpt.strategies.base import (  # noqa: F401 - re-exported: the strategies' public face
     CheckpointFunctionStrategy,
     Strategy,
     Units,
@@ -35,7 +35,7 @@ from pytest_gradckpt.strategy_base import (  # noqa: F401 - re-exported: the str
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pytest_gradckpt.layers import ModelInfo
+    from pytest_gradckpt.pipeline.units import ModelInfo
 
 
 # --------------------------------------------------------------------------- checkpoint functions
@@ -73,7 +73,7 @@ def selective_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     from torch import Tensor
     from torch.utils.checkpoint import checkpoint
 
-    from pytest_gradckpt.layers import layer_of
+    from pytest_gradckpt.pipeline.units import layer_of
 
     layer = layer_of(function)
     if layer is not None and not any(p.requires_grad for p in layer.parameters()):
@@ -99,12 +99,12 @@ def offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     offloading, this keeps the RNG state (an empty tensor on the device makes
     checkpoint stash that device's generator too), keyword arguments and the
     input's gradient. The host copy is declared to this run's memory probe
-    (:func:`pytest_gradckpt.layers.memory_probe_of`), as a user's offloading function would.
+    (:func:`pytest_gradckpt.pipeline.units.memory_probe_of`), as a user's offloading function would.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from pytest_gradckpt.layers import memory_probe_of
+    from pytest_gradckpt.pipeline.units import memory_probe_of
 
     index = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
     if index is None:
@@ -181,7 +181,7 @@ def sac_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from pytest_gradckpt.layers import memory_probe_of
+    from pytest_gradckpt.pipeline.units import memory_probe_of
 
     probe = None if torch.compiler.is_compiling() else memory_probe_of(function)
     context_fn = sac_contexts if probe is None else functools.partial(_sac_contexts_noted, probe)
@@ -520,7 +520,7 @@ class _Segment:
 
 def _unit_name(layer: Any) -> str:
     """An instrumented unit's name in the original model (for messages)."""
-    from pytest_gradckpt.layers import instrumented
+    from pytest_gradckpt.pipeline.units import instrumented
 
     record = instrumented(layer)
     return type(layer).__name__ if record is None else record.name
@@ -622,7 +622,7 @@ def _builtin_strategies() -> tuple[Strategy, ...]:
     )
 
 
-#: Every strategy in force, built-ins first (:class:`~pytest_gradckpt.registries.Registry`).
+#: Every strategy in force, built-ins first (:class:`~pytest_gradckpt.pipeline.registries.Registry`).
 _STRATEGIES: Registry[Strategy] = Registry("strategies", _builtin_strategies(), name_of=lambda s: s.name)
 #: Names of the built-in strategies that run by default, in registry order.
 BUILTIN: tuple[str, ...] = tuple(s.name for s in _STRATEGIES.builtins if not s.opt_in)

@@ -5,7 +5,7 @@ Two kinds, chosen by :func:`build`:
 - ``whole-model`` (:func:`whole_model`): the training step without checkpointing. Exact, and
   the only one that can judge memory, but it needs the memory of an uncheckpointed step.
 - ``layerwise`` (:func:`layerwise`): the same gradients computed one checkpoint unit at a time
-  by the engine's own replay (:mod:`pytest_gradckpt.replay`), in about the memory of a
+  by the engine's own replay (:mod:`pytest_gradckpt.pipeline.replay`), in about the memory of a
   checkpointed step: for models that only fit with checkpointing. Used on request, and
   automatically when the whole-model step runs out of device memory.
 
@@ -13,7 +13,7 @@ The whole-model baseline is the same training step without checkpointing, run tw
 second run proves the model reproducible before any strategy is blamed, and measures its
 run-to-run noise: on CUDA a few kernels have no deterministic implementation, so two
 identical steps can differ in their last bits. Differences up to a bound set by the compute
-dtype (:func:`~pytest_gradckpt.probes.gradients.noise_cap`) are numerical noise, and
+dtype (:func:`~pytest_gradckpt.pipeline.comparison.noise_cap`) are numerical noise, and
 strategies are judged against it; larger ones mean randomness outside torch's seeded
 generators, and nothing is judged.
 """
@@ -31,13 +31,13 @@ from pytest_gradckpt import outcomes
 from pytest_gradckpt.errors import (
     GradckptUsageError, HarnessFailure, NotReplayable, StrategyNotApplicable, describe_error)
 from pytest_gradckpt.probes.cuda import CudaProbe
-from pytest_gradckpt.probes.gradients import Noise, compare, measure_noise, noise_cap, nonfinite
+from pytest_gradckpt.pipeline.comparison import Noise, compare, measure_noise, noise_cap, nonfinite
 from pytest_gradckpt.probes.memory import MemoryProbe
 from pytest_gradckpt.probes.timing import StepTime, Timed
-from pytest_gradckpt.runs import Run
+from pytest_gradckpt.pipeline.runs import Run
 from pytest_gradckpt.strategies import Strategy
-from pytest_gradckpt.replay import LAYER_REPLAY
-from pytest_gradckpt.scenarios import Scenario
+from pytest_gradckpt.pipeline.replay import LAYER_REPLAY
+from pytest_gradckpt.pipeline.scenarios import Scenario
 from pytest_gradckpt.settings import BASELINE_KINDS
 
 #: ``step(scenario, strategy)``: a local step or a distributed launch.
@@ -162,9 +162,9 @@ def build(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dtype,
     device memory.
 
     Example:
-        >>> from pytest_gradckpt.arguments import Subject
-        >>> from pytest_gradckpt.runs import Stepper
-        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> from pytest_gradckpt.pipeline.subject import Subject
+        >>> from pytest_gradckpt.pipeline.runs import Stepper
+        >>> from pytest_gradckpt.pipeline.scenarios import SCENARIOS
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
         >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), None, seed=0, timeout=None)
         >>> baseline = build(stepper.step, SCENARIOS["train"], "net", torch.float32, "layerwise")
@@ -215,9 +215,9 @@ def whole_model(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.
     ``fall_back``, a step that runs out of memory returns :class:`OutOfMemory` instead of failing.
 
     Example:
-        >>> from pytest_gradckpt.arguments import Subject
-        >>> from pytest_gradckpt.runs import Stepper
-        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> from pytest_gradckpt.pipeline.subject import Subject
+        >>> from pytest_gradckpt.pipeline.runs import Stepper
+        >>> from pytest_gradckpt.pipeline.scenarios import SCENARIOS
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
         >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), None, seed=0, timeout=None)
         >>> baseline = whole_model(stepper.step, SCENARIOS["train"], "net", torch.float32)
@@ -232,18 +232,18 @@ def layerwise(step: StepFn, scenario: Scenario, model_name: str, dtype: torch.dt
     """The no-checkpoint gradients computed one checkpoint unit at a time (two steps, as
     :func:`whole_model`): each unit's forward graph is dropped at once, and the unit is replayed
     from its recorded inputs and RNG state when its output gradient arrives
-    (:class:`~pytest_gradckpt.replay.LayerReplay`). Peak memory is about that of a checkpointed
+    (:class:`~pytest_gradckpt.pipeline.replay.LayerReplay`). Peak memory is about that of a checkpointed
     step; it cannot judge memory reductions.
 
     Example:
-        >>> from pytest_gradckpt.arguments import Subject
-        >>> from pytest_gradckpt.runs import Stepper
-        >>> from pytest_gradckpt.scenarios import SCENARIOS
+        >>> from pytest_gradckpt.pipeline.subject import Subject
+        >>> from pytest_gradckpt.pipeline.runs import Stepper
+        >>> from pytest_gradckpt.pipeline.scenarios import SCENARIOS
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 2))
         >>> stepper = Stepper(Subject(net, torch.ones(1, 2), None, None), torch.nn.Linear, seed=0, timeout=None)
         >>> local = layerwise(stepper.step, SCENARIOS["train"], "net", torch.float32)
         >>> whole = whole_model(stepper.step, SCENARIOS["train"], "net", torch.float32)
-        >>> from pytest_gradckpt.probes.layer_calls import RecomputeProbe
+        >>> from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
         >>> all(torch.equal(local.run.grads[n], g) for n, g in whole.run.grads.items()), local.run.of(RecomputeProbe).calls
         (True, {'0': 1, '2': 1})
     """

@@ -8,8 +8,8 @@ from ``deepspeed.checkpointing.configure`` (``partition_activations``, ``checkpo
 its settings when it is applied and installs DeepSpeed's function on every checkpoint unit, so it is
 judged like any strategy:
 
-    >>> from pytest_gradckpt.trainers import deepspeed_checkpointing
-    >>> [s.name for s in deepspeed_checkpointing.STRATEGIES][:2]
+    >>> from pytest_gradckpt.strategies import deepspeed
+    >>> [s.name for s in deepspeed.STRATEGIES][:2]
     ['deepspeed_checkpoint', 'deepspeed_non_reentrant']
 
 A setting that cannot do what it says where the model runs is ``skipped`` with the reason, not
@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pytest_gradckpt.layers import ModelInfo
+from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.strategies import CheckpointFunctionStrategy, Strategy
 
 

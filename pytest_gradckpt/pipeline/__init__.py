@@ -1,0 +1,1 @@
+"""The check pipeline: subject -> runs (steps with probes) -> evidence -> verdicts."""

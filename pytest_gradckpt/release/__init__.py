@@ -1,0 +1,1 @@
+"""Release tools: bisect, the version matrix, throwaway venvs, golden records, versions."""
