@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import pytest_gradckpt as gc
+from pytest_gradckpt import outcomes as gc_outcomes
+from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.pipeline import verdicts
 from pytest_gradckpt.pipeline.baselines import Baseline
 from pytest_gradckpt.probes import registry
@@ -193,6 +195,54 @@ def test_mistyped_metric_keys_are_errors_not_blank_columns() -> None:
         gc.check(net(), torch.randn(4, 8, requires_grad=True), strategies=["non_reentrant"])
 
 
+def over_budget(e: verdicts.Evidence, limits: verdicts.Limits) -> str | None:
+    """A probe's rule: more forward calls than the step without checkpointing plus 20%."""
+    ran, base = e.run.of(ForwardCalls).forward_calls, e.baseline.run.of(ForwardCalls).forward_calls
+    return f"{ran} forward calls against {base}" if ran > 1.2 * base else None
+
+
+class Budgeted(ForwardCalls):
+    judges = (("recompute", over_budget),)
+
+
+def test_a_probe_that_judges_decides_where_no_table_rule_fires() -> None:
+    """Plain torch says 13 forward calls against 10 (test_ground_truth_counts): 30% over, so the
+    probe's rule fires on a correct strategy, and only while the probe is registered."""
+    with registry.using(Budgeted):
+        result = gc.check(net(), torch.randn(4, 8, requires_grad=True), strategies=["non_reentrant"],
+                          layers=None).results[0]
+    assert (result.outcome, result.message) == ("recompute", f"{plain_forward_calls(True)} forward calls "
+                                                             f"against {plain_forward_calls(False)}")
+    assert verdicts.rules_in_force() == verdicts.RULES
+    again = gc.check(net(), torch.randn(4, 8, requires_grad=True), strategies=["non_reentrant"], layers=None)
+    assert again.results[0].outcome == "pass", again.results[0].message
+
+
+def test_a_probes_rules_follow_the_tables_rules_of_the_same_outcome_and_worse_ones() -> None:
+    with registry.using(Budgeted):
+        rules = verdicts.rules_in_force()
+    outcomes_in_order = [outcome for outcome, _ in rules]
+    assert outcomes_in_order == sorted(outcomes_in_order, key=gc_outcomes.SEVERITY.index)
+    recompute_rules = [rule for outcome, rule in rules if outcome == "recompute"]
+    assert recompute_rules[-1] is over_budget
+    assert recompute_rules[:-1] == [rule for outcome, rule in verdicts.RULES if outcome == "recompute"]
+    # a failing table rule of a worse outcome still decides: a raising step is an error, not over budget
+    base = Run(loss=torch.ones(()), grads={"w": torch.ones(2)})
+    crashed = Run(error=RuntimeError("boom"))
+    with registry.using(Budgeted):
+        found = verdicts.judge(verdicts.Evidence(get_strategy("non_reentrant"), crashed, Baseline(base)),
+                               verdicts.Limits(1e-6, 1e-5))
+    assert found == ("error", "RuntimeError: boom")
+
+
+def test_a_probe_rule_with_a_passing_or_unknown_outcome_is_a_usage_error() -> None:
+    for outcome in ("pass", "slow"):
+        bad = type("Bad", (ForwardCalls,), {"name": "bad", "judges": ((outcome, over_budget),)})
+        with registry.using(bad), pytest.raises(GradckptUsageError, match=f"probe 'bad' brings a rule whose "
+                                                                       f"outcome is '{outcome}'"):
+            verdicts.rules_in_force()
+
+
 def test_evidence_a_probe_adds_must_be_a_field_of_evidence() -> None:
     base = Run(loss=torch.ones(()), grads={"w": torch.ones(2)})
     with registry.using(BadEvidence), pytest.raises(AttributeError, match="forward_call_cut"):
@@ -223,6 +273,8 @@ UNDER_TORCHRUN = """
 import json, sys
 import torch
 import pytest_gradckpt as gc
+from pytest_gradckpt import outcomes as gc_outcomes
+from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.ranks.distributed import join_launch, leave_launch
 from pytest_gradckpt.probes import registry
 from tests.test_probes import ForwardCalls, net

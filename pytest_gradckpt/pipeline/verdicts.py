@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pytest_gradckpt import outcomes
 from pytest_gradckpt.pipeline.baselines import Baseline
-from pytest_gradckpt.errors import StrategyNotApplicable, describe_error
+from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable, describe_error
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 from pytest_gradckpt.probes.compiled_regions import CompiledRegionsProbe
@@ -343,8 +344,31 @@ _RULES: tuple[tuple[str, Rule], ...] = (
 RULES: tuple[tuple[str, Rule], ...] = tuple(sorted(_RULES, key=lambda row: outcomes.SEVERITY.index(row[0])))
 
 
+def rules_in_force() -> tuple[tuple[str, Rule], ...]:
+    """:data:`RULES` and the rules of the registered probes (``Probe.judges``), in severity order;
+    within one outcome the table's own rules come first, then the probes' in registry order.
+
+    Example:
+        >>> rules_in_force() == RULES   # no registered probe brings a rule of its own
+        True
+    """
+    brought = tuple(row for kind in registry.registered() for row in _judges_of(kind))
+    if not brought:
+        return RULES
+    return tuple(sorted(_RULES + brought, key=lambda row: outcomes.SEVERITY.index(row[0])))
+
+
+def _judges_of(kind: type[Any]) -> tuple[tuple[str, Rule], ...]:
+    failing = outcomes.SEVERITY[:-1]  # every outcome but pass
+    for outcome, _ in kind.judges:
+        if outcome not in failing:
+            raise GradckptUsageError(f"probe {kind.name!r} brings a rule whose outcome is {outcome!r}; "
+                                     f"a rule's outcome is one of {', '.join(failing)}")
+    return tuple(kind.judges)
+
+
 def judge(evidence: Evidence, limits: Limits) -> tuple[str, str]:
-    """``(outcome, message)``: the first rule of :data:`RULES` that fires, else ``pass``.
+    """``(outcome, message)``: the first rule in force (:func:`rules_in_force`) that fires, else ``pass``.
 
     A pass that needed the baseline's noise to pass says so.
 
@@ -354,7 +378,7 @@ def judge(evidence: Evidence, limits: Limits) -> tuple[str, str]:
         >>> judge(e, Limits(1e-6, 1e-5))
         ('error', 'RuntimeError: boom')
     """
-    for outcome, rule in RULES:
+    for outcome, rule in rules_in_force():
         message = rule(evidence, limits)
         if message is not None:
             return outcome, message

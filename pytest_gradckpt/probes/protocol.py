@@ -130,6 +130,11 @@ class ProbeStep:
         return found
 
 
+#: a probe's verdict rule: the evidence and the check's limits (``verdicts.Limits``) in, why the run
+#: fails (or None) out
+ProbeRule = Callable[[ProbeEvidence, Any], "str | None"]
+
+
 class Probe(ABC, Generic[M]):
     """One measurement of a step. A subclass is one probe; an instance belongs to one step.
 
@@ -170,6 +175,10 @@ class Probe(ABC, Generic[M]):
     metric_keys: ClassVar[tuple[str, ...]] = ()
     #: its columns in the results table, in the order shown
     columns: ClassVar[tuple[Column, ...]] = ()
+    #: verdict rules this probe brings, ``(outcome, rule)``: ``rule(evidence, limits)`` returns why
+    #: the run fails, or None. They join :data:`pytest_gradckpt.pipeline.verdicts.RULES` while the
+    #: probe is registered, after the table's own rules of the same outcome (docs/probes.md)
+    judges: ClassVar[tuple[tuple[str, ProbeRule], ...]] = ()
 
     def __init__(self, step: ProbeStep) -> None:
         """Attach to the step's private copy, before any strategy is applied to it."""
