@@ -13,7 +13,8 @@ is kept, and before each later run it is put back as it was made:
 - every parameter's, buffer's and tensor attribute's values copied (``copy_``) from the caller's
   module, which is only read.
 
-Whatever that cannot see makes the copy unfit, and the next run gets a new deep copy: a tensor that
+The copy is restored as soon as a run ends, so nothing the run left on it (a segment's outputs, the
+probes) outlives the run. Whatever that cannot see makes the copy unfit, and the next run gets a new deep copy: a tensor that
 moved to other memory (``.data =``), changed shape or dtype; a hook on a parameter; a run of a
 strategy that is not built in (its code may change anything), a timed-out run. Compiled models,
 models on the meta device and factories are copied per run as before (:meth:`Reuse.eligible`).
@@ -194,12 +195,11 @@ class Reuse:
         self.made = False  # the last take made a new copy (its bytes stay allocated after the run)
 
     def take(self) -> nn.Module:
-        """A copy for the next run: the kept one restored, else a new one (kept when eligible)."""
-        kept, self.kept = self.kept, None
-        if kept is not None and kept.restore():
-            self.kept, self.made = kept, False
-            return kept.model
-        del kept  # an unfit copy goes before the new one is made: never two on the device
+        """A copy for the next run: the kept one (restored when the last run gave it back), else a
+        new one (kept when eligible)."""
+        if self.kept is not None:
+            self.made = False
+            return self.kept.model
         model = self.fresh()
         self.made = True
         if self.eligible:
@@ -210,9 +210,10 @@ class Reuse:
         return model
 
     def give_back(self, fit: bool) -> None:
-        """After a run: keep the copy for the next only when ``fit`` (the run left nothing unknown on it)."""
-        if not fit:
-            self.kept = None
+        """After a run: the copy restored at once (whatever the run left on it, its segments' outputs,
+        its probes, goes now, not at the next run) when ``fit`` and restorable; else dropped."""
+        if self.kept is not None and not (fit and self.kept.restore()):
+            self.kept = None  # an unfit copy goes before the next is made: never two on the device
 
     def kept_bytes(self) -> int:
         """Device bytes of a copy this run made and the next will reuse (they stay allocated)."""
