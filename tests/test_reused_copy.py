@@ -1,4 +1,4 @@
-"""One working copy serves a check's runs (pytest_gradckpt/reused_copy.py): it must be as good as a new
+"""One working copy serves a check's runs (pytest_gradckpt/pipeline/reused_copy.py): it must be as good as a new
 deep copy for every run. Judged against a check that deep-copies per run, and against plain torch."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 import torch.utils.checkpoint as cp
 
 import pytest_gradckpt as gc
-from pytest_gradckpt import reused_copy, runs
-from pytest_gradckpt.arguments import Subject
-from pytest_gradckpt.reused_copy import Reuse, ReusedCopy
+from pytest_gradckpt.pipeline import reused_copy, runs
+from pytest_gradckpt.pipeline.subject import Subject
+from pytest_gradckpt.pipeline.reused_copy import Reuse, ReusedCopy
 from tests import mutations
 from tests.models import DropoutNet
 
@@ -112,9 +112,8 @@ def test_a_restored_copy_is_a_fresh_copy() -> None:
     """The engine's own mutations (instrumented classes), hf's switch (flags, a hook on the embeddings),
     torch's wrapper (children replaced), a frozen embedding, trained gradients and a weight written in
     place: all gone after ``restore``, which leaves the copy as a new deep copy is."""
-    from pytest_gradckpt.layers import ModelInfo, find_layers
-    from pytest_gradckpt.probes.recompute import LayerCounter
-    from pytest_gradckpt.layers import instrument
+    from pytest_gradckpt.pipeline.units import ModelInfo, find_layers, instrument
+    from pytest_gradckpt.probes.unit_counter import LayerCounter
     from pytest_gradckpt.strategies import get_strategy
 
     model, inputs = llama_lora()
@@ -207,7 +206,7 @@ def test_plain_torch_agrees_with_the_reused_copy() -> None:
     net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(3)])
     hidden = torch.randn(4, 8, requires_grad=True)
     stepper = runs.Stepper(Subject(net, hidden, None, None), None, seed=0, timeout=None)
-    from pytest_gradckpt.scenarios import SCENARIOS
+    from pytest_gradckpt.pipeline.scenarios import SCENARIOS
     from pytest_gradckpt.strategies import get_strategy
 
     for name in ("non_reentrant", "reentrant", "sequential", "offload"):

@@ -8,7 +8,7 @@ For each case (the shapes of ``check_cost.py``) and each variant of the check:
 - ``per-op probes``: the op counter and the host-copies mode in every step (the check before they
   were gated on the judged promises);
 - ``default``: the check as it runs now (one working copy of the model, restored between runs:
-  ``pytest_gradckpt/reused_copy.py``);
+  ``pytest_gradckpt/pipeline/reused_copy.py``);
 - ``deepcopy per run``: the same with a new deep copy of the model for every run (the check before
   the working copy was reused);
 - ``default, no deterministic kernels``: the same with the check's deterministic-kernel setting

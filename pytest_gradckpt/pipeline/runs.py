@@ -119,7 +119,7 @@ def _kept_bytes(run: Run) -> int:
 
 
 def _leaves_copy_fit(strategy: Strategy | None, run: Run) -> bool:
-    """Whether a run leaves its copy fit for the next, once restored (:mod:`pytest_gradckpt.reused_copy`):
+    """Whether a run leaves its copy fit for the next, once restored (:mod:`pytest_gradckpt.pipeline.reused_copy`):
     a run without a strategy or with a built-in one, not cut short by a timeout. A strategy that is not
     built in may change anything its code reaches, so its copy is never reused.
 
@@ -171,7 +171,7 @@ class Stepper:
         self.copies = self._copies()
 
     def _copies(self) -> Reuse:
-        """One working copy for the runs in this process (:mod:`pytest_gradckpt.reused_copy`) when the
+        """One working copy for the runs in this process (:mod:`pytest_gradckpt.pipeline.reused_copy`) when the
         subject is the caller's eager module; a factory's, compiled or meta models get a new copy per run."""
         source = self.subject.model_source
         eligible = (isinstance(source, nn.Module) and self.subject.compilation is None and not is_meta(source))
