@@ -241,3 +241,36 @@ def test_objects_the_caller_froze_stay_frozen() -> None:
         assert collector.get_freeze_count() > 0.9 * frozen  # still frozen (less what the check let go of)
     finally:
         collector.unfreeze()
+
+
+class _Frozen(dict[str, Any]):
+    """A dict that refuses to change, as diffusers' ``FrozenDict`` config does."""
+
+    def clear(self) -> None:
+        raise TypeError("frozen")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("frozen")
+
+
+def test_a_dict_subclass_that_refuses_to_change_is_left_as_it_is(counted: dict[str, int]) -> None:
+    """Only plain dicts, lists and sets are refilled in place; a frozen config keeps its object and
+    the copy is still reused (diffusers' UNet found this: its FrozenDict config raised in the restore)."""
+    net = DropoutNet()
+    net.config = _Frozen(width=32)
+    net.blocks[0].config = _Frozen()
+    report = gc.check(net, torch.randn(4, 32, requires_grad=True), strategies=["non_reentrant", "reentrant"],
+                      timeout=None)
+    assert [r.outcome for r in report.results] == ["pass", "pass"]
+    assert counted["new"] == 1
+
+
+def test_a_restore_that_fails_gives_a_new_copy_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = DropoutNet()
+    kept = ReusedCopy(net, copy.deepcopy(net))
+
+    def broken(self: Any) -> None:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(reused_copy._Kept, "restore", broken)
+    assert kept.restore() is False

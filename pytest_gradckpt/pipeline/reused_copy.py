@@ -34,11 +34,15 @@ Example:
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+_CONTAINERS = (dict, collections.OrderedDict, list, set)
+
 
 class _Kept:
     """One module as it was: its class, its ``__dict__`` and the containers directly in it (the
@@ -48,7 +52,9 @@ class _Kept:
 
     def __init__(self, module: nn.Module) -> None:
         self.module, self.cls, self.state = module, module.__class__, dict(module.__dict__)
-        containers = [v for v in self.state.values() if isinstance(v, (dict, list, set))]
+        # the plain containers only: a subclass may refuse to change (diffusers' FrozenDict config)
+        # or mean more than its items; such a value is put back as the same object, like any other
+        containers = [v for v in self.state.values() if type(v) in _CONTAINERS]
         self.empty = [c for c in containers if not c]
         self.dicts = [(c, dict(c)) for c in containers if c and isinstance(c, dict)]
         self.others = [(c, list(c)) for c in containers if c and not isinstance(c, dict)]
@@ -149,7 +155,13 @@ class ReusedCopy:
 
     def restore(self) -> bool:
         """Put the copy back as it was made; False (the copy is unfit, nothing to rely on) when a
-        run changed something this cannot put back."""
+        run changed something this cannot put back, or putting it back failed."""
+        try:
+            return self._restore()
+        except Exception:  # noqa: BLE001 - whatever went wrong, a new copy is the answer
+            return False
+
+    def _restore(self) -> bool:
         for module in self.modules:
             module.restore()
         for parameter, requires_grad, attributes in self.parameters:
