@@ -1,12 +1,16 @@
 """Where a single-process check's time goes, beside the bare steps it runs (issue 30, item 3).
 
-``python benchmarks/evidence/check_cost_breakdown.py [--cases 1b-full-bf16,1b-lora-bf16] [--repeats 2]``  (a CUDA GPU)
+``python benchmarks/evidence/check_cost_breakdown.py [--cases 1b-full-bf16,1b-lora-bf16] [--repeats 2]
+[--variants 'default|deepcopy per run']``  (a CUDA GPU)
 
 For each case (the shapes of ``check_cost.py``) and each variant of the check:
 
 - ``per-op probes``: the op counter and the host-copies mode in every step (the check before they
   were gated on the judged promises);
-- ``default``: the check as it runs now;
+- ``default``: the check as it runs now (one working copy of the model, restored between runs:
+  ``pytest_gradckpt/pipeline/reused_copy.py``);
+- ``deepcopy per run``: the same with a new deep copy of the model for every run (the check before
+  the working copy was reused);
 - ``default, no deterministic kernels``: the same with the check's deterministic-kernel setting
   left out (a cost figure only: the verdicts rely on it).
 
@@ -46,6 +50,7 @@ from pytest_gradckpt.pipeline import baselines, engine, verdicts  # noqa: E402
 from pytest_gradckpt.probes import registry  # noqa: E402
 from pytest_gradckpt.pipeline.process_state import Determinism, deterministic_kernels  # noqa: E402
 from pytest_gradckpt.pipeline.runs import Stepper  # noqa: E402
+from pytest_gradckpt.pipeline.reused_copy import Reuse  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of this script only
@@ -86,14 +91,17 @@ class Parts:
 @contextlib.contextmanager
 def measured_parts() -> Iterator[Parts]:
     parts = Parts()
-    saved = {(Stepper, "_prepare"): Stepper._prepare, (Stepper, "_switch_on"): Stepper._switch_on,
+    saved: dict[tuple[Any, str], Callable[..., Any]] = {(Stepper, "_prepare"): Stepper._prepare, (Stepper, "_switch_on"): Stepper._switch_on,
              (Stepper, "_train"): Stepper._train, (Stepper, "_collect"): Stepper._collect,
              (verdicts, "gather"): verdicts.gather, (verdicts, "judge"): verdicts.judge,
-             (baselines, "measure_noise"): baselines.measure_noise}
+             (baselines, "measure_noise"): baselines.measure_noise, (Reuse, "take"): Reuse.take}
     names = {(Stepper, "_prepare"): "step: fresh copy + probes attached", (Stepper, "_switch_on"): "step: strategy applied",
              (Stepper, "_train"): "step: micro-batches under the probes", (Stepper, "_collect"): "step: outputs/grads kept",
              (verdicts, "gather"): "evidence (comparisons)", (verdicts, "judge"): "verdict rules",
-             (baselines, "measure_noise"): "baseline noise comparison"}
+             (baselines, "measure_noise"): "baseline noise comparison",
+             (Reuse, "take"): "step: the model copy (working copy restored, or a new copy)"}
+    backward = Stepper.__dict__["_backward"]  # a staticmethod: put back as one
+    setattr(Stepper, "_backward", staticmethod(parts.timed("step: backward (inside the micro-batches)", backward.__func__)))
     for (owner, attribute), function in saved.items():
         setattr(owner, attribute, parts.timed(names[(owner, attribute)], function))
     garbage.callbacks.append(parts.on_gc)
@@ -103,6 +111,7 @@ def measured_parts() -> Iterator[Parts]:
         garbage.callbacks.remove(parts.on_gc)
         for (owner, attribute), function in saved.items():
             setattr(owner, attribute, function)
+        setattr(Stepper, "_backward", backward)
 
 
 @contextlib.contextmanager
@@ -112,9 +121,11 @@ def without_determinism(device: Any) -> Iterator[Determinism]:
 
 def one_check(model: Any, inputs: Any, variant: str) -> tuple[float, dict[str, Any], dict[str, str]]:
     asked = registry.asking(*registry.PER_OP) if variant == "per-op probes" else contextlib.nullcontext()
-    original = engine.deterministic_kernels
+    original, copies = engine.deterministic_kernels, Stepper._copies
     if variant == "default, no deterministic kernels":
-        engine.deterministic_kernels = without_determinism  # type: ignore[assignment]
+        engine.deterministic_kernels = without_determinism
+    if variant == "deepcopy per run":
+        setattr(Stepper, "_copies", lambda self: Reuse(None, self.subject.fresh_model, eligible=False))
     try:
         with asked, measured_parts() as parts:
             sync()
@@ -123,7 +134,8 @@ def one_check(model: Any, inputs: Any, variant: str) -> tuple[float, dict[str, A
             sync()
             total = time.perf_counter() - started
     finally:
-        engine.deterministic_kernels = original  # type: ignore[assignment]
+        engine.deterministic_kernels = original
+        setattr(Stepper, "_copies", copies)
     breakdown = {name: {"seconds": round(s, 3), "calls": parts.calls[name]} for name, s in parts.seconds.items()}
     return total, breakdown, {r.strategy: r.outcome for r in report.results}
 
@@ -143,10 +155,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="1b-full-bf16,1b-lora-bf16")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", default="default|deepcopy per run|default, no deterministic kernels",
+                        help="'|'-separated")
     args = parser.parse_args()
     document: dict[str, Any] = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
                                 "commit": os.environ.get("GRADCKPT_COMMIT", "unknown"), "rows": []}
-    variants = ["per-op probes", "default", "default, no deterministic kernels"]
+    known = ["per-op probes", "default", "deepcopy per run", "default, no deterministic kernels"]
+    variants = [v for v in args.variants.split("|") if v in known]
     for case in args.cases.split(","):
         size, kind, _ = case.split("-")
         shape = check_cost.SHAPES[size] if DEVICE == "cuda" else check_cost.SHAPES["tiny"]

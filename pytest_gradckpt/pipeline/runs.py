@@ -33,6 +33,8 @@ from pytest_gradckpt.pipeline.process_state import deadline, seed_everything
 from pytest_gradckpt.pipeline.units import ModelInfo, find_layers
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.probes.protocol import Attached, Probe, ProbeStep
+from pytest_gradckpt.pipeline.materialise import is_meta
+from pytest_gradckpt.pipeline.reused_copy import Reuse
 from pytest_gradckpt.pipeline.promises import Promise
 from pytest_gradckpt.pipeline.scenarios import Scenario
 from pytest_gradckpt.strategies import Strategy
@@ -116,6 +118,26 @@ def _kept_bytes(run: Run) -> int:
     return tensor_bytes((run.loss, *run.grads.values(), *run.outputs.values(), *run.buffers.values()))
 
 
+def _leaves_copy_fit(strategy: Strategy | None, run: Run) -> bool:
+    """Whether a run leaves its copy fit for the next, once restored (:mod:`pytest_gradckpt.pipeline.reused_copy`):
+    a run without a strategy or with a built-in one, not cut short by a timeout. A strategy that is not
+    built in may change anything its code reaches, so its copy is never reused.
+
+    Example:
+        >>> from pytest_gradckpt.strategies import Strategy, get_strategy
+        >>> _leaves_copy_fit(get_strategy("non_reentrant"), Run()), _leaves_copy_fit(None, Run(error=StrategyTimeout()))
+        (True, False)
+        >>> import torch.utils.checkpoint as cp
+        >>> _leaves_copy_fit(Strategy.from_checkpoint_fn("mine", cp.checkpoint), Run())
+        False
+    """
+    from pytest_gradckpt.strategies import _STRATEGIES
+
+    if isinstance(run.error, StrategyTimeout):
+        return False
+    return strategy is None or any(strategy is builtin for builtin in _STRATEGIES.builtins)
+
+
 def freeze_input_embeddings(model: nn.Module) -> None:
     """The ``frozen_inputs`` scenario: input embeddings frozen, as in LoRA."""
     get = getattr(model, "get_input_embeddings", None)
@@ -146,6 +168,24 @@ class Stepper:
         self.distributed = distributed
         names, self.found_by = find_layers(subject.peek(), layers, reference=subject.reference)
         self.layer_names = [compiled.eager_name(name) for name in names]  # a regional model's names, on its copies
+        self.copies = self._copies()
+
+    def _copies(self) -> Reuse:
+        """One working copy for the runs in this process (:mod:`pytest_gradckpt.pipeline.reused_copy`) when the
+        subject is the caller's eager module; a factory's, compiled or meta models get a new copy per run."""
+        source = self.subject.model_source
+        eligible = (isinstance(source, nn.Module) and self.subject.compilation is None and not is_meta(source))
+        return Reuse(source, self.subject.fresh_model, eligible)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A process started from here (an isolated child, a rank) keeps copies of its own.
+        state = dict(self.__dict__)
+        state["copies"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.copies = self._copies()
 
     def step(self, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None = None,
              parallel: Any = None) -> Run:
@@ -160,10 +200,13 @@ class Stepper:
         try:
             self._step(run, scenario, strategy, grad_targets, parallel)
         except GradckptUsageError:
+            self.copies.give_back(fit=False)
             raise
         except (Exception, StrategyTimeout) as exc:  # noqa: BLE001 - every failure is a verdict
             run.error = exc.with_traceback(None)  # the traceback would keep the model copy alive
-        if cuda and torch.cuda.memory_allocated(self.subject.device) - before > 2 * _kept_bytes(run):
+        self.copies.give_back(fit=parallel is None and _leaves_copy_fit(strategy, run))
+        kept = self.copies.kept_bytes()  # a copy made for this run that the next one reuses stays allocated
+        if cuda and torch.cuda.memory_allocated(self.subject.device) - before > 2 * _kept_bytes(run) + kept:
             gc.collect()  # the model copy sits in a reference cycle: free it before the next run needs the room
         return run
 
@@ -171,17 +214,17 @@ class Stepper:
               parallel: Any) -> None:
         """The stages of one step, in order: a prepared copy, the strategy (and compiler) on it,
         the parallel wrap, the timed micro-batches under every probe, then what the probes saw."""
-        step = self._prepare(scenario)
+        step = self._prepare(scenario, reuse=parallel is None)
         self._switch_on(run, step, strategy)
         self._wrap(step, grad_targets, parallel)
         self._train(run, step, scenario, strategy, grad_targets, parallel)
         self._collect(run, step, scenario, parallel)
         run.promise = None if strategy is None else strategy.promise(step.info)
 
-    def _prepare(self, scenario: Scenario) -> _Step:
+    def _prepare(self, scenario: Scenario, reuse: bool = False) -> _Step:
         """A fresh copy set up as the scenario says, its names taken and its probes attached."""
         subject = self.subject
-        model = subject.fresh_model()
+        model = self.copies.take() if reuse else subject.fresh_model()
         if scenario.freeze_input_embeddings:
             freeze_input_embeddings(model)
         model.train(scenario.train_mode)

@@ -169,6 +169,7 @@ class SavedActivationProbe:
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__(*exc)
+        self._hooks = None  # it holds this probe's bound methods: a cycle only the cyclic collector frees
 
 
 class _NoteSavedOutputs(TorchDispatchMode):
