@@ -416,6 +416,45 @@ def test_a_checkpoint_function_that_compiles_the_layer_itself():
     _inside_verdicts("aot_eager")
 
 
+def _llama_layer_grads(model: torch.nn.Module, ids: torch.Tensor, wrap) -> dict[str, torch.Tensor]:
+    """Plain torch: one step of a copy of ``model`` with each decoder layer's forward called through
+    ``wrap(function, *args)``, the function transformers hands a checkpoint function (its keywords bound)."""
+    import functools
+
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    for layer in target.model.layers:
+        layer.forward = functools.partial(lambda forward, *args, **kwargs: wrap(functools.partial(forward, **kwargs),
+                                                                                *args), layer.forward)
+    torch.manual_seed(0)
+    target(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad for name, p in target.named_parameters() if p.grad is not None}
+
+
+def test_a_checkpoint_function_that_compiles_a_transformers_layer_itself():
+    # Before: a false 'not_applied' ('no layer was recomputed'): transformers' switch hands the
+    # checkpoint function the layer's forward (or __call__), the function compiles it, and the
+    # engine's counter does not count inside code dynamo traces. Plain torch: the function's
+    # gradients equal the user's program without checkpointing (each layer through the same compile).
+    transformers = pytest.importorskip("transformers")
+    INSIDE_BACKEND[0] = "aot_eager"
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, attention_dropout=0.1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    fns = (compiled_inside, compiled_inside_rng_redrawn)
+    results = {r.strategy: r for r in gc.check(model, {"input_ids": ids, "labels": ids},
+                                                 strategies=[strategy(f) for f in fns]).results}
+    none = _llama_layer_grads(model, ids, lambda function, *args: torch.compile(function, backend="aot_eager")(*args))
+    for fn in fns:
+        grads = _llama_layer_grads(model, ids, fn)
+        truth = "pass" if all(torch.equal(grads[n], none[n]) for n in none) else "mismatch"
+        assert results[fn.__name__].outcome == truth, (fn.__name__, truth, results[fn.__name__].message)
+        assert results[fn.__name__].metrics["recomputed_layers"] == 2, results[fn.__name__].metrics
+    assert [results[fn.__name__].outcome for fn in fns] == ["pass", "mismatch"]
+
+
 # --------------------------------------------------------------------------- make test-compile
 
 

@@ -135,6 +135,12 @@ class Compilation:
         before the strategy. Checkpoint outside: the blocks' own forwards are compiled (an engine
         checkpoint unit's body, below the checkpoint the strategy installed in its forward);
         compile outside: whatever module now sits at each name (a checkpoint wrapper included)."""
+        from pytest_gradckpt.layers import instrumented
+
+        for module in model.modules():  # dynamo tracing a unit now means the caller's compiled program
+            record = instrumented(module)
+            if record is not None:
+                record.caller_compiled = True
         for name, ctx in self.blocks.items():
             if self.order == CHECKPOINT_OUTSIDE:
                 _compile_body(before[name], ctx)
