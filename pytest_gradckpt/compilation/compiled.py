@@ -146,7 +146,21 @@ class Compilation:
                 _compile_body(before[name], ctx)
             else:
                 module = _sitting_at(model, name, before[name])
-                module._compiled_call_impl = ctx(module._call_impl)
+                module._compiled_call_impl = _seen_in_backward(module, ctx(module._call_impl))
+
+
+def _seen_in_backward(module: nn.Module, compiled_call: Any) -> Any:
+    """``compiled_call`` (a block's compiled ``_call_impl``), with each call made during backward
+    shown to the backward-calls probe (an eager checkpoint around the compiled block recomputes it
+    that way; module hooks run inside the compiled code, where the probe sees nothing). The call
+    itself is unchanged: what runs compiled is the caller's program."""
+    from pytest_gradckpt.probes.backward_calls import note_compiled_call
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        note_compiled_call(module)
+        return compiled_call(*args, **kwargs)
+
+    return call
 
 
 def _sitting_at(model: nn.Module, name: str, original: nn.Module) -> nn.Module:
