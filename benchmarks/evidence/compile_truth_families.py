@@ -315,6 +315,63 @@ def run_parallel(args: argparse.Namespace, out: Path) -> list[Any]:
     return rows
 
 
+#: Cases whose plain-torch figure is about values only, while their verdict is about recompute
+#: (``not_checkpointing`` is a plain call: right values, nothing recomputed; the CPU tests decide it).
+VALUES_ONLY = ("not_checkpointing",)
+
+
+def around_the_call(family: str, transformers_version: str) -> bool:
+    """Where the check's checkpoint sits for ``family``: around each compiled block's call where the
+    model's compiled blocks are called through transformers' switch and that switch checkpoints
+    ``Module.__call__`` (transformers <= 5.22; 5.23 checkpoints ``forward``, inside the compiled code);
+    the engine compiles regional blocks the per-block way, so regional goes with them."""
+    major, minor = (int(part) for part in transformers_version.split(".")[:2])
+    return form(family) in ("per_block", "regional") and (major, minor) < (5, 23)
+
+
+def table(paths: list[str]) -> dict[str, Any]:
+    """Issue 31's table from results files of this script: for each family and case, plain torch's
+    verdict for the program the check runs (the placement of :func:`around_the_call`) beside the
+    check's outcome in each repeat. Check rows of a later file replace a family's earlier ones."""
+    plain: dict[str, Any] = {}
+    checks: dict[str, list[Any]] = {}
+    sources: dict[str, Any] = {}
+    version = ""
+    for path in paths:
+        document = json.loads(Path(path).read_text())
+        version = document.get("transformers", version)
+        found: dict[str, list[Any]] = {}
+        for row in document["rows"]:
+            if row.get("kind") == "plain" and "truth" in row:
+                plain[row["family"]] = dict(row, commit=document.get("commit"))
+            elif row.get("kind") == "check" and "outcomes" in row:
+                found.setdefault(row["family"], []).append(row)
+        for family, rows in found.items():
+            checks[family] = rows
+            sources[family] = {"file": Path(path).name, "commit": document.get("commit")}
+    cases = []
+    for family, rows in checks.items():
+        truth = plain.get(family, {}).get("truth", {})
+        around = around_the_call(family, version)
+        for name in rows[0]["outcomes"]:
+            key = "non_reentrant" if name == "hf_non_reentrant" else name  # the same checkpoint function
+            key = f"{key} (around the compiled call)" if around else key
+            found_truth = truth.get(key)
+            verdict = found_truth.get("verdict") if isinstance(found_truth, dict) else None
+            if name in VALUES_ONLY:  # its values are right by construction: its verdict is about recompute
+                verdict = None
+            outcomes = [row["outcomes"].get(name) for row in rows]
+            cases.append({"family": family, "case": name, "placement": "around the compiled call" if around else
+                          "inside the compiled code", "plain_d_SB": None if verdict is None else found_truth["d_SB"],
+                          "plain_tolerance": plain.get(family, {}).get("tolerance"), "plain_verdict": verdict,
+                          "check": outcomes, "repeats_identical": len(set(outcomes)) == 1,
+                          "agrees": verdict is not None and set(outcomes) == {verdict}})
+    return {"transformers": version, "plain": {f: {"commit": r.get("commit"), "d_BE": r.get("d_BE"),
+                                                   "tolerance": r.get("tolerance")} for f, r in plain.items()},
+            "checks_from": sources, "cases": cases,
+            "all_agree": all(c["agrees"] for c in cases if c["plain_verdict"] is not None)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
@@ -329,7 +386,11 @@ def main() -> int:
     parser.add_argument("--deadline", type=float)
     parser.add_argument("--commit", default="")
     parser.add_argument("--tag", default="m31", help="the results file's name ends with DATE-TAG")
+    parser.add_argument("--table", help="comma-separated results files of this script: print the agreement table")
     args = parser.parse_args()
+    if args.table:
+        print(json.dumps(table(args.table.split(",")), indent=1))
+        return 0
     if args.phase:
         phase(args)
         return 0
