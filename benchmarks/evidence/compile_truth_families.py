@@ -24,7 +24,11 @@ Cost (item 5): whole-model plain torch (baseline, eager and each function once) 
 cold inductor/triton caches, the check in another, cold too. Then the check twice more on warm
 caches (repeats 2 and 3), then the other families: plain torch once, the check 3 times.
 
-``python benchmarks/evidence/compile_truth_families.py [--smoke] [--budget S]``; JSON to ``$OUT``.
+``python -m benchmarks.evidence.compile_truth_families [--smoke] [--budget S]``; JSON to ``$OUT``.
+``--parallel --families F,G,...`` runs each family in its own process at once (rows written to
+``$OUT/rows-FAMILY.jsonl`` as found; ``--no-plain`` for the checks only), ``--layers N`` sets the
+decoder layers, and ``--table FILE,FILE,...`` prints the agreement table of results files (plain
+torch's verdict for the placement the check runs beside the check's outcomes).
 """
 
 from __future__ import annotations
