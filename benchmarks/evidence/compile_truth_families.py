@@ -305,7 +305,7 @@ def run_parallel(args: argparse.Namespace, out: Path) -> list[Any]:
     rows: list[Any] = []
     for family, (process, rows_file, log_file, started) in children.items():
         try:
-            process.wait(timeout=max(args.deadline - time.time(), 1) + 60)
+            process.wait(timeout=max(args.deadline - time.time(), 1) + args.grace)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -387,6 +387,9 @@ def main() -> int:
     parser.add_argument("--checks", type=int, default=3)
     parser.add_argument("--layers", type=int, default=0, help="decoder layers (default: the setting's, 8 at 1.1B)")
     parser.add_argument("--no-plain", action="store_true")
+    parser.add_argument("--grace", type=float, default=60.0,
+                        help="--parallel: seconds a child may run past --budget (a phase started before the "
+                             "deadline finishes; a whole-model check takes about 110 s cold) before it is killed")
     parser.add_argument("--deadline", type=float)
     parser.add_argument("--commit", default="")
     parser.add_argument("--tag", default="m31", help="the results file's name ends with DATE-TAG")

@@ -184,7 +184,9 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
         # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
         launcher = Launcher(stepper, [*plan.strategies, *plan.scenarios])
         compiled_subject = stepper.subject.compilation is not None
-        with deterministic_kernels(stepper.subject.device, compiled_subject) as determinism, launcher:
+        # Code a checkpoint function compiles itself draws random numbers as eager too (compiled.eager_random).
+        with deterministic_kernels(stepper.subject.device, compiled_subject) as determinism, launcher, \
+                compiled.eager_random("inductor"):
             for scenario in plan.scenarios:
                 step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
                 _check_scenario(report, step, scenario, stepper, plan, determinism)
