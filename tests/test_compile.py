@@ -486,11 +486,11 @@ def test_a_checkpoint_function_that_compiles_is_judged_within_the_dtype_cap():
     # torch gives 0.0 against the same compile without checkpointing, and 0.039 between that compile
     # and eager. A run that built compiled graphs the eager baseline did not is judged within the
     # dtype's noise cap (bf16 0.125); a fault of that size is still caught.
-    from pytest_gradckpt.baselines import Baseline
+    from pytest_gradckpt.pipeline.baselines import Baseline
     from pytest_gradckpt.probes.compiled_regions import CompiledRegions
-    from pytest_gradckpt.runs import Run
+    from pytest_gradckpt.pipeline.runs import Run
     from pytest_gradckpt.strategies import get_strategy
-    from pytest_gradckpt.verdicts import Limits, gather, judge
+    from pytest_gradckpt.pipeline.verdicts import Limits, gather, judge
 
     want = torch.linspace(1, 2, 64, dtype=torch.bfloat16)
     base = Baseline(Run(loss=torch.ones(()), grads={"w": want}, measured={"compiled_regions": CompiledRegions()}))

@@ -89,8 +89,9 @@ def plain(layers: int, smoke: bool) -> dict[str, Any]:
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
     """The check as it is, or with one of the two changes patched in for the duration."""
-    from pytest_gradckpt import compiled, engine
-    from pytest_gradckpt.process_state import deterministic_kernels
+    from pytest_gradckpt.compilation import compiled
+    from pytest_gradckpt.pipeline import engine
+    from pytest_gradckpt.pipeline.process_state import deterministic_kernels
 
     if name == "as_is":
         yield

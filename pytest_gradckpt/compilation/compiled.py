@@ -135,7 +135,7 @@ class Compilation:
         before the strategy. Checkpoint outside: the blocks' own forwards are compiled (an engine
         checkpoint unit's body, below the checkpoint the strategy installed in its forward);
         compile outside: whatever module now sits at each name (a checkpoint wrapper included)."""
-        from pytest_gradckpt.layers import instrumented
+        from pytest_gradckpt.pipeline.units import instrumented
 
         for module in model.modules():  # dynamo tracing a unit now means the caller's compiled program
             record = instrumented(module)
