@@ -99,6 +99,31 @@ def test_copies_of_per_block_compile_are_compiled_again():
     assert found.kind == "per_block" and sorted(found.blocks) == ["blocks.0", "blocks.1", "blocks.2"]
 
 
+def test_an_eager_checkpoint_around_a_compiled_block_is_seen_recomputing():
+    # transformers 5.17's switch checkpoints each decoder layer's __call__, which under per-block
+    # compile is the compiled call: the recompute calls the compiled block again during backward,
+    # where the backward-calls probe's module hook runs inside compiled code and saw nothing (on the
+    # H200 every correct strategy per block was a false 'not_applied': 0 regions traced, 0 recomputed).
+    from pytest_gradckpt.probes.backward_calls import BackwardCalls
+
+    model, inputs = subject("per_block", "aot_eager")
+    found = compiled.Compilation.of(model)
+    copied = compiled.eager_copy(model)
+    found.apply(copied, found.targets(copied))
+    with BackwardCalls({id(m): n for n, m in copied.named_modules()}) as seen:
+        hidden = inputs
+        for block in copied.blocks:
+            hidden = checkpoint(block, hidden, use_reentrant=False)
+        hidden.square().mean().backward()
+    assert {"blocks.0", "blocks.1", "blocks.2"} <= seen.names, seen.names
+    with BackwardCalls({id(m): n for n, m in copied.named_modules()}) as seen:  # no checkpoint: no recompute
+        hidden = inputs
+        for block in copied.blocks:
+            hidden = block(hidden)
+        hidden.square().mean().backward()
+    assert not seen.names & {"blocks.0", "blocks.1", "blocks.2"}, seen.names
+
+
 def test_faults_caught_under_compile_checkpoint_outside():
     results = outcomes("per_block", "aot_eager", [
         "non_reentrant", strategy(mutations.rng_not_preserved), strategy(mutations.gradient_three_percent_off),
@@ -414,6 +439,70 @@ def test_a_checkpoint_function_that_compiles_the_layer_itself():
     # forward ran compiled: CheckpointError, different metadata), then a false 'not_applied'
     # (the recompute inside compiled code was not counted).
     _inside_verdicts("aot_eager")
+
+
+def _llama_layer_grads(model: torch.nn.Module, ids: torch.Tensor, wrap) -> dict[str, torch.Tensor]:
+    """Plain torch: one step of a copy of ``model`` with each decoder layer's forward called through
+    ``wrap(function, *args)``, the function transformers hands a checkpoint function (its keywords bound)."""
+    import functools
+
+    torch._dynamo.reset()
+    target = copy.deepcopy(model)
+    for layer in target.model.layers:
+        layer.forward = functools.partial(lambda forward, *args, **kwargs: wrap(functools.partial(forward, **kwargs),
+                                                                                *args), layer.forward)
+    torch.manual_seed(0)
+    target(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad for name, p in target.named_parameters() if p.grad is not None}
+
+
+def test_a_checkpoint_function_that_compiles_a_transformers_layer_itself():
+    # Before: a false 'not_applied' ('no layer was recomputed'): transformers' switch hands the
+    # checkpoint function the layer's forward (or __call__), the function compiles it, and the
+    # engine's counter does not count inside code dynamo traces. Plain torch: the function's
+    # gradients equal the user's program without checkpointing (each layer through the same compile).
+    transformers = pytest.importorskip("transformers")
+    INSIDE_BACKEND[0] = "aot_eager"
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, attention_dropout=0.1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    fns = (compiled_inside, compiled_inside_rng_redrawn)
+    results = {r.strategy: r for r in gc.check(model, {"input_ids": ids, "labels": ids},
+                                                 strategies=[strategy(f) for f in fns]).results}
+    none = _llama_layer_grads(model, ids, lambda function, *args: torch.compile(function, backend="aot_eager")(*args))
+    for fn in fns:
+        grads = _llama_layer_grads(model, ids, fn)
+        truth = "pass" if all(torch.equal(grads[n], none[n]) for n in none) else "mismatch"
+        assert results[fn.__name__].outcome == truth, (fn.__name__, truth, results[fn.__name__].message)
+        assert results[fn.__name__].metrics["recomputed_layers"] == 2, results[fn.__name__].metrics
+    assert [results[fn.__name__].outcome for fn in fns] == ["pass", "mismatch"]
+
+
+def test_a_checkpoint_function_that_compiles_is_judged_within_the_dtype_cap():
+    # On the H200 (bf16, the 1.1B layer, inductor) checkpoint(torch.compile(layer)) on an eager model
+    # was a false 'mismatch' (gradients 0.030 from the eager baseline, whose own noise is 0): plain
+    # torch gives 0.0 against the same compile without checkpointing, and 0.039 between that compile
+    # and eager. A run that built compiled graphs the eager baseline did not is judged within the
+    # dtype's noise cap (bf16 0.125); a fault of that size is still caught.
+    from pytest_gradckpt.pipeline.baselines import Baseline
+    from pytest_gradckpt.probes.compiled_regions import CompiledRegions
+    from pytest_gradckpt.pipeline.runs import Run
+    from pytest_gradckpt.strategies import get_strategy
+    from pytest_gradckpt.pipeline.verdicts import Limits, gather, judge
+
+    want = torch.linspace(1, 2, 64, dtype=torch.bfloat16)
+    base = Baseline(Run(loss=torch.ones(()), grads={"w": want}, measured={"compiled_regions": CompiledRegions()}))
+    limits = Limits(1.6e-2, 1e-5)
+
+    def outcome(scale: float, graphs: int) -> str:
+        run = Run(loss=torch.ones(()), grads={"w": want * scale}, measured={"compiled_regions": CompiledRegions(graphs)})
+        return judge(gather(get_strategy("non_reentrant"), base, run, limits), limits)[0]
+
+    assert outcome(1.03, graphs=1) == "pass"        # compiled rounding's size
+    assert outcome(1.03, graphs=0) == "mismatch"    # the same difference from eager code
+    assert outcome(1.5, graphs=1) == "mismatch"     # a redrawn mask's size (0.58 on the H200)
 
 
 # --------------------------------------------------------------------------- make test-compile

@@ -24,7 +24,11 @@ Cost (item 5): whole-model plain torch (baseline, eager and each function once) 
 cold inductor/triton caches, the check in another, cold too. Then the check twice more on warm
 caches (repeats 2 and 3), then the other families: plain torch once, the check 3 times.
 
-``python benchmarks/evidence/compile_truth_families.py [--smoke] [--budget S]``; JSON to ``$OUT``.
+``python -m benchmarks.evidence.compile_truth_families [--smoke] [--budget S]``; JSON to ``$OUT``.
+``--parallel --families F,G,...`` runs each family in its own process at once (rows written to
+``$OUT/rows-FAMILY.jsonl`` as found; ``--no-plain`` for the checks only), ``--layers N`` sets the
+decoder layers, and ``--table FILE,FILE,...`` prints the agreement table of results files (plain
+torch's verdict for the placement the check runs beside the check's outcomes).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,7 +149,10 @@ def plain_step(model0: Any, ids: torch.Tensor, how: str, backend: str, function:
         for layer in layers_of(model):
             layer.forward = functools.partial(truth._wrapped, function, layer.forward)
     runner = compile_as(model, how, backend)
-    if function is not None and around:
+    if function is not None and around and how == "regional":  # around each OptimizedModule's compiled forward
+        for wrapper in [m for m in model.modules() if isinstance(m, OptimizedModule)]:
+            wrapper.forward = functools.partial(truth._wrapped, function, wrapper.forward)
+    elif function is not None and around:
         for layer in layers_of(model):
             layer._compiled_call_impl = functools.partial(truth._wrapped, function, layer._compiled_call_impl)
     truth.seed(device)
@@ -159,8 +167,16 @@ def plain_step(model0: Any, ids: torch.Tensor, how: str, backend: str, function:
     return {"logits": out.logits.detach(), "grads": grads, "seconds": seconds}
 
 
-def plain_truth(family: str, args: argparse.Namespace) -> dict[str, Any]:
+def setting(args: argparse.Namespace) -> tuple[dict[str, Any], str, torch.dtype, str, int]:
+    """The compile-truth suite's setting, with ``--layers`` decoder layers where given."""
     shape, device, dtype, backend, length = truth.setting(args)
+    if getattr(args, "layers", None):
+        shape = dict(shape, num_hidden_layers=args.layers)
+    return shape, device, dtype, backend, length
+
+
+def plain_truth(family: str, args: argparse.Namespace) -> dict[str, Any]:
+    shape, device, dtype, backend, length = setting(args)
     BACKEND[0] = backend
     ids = truth.tokens(shape, length, device)
     model0 = build(family, shape, device, dtype)
@@ -177,7 +193,7 @@ def plain_truth(family: str, args: argparse.Namespace) -> dict[str, Any]:
     d_be = truth.distance(base, eager)
     tolerance = min(2 * d_be, BF16_CAP)
     found.update(d_BE=d_be, tolerance=tolerance)
-    placements = [False, True] if how == "per_block" else [False]
+    placements = [False, True] if how in ("per_block", "regional") else [False]
     for name in CHECKED[family]:
         if name not in fns:
             continue
@@ -199,7 +215,7 @@ def check(family: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import pytest_gradckpt as gc
 
-    shape, device, dtype, backend, length = truth.setting(args)
+    shape, device, dtype, backend, length = setting(args)
     BACKEND[0] = backend
     ids = truth.tokens(shape, length, device)
     model = compile_as(build(family, shape, device, dtype), form(family), backend)
@@ -236,31 +252,128 @@ def phase(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row = {"family": family, "error": f"{type(exc).__name__}: {exc}"[:600]}
             rows.append(dict(row, kind="plain", wall=round(time.perf_counter() - started, 1)))
             print(json.dumps(rows[-1], default=str), flush=True)
-        for _ in range(args.checks):
+        for repeat in range(args.checks):
             if time.time() > args.deadline:
-                rows.append({"family": family, "kind": "check", "skipped": "budget spent"})
+                rows.append({"family": family, "kind": "check", "repeat": repeat, "skipped": "budget spent"})
+                print(json.dumps(rows[-1]), flush=True)
                 continue
             try:
                 row = check(family, args)
             except Exception as exc:  # noqa: BLE001
                 row = {"family": family, "error": f"{type(exc).__name__}: {exc}"[:600]}
-            rows.append(dict(row, kind="check"))
+            rows.append(dict(row, kind="check", repeat=repeat))
             print(json.dumps(rows[-1], default=str), flush=True)
     return rows
 
 
+def child_command(families: str, args: argparse.Namespace, checks: int, no_plain: bool) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks.evidence.compile_truth_families", "--phase", "--families", families,
+               "--checks", str(checks), "--deadline", str(args.deadline)]
+    command += ["--no-plain"] if no_plain else []
+    command += ["--smoke"] if args.smoke else []
+    command += ["--layers", str(args.layers)] if args.layers else []
+    return command
+
+
+def cache_env(cache: str) -> dict[str, str]:
+    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor", TRITON_CACHE_DIR=f"{cache}/triton")
+
+
 def run_process(families: str, cache: str, args: argparse.Namespace, checks: int, no_plain: bool) -> list[Any]:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor", TRITON_CACHE_DIR=f"{cache}/triton")
-    command = [sys.executable, "-m", "benchmarks.evidence.compile_truth_families", "--phase", "--families", families, "--checks", str(checks),
-               "--deadline", str(args.deadline)] + (["--no-plain"] if no_plain else []) + (
-               ["--smoke"] if args.smoke else [])
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True,
-                          timeout=max(args.deadline - time.time(), 1) + 60)
+    done = subprocess.run(child_command(families, args, checks, no_plain), env=cache_env(cache), capture_output=True,
+                          text=True, timeout=max(args.deadline - time.time(), 1) + 60)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0:
         rows.append({"families": families, "error": done.stderr[-2000:]})
     return [dict(row, process=families, process_seconds=round(time.perf_counter() - started, 1)) for row in rows]
+
+
+def run_parallel(args: argparse.Namespace, out: Path) -> list[Any]:
+    """``--parallel``: each family in its own process at once (one GPU, cold caches of its own), each
+    row written to ``out/rows-FAMILY.jsonl`` as it is found (a call that runs out of time keeps the
+    rows written so far); stderr to ``out/log-FAMILY.txt``. Times of parallel processes share the
+    CPU and the GPU: they are not the cost figure (that is the sequential whole-model run)."""
+    children = {}
+    for family in args.families.split(","):
+        rows_file = open(out / f"rows-{family}.jsonl", "w")  # noqa: SIM115 - closed below, after the child
+        log_file = open(out / f"log-{family}.txt", "w")  # noqa: SIM115
+        process = subprocess.Popen(child_command(family, args, args.checks, args.no_plain),
+                                   env=cache_env(f"/tmp/ctf-cache/parallel-{family}"), stdout=rows_file,
+                                   stderr=log_file, text=True)
+        children[family] = (process, rows_file, log_file, time.perf_counter())
+    rows: list[Any] = []
+    for family, (process, rows_file, log_file, started) in children.items():
+        try:
+            process.wait(timeout=max(args.deadline - time.time(), 1) + args.grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        rows_file.close()
+        log_file.close()
+        text = (out / f"rows-{family}.jsonl").read_text()
+        found = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        if process.returncode != 0:
+            found.append({"family": family, "error": (out / f"log-{family}.txt").read_text()[-2000:]})
+        rows += [dict(row, process=family, process_seconds=round(time.perf_counter() - started, 1)) for row in found]
+    return rows
+
+
+#: Cases whose plain-torch figure is about values only, while their verdict is about recompute
+#: (``not_checkpointing`` is a plain call: right values, nothing recomputed; the CPU tests decide it).
+VALUES_ONLY = ("not_checkpointing",)
+
+
+def around_the_call(family: str, transformers_version: str) -> bool:
+    """Where the check's checkpoint sits for ``family``: around each compiled block's call where the
+    model's compiled blocks are called through transformers' switch and that switch checkpoints
+    ``Module.__call__`` (transformers <= 5.22; 5.23 checkpoints ``forward``, inside the compiled code);
+    the engine compiles regional blocks the per-block way, so regional goes with them."""
+    major, minor = (int(part) for part in transformers_version.split(".")[:2])
+    return form(family) in ("per_block", "regional") and (major, minor) < (5, 23)
+
+
+def table(paths: list[str]) -> dict[str, Any]:
+    """Issue 31's table from results files of this script: for each family and case, plain torch's
+    verdict for the program the check runs (the placement of :func:`around_the_call`) beside the
+    check's outcome in each repeat. Check rows of a later file replace a family's earlier ones."""
+    plain: dict[str, Any] = {}
+    checks: dict[str, list[Any]] = {}
+    sources: dict[str, Any] = {}
+    version = ""
+    for path in paths:
+        document = json.loads(Path(path).read_text())
+        version = document.get("transformers", version)
+        found: dict[str, list[Any]] = {}
+        for row in document["rows"]:
+            if row.get("kind") == "plain" and "truth" in row:
+                plain[row["family"]] = dict(row, commit=document.get("commit"))
+            elif row.get("kind") == "check" and "outcomes" in row:
+                found.setdefault(row["family"], []).append(row)
+        for family, rows in found.items():
+            checks[family] = rows
+            sources[family] = {"file": Path(path).name, "commit": document.get("commit")}
+    cases = []
+    for family, rows in checks.items():
+        truth = plain.get(family, {}).get("truth", {})
+        around = around_the_call(family, version)
+        for name in rows[0]["outcomes"]:
+            key = "non_reentrant" if name == "hf_non_reentrant" else name  # the same checkpoint function
+            key = f"{key} (around the compiled call)" if around else key
+            found_truth = truth.get(key)
+            verdict = found_truth.get("verdict") if isinstance(found_truth, dict) else None
+            if name in VALUES_ONLY:  # its values are right by construction: its verdict is about recompute
+                verdict = None
+            outcomes = [row["outcomes"].get(name) for row in rows]
+            cases.append({"family": family, "case": name, "placement": "around the compiled call" if around else
+                          "inside the compiled code", "plain_d_SB": None if verdict is None else found_truth["d_SB"],
+                          "plain_tolerance": plain.get(family, {}).get("tolerance"), "plain_verdict": verdict,
+                          "check": outcomes, "repeats_identical": len(set(outcomes)) == 1,
+                          "agrees": verdict is not None and set(outcomes) == {verdict}})
+    return {"transformers": version, "plain": {f: {"commit": r.get("commit"), "d_BE": r.get("d_BE"),
+                                                   "tolerance": r.get("tolerance")} for f, r in plain.items()},
+            "checks_from": sources, "cases": cases,
+            "all_agree": all(c["agrees"] for c in cases if c["plain_verdict"] is not None)}
 
 
 def main() -> int:
@@ -268,12 +381,23 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--budget", type=float, default=540.0)
     parser.add_argument("--phase", action="store_true")
+    parser.add_argument("--parallel", action="store_true",
+                        help="each family of --families in its own process at once; rows to $OUT as found")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--checks", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=0, help="decoder layers (default: the setting's, 8 at 1.1B)")
     parser.add_argument("--no-plain", action="store_true")
+    parser.add_argument("--grace", type=float, default=60.0,
+                        help="--parallel: seconds a child may run past --budget (a phase started before the "
+                             "deadline finishes; a whole-model check takes about 110 s cold) before it is killed")
     parser.add_argument("--deadline", type=float)
     parser.add_argument("--commit", default="")
+    parser.add_argument("--tag", default="m31", help="the results file's name ends with DATE-TAG")
+    parser.add_argument("--table", help="comma-separated results files of this script: print the agreement table")
     args = parser.parse_args()
+    if args.table:
+        print(json.dumps(table(args.table.split(",")), indent=1))
+        return 0
     if args.phase:
         phase(args)
         return 0
@@ -281,13 +405,21 @@ def main() -> int:
     out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     name = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() and not args.smoke else "cpu"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile-truth-families-{name}-2026-12-02-m31.json"
-    shape, _, dtype, backend, length = truth.setting(args)
-    document: dict[str, Any] = {"commit": args.commit, "device": name, "torch": torch.__version__, "shape": shape,
-                                "dtype": str(dtype), "tokens": [2, length], "backend": backend, "rows": []}
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    path = out / f"compile-truth-families-{name}-{date}-{args.tag}.json"
+    shape, _, dtype, backend, length = setting(args)
+    document: dict[str, Any] = {"commit": args.commit or os.environ.get("GRADCKPT_COMMIT", ""), "device": name,
+                                "torch": torch.__version__, "shape": shape, "dtype": str(dtype), "tokens": [2, length],
+                                "backend": backend, "rows": []}
     import transformers
 
     document["transformers"] = transformers.__version__
+    if args.parallel:
+        document["parallel"] = args.families.split(",")
+        document["rows"] = run_parallel(args, out)
+        path.write_text(json.dumps(document, indent=1, default=str))
+        print(path)
+        return 0
     cold = "/tmp/ctf-cache"
     steps = [("whole", f"{cold}/plain-whole", 0, False),      # cost: plain torch, cold caches
              ("whole", f"{cold}/check-whole", 1, True),       # cost: the check, cold caches (repeat 1)

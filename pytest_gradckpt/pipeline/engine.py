@@ -186,7 +186,10 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
         report = _new_report(name or stepper.subject.name, stepper)
         # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
         launcher = Launcher(stepper, [*plan.strategies, *plan.scenarios])
-        with deterministic_kernels(stepper.subject.device) as determinism, launcher:
+        compiled_subject = stepper.subject.compilation is not None
+        # Code a checkpoint function compiles itself draws random numbers as eager too (compiled.eager_random).
+        with deterministic_kernels(stepper.subject.device, compiled_subject) as determinism, launcher, \
+                compiled.eager_random("inductor"):
             for scenario in plan.scenarios:
                 step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
                 _check_scenario(report, step, scenario, stepper, plan, determinism)

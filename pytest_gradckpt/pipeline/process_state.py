@@ -137,10 +137,10 @@ class Determinism:
     ``note`` says what had to give way (empty when every op had a deterministic kernel).
     """
 
-    def __init__(self, device: torch.device):
-        self.active = device.type == "cuda"
+    def __init__(self, device: torch.device, compiled: bool = False):
+        self.active = device.type == "cuda" and not compiled
         self.warn_only = False
-        self.note = ""
+        self.note = COMPILED_NOTE if device.type == "cuda" and compiled else ""
 
     def retrying(self, step: Any) -> Any:
         """``step`` rerun with ``warn_only=True`` when an op had no deterministic kernel.
@@ -166,8 +166,14 @@ class Determinism:
         return run
 
 
+#: Why a compiled subject's check leaves deterministic algorithms as the caller set them.
+COMPILED_NOTE = ("the model is compiled: deterministic algorithms are left as the caller set them (on CUDA they "
+                 "change which attention kernel SDPA picks, and so its dropout masks: the check would judge "
+                 "another program; docs/compile.md)")
+
+
 @contextlib.contextmanager
-def deterministic_kernels(device: torch.device) -> Iterator[Determinism]:
+def deterministic_kernels(device: torch.device, compiled: bool = False) -> Iterator[Determinism]:
     """On CUDA, switch on deterministic algorithms for the block and restore every setting after.
 
     CUDA's default backward kernels (embedding backward, atomics in reductions and attention)
@@ -179,14 +185,21 @@ def deterministic_kernels(device: torch.device) -> Iterator[Determinism]:
     size torch fixed when it first used it). ``fill_uninitialized_memory`` is switched off:
     filling every new allocation with NaN costs bandwidth and changes nothing a correct model
     reads. ``cudnn.benchmark`` is off, so convolution algorithms do not vary between runs.
-    Elsewhere it does nothing.
+    Elsewhere it does nothing, and so for a ``compiled`` subject: deterministic algorithms change
+    which kernels run, and a compiled check judges the caller's compiled program as it runs (on an
+    H200, SDPA with dropout picked the cuDNN kernel without them and the efficient or flash kernel
+    with them, each drawing other dropout masks; docs/compile.md). Its baseline's second run still
+    measures the run-to-run noise.
 
     Example:
         >>> with deterministic_kernels(torch.device("cpu")) as determinism:
         ...     determinism.active
         False
+        >>> with deterministic_kernels(torch.device("cuda"), compiled=True) as determinism:
+        ...     determinism.active, torch.are_deterministic_algorithms_enabled(), determinism.note[:22]
+        (False, False, 'the model is compiled:')
     """
-    determinism = Determinism(torch.device(device))
+    determinism = Determinism(torch.device(device), compiled)
     if not determinism.active:
         yield determinism
         return

@@ -204,6 +204,9 @@ class Instrumented:
     call: Callable[..., Any] | None = None
     #: whether :attr:`inner_forward` is a body the check compiled
     compiled_body: bool = False
+    #: whether the caller compiled the model around this unit (``compiled.Compilation.apply``); if
+    #: not, a unit dynamo traces was compiled by the strategy's own checkpoint function
+    caller_compiled: bool = False
 
 
 #: The ``__dict__`` key of a unit's :class:`Instrumented` record.
@@ -263,11 +266,16 @@ def _original_forward(layer: nn.Module, base: type[nn.Module]) -> Callable[..., 
 def _routed_forward(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An instrumented layer's forward: inputs shown to the memory probe, the counted body run through
     the strategy's call where one is set (else directly), the output shown to the recompute counter."""
+    record: Instrumented = layer.__dict__[INSTRUMENTED]
     if torch.compiler.is_compiling():
         # Traced by dynamo: the probes' Python side effects would break the graph (and a checkpoint
         # around them would fall back to eager). The compiled program is the caller's, untouched.
+        if not record.caller_compiled:
+            # An eager model whose checkpoint function compiles the function it was handed, and that
+            # function calls the unit's forward (transformers' switch hands over the layer's forward or
+            # ``__call__``): count each run before the graph, as :func:`_counted_body` does.
+            _hit_outside_graph(record.counter, record.name)
         return _compiled_forward(layer, base, args, kwargs)
-    record: Instrumented = layer.__dict__[INSTRUMENTED]
     probe = record.counter.memory
     if probe is not None:
         probe.hold(args, kwargs)

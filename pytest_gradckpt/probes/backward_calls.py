@@ -64,10 +64,37 @@ class BackwardCalls:
 
     def __enter__(self) -> BackwardCalls:
         self._handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._handle.remove()
+        _ACTIVE.remove(self)
+
+
+#: The :class:`BackwardCalls` blocks open now (innermost last).
+_ACTIVE: list[BackwardCalls] = []
+
+
+def note_compiled_call(module: nn.Module) -> None:
+    """Record a call of ``module``'s compiled ``__call__`` made from eager code, as the forward
+    pre-hook records an eager call: the hook itself runs inside the compiled code, where it observes
+    nothing. An eager checkpoint around a compiled block (transformers 5.17's switch checkpoints the
+    block's ``__call__``) recomputes the block by calling it again during backward.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> with BackwardCalls({id(net): "net"}) as seen:
+        ...     note_compiled_call(net)  # not during backward: nothing recorded
+        >>> seen.names
+        set()
+    """
+    if torch.compiler.is_compiling() or not in_backward():
+        return
+    for calls in _ACTIVE:
+        name = calls.names_by_id.get(id(module))
+        if name is not None:
+            calls.names.add(name)
 
 
 def recomputed_units(modules: Iterable[tuple[str, nn.Module]], ran: set[str]) -> list[str]:
