@@ -282,6 +282,8 @@ def install_timers() -> None:
     _wrap(runs.Stepper, "_collect", "collect (full-gradient gathering)")
     _wrap(runs.Run, "to_payload", "rank: payload to host")
     _wrap(rank_group, "_answer", "rank: whole command")
+    _wrap(rank_group, "_step", "rank: step commands")
+    _wrap(rank_group, "_meet", "rank: process group joined")
     _wrap(rank_group, "fingerprint", "rank: fingerprints")
     _wrap(rank_group.RankGroup, "start", "parent: ranks started")
     _wrap(rank_group.RankGroup, "run", "parent: waiting for ranks (incl. transfer)")
