@@ -284,6 +284,7 @@ def install_timers() -> None:
     _wrap(rank_group, "_answer", "rank: whole command")
     _wrap(rank_group, "_step", "rank: step commands")
     _wrap(rank_group, "_meet", "rank: process group joined")
+    _wrap(rank_group, "_build", "rank: build command")
     _wrap(rank_group, "fingerprint", "rank: fingerprints")
     _wrap(rank_group.RankGroup, "start", "parent: ranks started")
     _wrap(rank_group.RankGroup, "run", "parent: waiting for ranks (incl. transfer)")
