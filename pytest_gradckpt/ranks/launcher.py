@@ -90,11 +90,16 @@ def build_on_ranks(model: Any, make_stepper: Callable[[], Any], device: Any, dis
             where.type not in BUILD_ON_RANKS or launched_from_outside():
         return None
     settings = _group_settings(distributed)
-    try:
-        group, limit, built = _start_building(StepperRecipe(make_stepper), [*catalog, LAYER_REPLAY], settings, where)
-    except RankFailure:
-        return None
-    return BuiltOnRanks(group, limit, built["layer_names"], built.get("skeleton"))
+    for _ in range(LAUNCH_ATTEMPTS):  # a fork refused (CUDA initialised here before it) is retried, spawning
+        try:
+            group, limit, built = _start_building(StepperRecipe(make_stepper), [*catalog, LAYER_REPLAY], settings,
+                                                  where)
+        except LaunchFailure:
+            continue
+        except (RankFailure, GradckptUsageError):  # e.g. spawning needs what cannot be pickled
+            return None
+        return BuiltOnRanks(group, limit, built["layer_names"], built.get("skeleton"))
+    return None
 
 
 def _start_building(recipe: StepperRecipe, catalog: list[Any], settings: dict[str, Any],

@@ -277,6 +277,11 @@ class RankGroup:
             self.folder = ""
 
 
+def _cuda_lost_in_fork(device: torch.device) -> bool:
+    """Whether this forked rank cannot use ``device``: CUDA, initialised by the parent before the fork."""
+    return device.type == "cuda" and torch.cuda._is_in_bad_fork()
+
+
 def _refuse_fork() -> None:
     global _fork_refused
     _fork_refused = True
@@ -292,7 +297,7 @@ def serve(rank: int, world_size: int, store_path: str, stepper: Stepper | Steppe
         cuda = device.type == "cuda"
         # CPU ranks share the machine's cores; GPU ranks get a share each, for building the model.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size) if cuda else 1)
-        if cuda and forked and torch.cuda._is_in_bad_fork():
+        if forked and _cuda_lost_in_fork(device):
             state["refused"] = FORK_REFUSED  # answered to the first command: a launch failure, retried spawning
         elif cuda and store_path:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
             torch.cuda.set_device(rank)
