@@ -155,7 +155,7 @@ def skeleton(model: torch.nn.Module) -> bytes:
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
-        >>> net[1].weight.requires_grad_(False)
+        >>> _ = net[1].weight.requires_grad_(False)
         >>> copy = pickle.loads(skeleton(net))
         >>> copy[0].weight.device.type, tuple(copy[0].weight.shape), copy[1].weight.requires_grad
         ('meta', (3, 2), False)
