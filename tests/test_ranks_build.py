@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pytest_gradckpt as gc
-from pytest_gradckpt import launcher, rank_group
+from pytest_gradckpt.ranks import launcher, rank_group
 from pytest_gradckpt.zoo.plain import TanhNet
 
 FAST = {"timeout": 60}
