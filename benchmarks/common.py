@@ -314,6 +314,13 @@ def _mark_spawn(rank_group: Any) -> None:
     rank_group.RankGroup.start = started
 
 
+def fork_refused() -> bool:
+    """Whether a GPU rank forked from this process found it could not use CUDA (ranks are spawned since)."""
+    from pytest_gradckpt.ranks import rank_group
+
+    return bool(rank_group._fork_refused)
+
+
 def collect_timers(folder: str) -> dict[str, dict[str, float]]:
     """Every process's parts: ``{"parent": {...}, "rank <pid>": {...}}`` in seconds."""
     found = {"parent": {k: round(v, 3) for k, v in SPENT.items()}}

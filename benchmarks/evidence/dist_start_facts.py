@@ -2,7 +2,11 @@
 process asked ``torch.cuda.is_available()`` / ``device_count()``, spawn + imports, the 1.1B bf16 build on
 the CPU with 1 and with all threads, on the GPU, and NCCL's init at world 1. Prints one JSON line.
 
-``python -m benchmarks.evidence.dist_start_facts``
+``python -m benchmarks.evidence.dist_start_facts [--fork-only]``
+
+Also whether a rank may be forked after each import and call a checking process makes before its
+ranks start (``fork_after_*``): torch refuses CUDA in a child forked after this process called
+``torch.cuda.is_available()`` (or initialised CUDA), and the check's GPU ranks are then spawned.
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ def main() -> int:
     facts["fork_after_is_available"] = _fork_probe("torch.cuda.is_available()")
     facts["fork_after_device_count"] = _fork_probe("torch.cuda.device_count()")
     facts["fork_after_nothing"] = _fork_probe("pass")
+    # What, in a process that runs a check, leaves a forked rank unable to use CUDA (torch's fork poison)?
+    for name, before in (("import_dynamo", "import torch._dynamo"),
+                         ("import_pytest_gradckpt", "import pytest_gradckpt"),
+                         ("import_transformers_llama", "from transformers import LlamaForCausalLM"),
+                         ("import_peft", "import peft"),
+                         ("import_dist_cost_suite", "import benchmarks.suites.dist_cost"),
+                         ("envelope_machine", "from benchmarks import envelope; envelope.machine()"),
+                         ("autocast_state", "from pytest_gradckpt.pipeline.process_state import _autocast_state; "
+                                            "_autocast_state()"),
+                         ("warm_up", "from pytest_gradckpt.pipeline.engine import _warm_up; _warm_up()")):
+        facts[f"fork_after_{name}"] = _fork_probe(before)
+    if "--fork-only" in sys.argv:  # the fork probes alone take seconds; the builds below a minute
+        print(json.dumps(facts), flush=True)
+        return 0
     facts["python_import_torch"] = _timed_python("import torch")
     facts["python_import_torch_transformers_gradckpt"] = _timed_python(
         "import torch, transformers, pytest_gradckpt; from transformers import LlamaForCausalLM")

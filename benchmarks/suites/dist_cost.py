@@ -17,7 +17,9 @@ timed them on the ranks), ``build_seconds`` (the factory, where the check built 
 ``beyond_build_over_steps`` (``(seconds - build) / step_seconds_sum``), ``breakdown`` (the first check's
 parts, by process, from :func:`benchmarks.common.install_timers`), ``outcomes``, ``repeats``,
 ``identical_outcomes``, ``parent_cuda`` and ``parent_cuda_after`` (whether this process had
-initialised CUDA after each check: while it has not, the next check forks its ranks).
+initialised CUDA after each check: while it has not, the next check forks its ranks),
+``ranks_built`` (each check: whether its ranks built the model, this process reading a skeleton) and
+``fork_refused`` (whether a forked GPU rank could not use CUDA in this process, so ranks are spawned).
 """
 
 from __future__ import annotations
@@ -68,12 +70,17 @@ def step_sum(report: Any, scenario: str) -> float:
     return 2 * base + sum(r.metrics.get("seconds") or 0.0 for r in report.results)
 
 
+def _ranks_built(parts: dict[str, dict[str, float]]) -> bool:
+    """Whether the ranks built the model (the check's ``build`` command), not this process."""
+    return any("rank: build command" in p for name, p in parts.items() if name != "parent")
+
+
 def _builds(parts: dict[str, dict[str, float]], forked: bool) -> float:
     """The factory's time: where the check built it, plus the slowest rank that built its own (a
     forked rank's timers start from the parent's, so only what it added is its own). Where the
     ranks built the model (``rank: build command``), the parent's "build" is reading its skeleton,
     which is the check's own time, not the factory's."""
-    ranks_built = any("rank: build command" in p for name, p in parts.items() if name != "parent")
+    ranks_built = _ranks_built(parts)
     here = 0.0 if ranks_built else parts["parent"].get("model build (factory)", 0.0)
     forked = forked and not ranks_built
     ranks = [p.get("model build (factory)", 0.0) - (here if forked else 0.0)
@@ -97,7 +104,8 @@ def row(case: str, params: dict[str, Any], world_size: int,
             "messages": {r.strategy: r.message[:200] for r in first.results if r.outcome != "pass"},
             "ranks": first.baseline[scenario].get("ranks"),
             "repeats": len(checks), "identical_outcomes": all(o == outcomes[0] for o in outcomes),
-            "parent_cuda": params["parent_cuda"], "parent_cuda_after": [c for _, _, _, c in checks]}
+            "parent_cuda": params["parent_cuda"], "parent_cuda_after": [c for _, _, _, c in checks],
+            "ranks_built": [_ranks_built(parts) for _, _, parts, _ in checks], "fork_refused": common.fork_refused()}
 
 
 def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
