@@ -7,6 +7,7 @@ holds only ``cuda``); these tests add ``cpu`` to run the GPU design on gloo.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from pathlib import Path
@@ -49,7 +50,7 @@ def builders(path: Path) -> list[int]:
 
 def check(factory, path: Path, scenario: str = "ddp", world_size: int = 2, **distributed):
     inputs = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
-    return gc.check(lambda: factory(str(path)), inputs, device="cpu", scenarios=[scenario],
+    return gc.check(functools.partial(factory, str(path)), inputs, device="cpu", scenarios=[scenario],
                     strategies=["non_reentrant", "reentrant"], distributed={**FAST, "world_size": world_size,
                                                                          **distributed})
 
@@ -69,6 +70,14 @@ def test_each_rank_builds_the_model_once_and_this_process_never(on_ranks, tmp_pa
     assert os.getpid() not in pids  # the checking process read a skeleton, never the factory's model
     assert len(pids) == len(set(pids)) == 2  # one build per rank, for the baseline's two runs and both strategies
     assert report.model == "TanhNet" and report.baseline["layers"]
+
+
+def test_spawned_ranks_build_it_too(on_ranks, tmp_path):
+    log = tmp_path / "builds"
+    report = check(built_here, log, scenario="fsdp2", world_size=1, start_method="spawn")
+    assert {r.outcome for r in report.results} == {"pass"}
+    pids = builders(log)
+    assert os.getpid() not in pids and len(pids) == 1
 
 
 def test_on_the_cpu_the_check_builds_once_and_its_ranks_share_it(tmp_path):
