@@ -34,7 +34,7 @@ from pytest_gradckpt.ranks.distributed import (
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.probes import registry
-from pytest_gradckpt.ranks.rank_group import RankGroup, StepperRecipe, TimeLimit
+from pytest_gradckpt.ranks.rank_group import BUILD_FLOOR, RankGroup, StepperRecipe, TimeLimit
 from pytest_gradckpt.pipeline.replay import LAYER_REPLAY
 from pytest_gradckpt.pipeline.runs import Run, Stepper
 
@@ -107,7 +107,7 @@ def _start_building(recipe: StepperRecipe, catalog: list[Any], settings: dict[st
     """A group of ranks that each made the stepper from ``recipe`` (built the model), its time
     limit, and rank 0's account of the build; raises :class:`RankFailure` (the group closed)."""
     group = RankGroup(recipe, catalog, settings["world_size"], True, settings, device)
-    limit = TimeLimit(settings["timeout"], 0.0)
+    limit = TimeLimit(settings["timeout"], 0.0, first_floor=BUILD_FLOOR)
     group.start()
     try:
         payloads = group.run(("build", None, None), limit, "building the model on the ranks")

@@ -51,6 +51,9 @@ FORK_REFUSED = "a forked rank cannot use CUDA (this process initialised it befor
 #: model: this many seconds, plus BUILD_FACTOR times the model's build measured here.
 FIRST_FLOOR = 300.0
 BUILD_FACTOR = 10.0
+#: Ranks that build the model themselves (``build`` command): nothing was measured yet, and a
+#: factory building a large model on the CPU may take minutes (the 1.1B Llama in bf16: 31 s).
+BUILD_FLOOR = 1800.0
 #: Later commands: STEP_FACTOR times the slowest command so far (build and step), at least FLOOR.
 FLOOR = 120.0
 STEP_FACTOR = 5.0
@@ -77,6 +80,8 @@ class TimeLimit:
     fixed: float | None
     build_seconds: float
     slowest: float = 0.0  # the slowest command so far, on its slowest rank
+    #: the first command's own allowance (BUILD_FLOOR where the ranks build the model in it)
+    first_floor: float = FIRST_FLOOR
 
     def measured(self, seconds: float) -> None:
         self.slowest = max(self.slowest, seconds)
@@ -85,13 +90,15 @@ class TimeLimit:
         if self.fixed is not None:
             return self.fixed
         if not self.slowest:
-            return FIRST_FLOOR + BUILD_FACTOR * self.build_seconds
+            return self.first_floor + BUILD_FACTOR * self.build_seconds
         return max(FLOOR, STEP_FACTOR * self.slowest)
 
     def explain(self) -> str:
         if self.fixed is not None:
             return f"distributed={{'timeout': {self.fixed:g}}}"
         if not self.slowest:
+            if self.first_floor != FIRST_FLOOR:
+                return f"the limit for starting the ranks and building the model there: {self.first_floor:g} s"
             return (f"the first step's limit: {FIRST_FLOOR:g} s for starting the ranks plus {BUILD_FACTOR:g} x the "
                     f"model's build here ({self.build_seconds:.1f} s)")
         return f"{STEP_FACTOR:g} x the slowest step so far ({self.slowest:.1f} s, model build included), at least " \
