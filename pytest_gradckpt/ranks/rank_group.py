@@ -80,8 +80,8 @@ class TimeLimit:
     fixed: float | None
     build_seconds: float
     slowest: float = 0.0  # the slowest command so far, on its slowest rank
-    #: the first command's own allowance (BUILD_FLOOR where the ranks build the model in it)
-    first_floor: float = FIRST_FLOOR
+    #: the first command's own allowance (BUILD_FLOOR where the ranks build the model in it; else FIRST_FLOOR)
+    first_floor: float | None = None
 
     def measured(self, seconds: float) -> None:
         self.slowest = max(self.slowest, seconds)
@@ -90,14 +90,14 @@ class TimeLimit:
         if self.fixed is not None:
             return self.fixed
         if not self.slowest:
-            return self.first_floor + BUILD_FACTOR * self.build_seconds
+            return (FIRST_FLOOR if self.first_floor is None else self.first_floor) + BUILD_FACTOR * self.build_seconds
         return max(FLOOR, STEP_FACTOR * self.slowest)
 
     def explain(self) -> str:
         if self.fixed is not None:
             return f"distributed={{'timeout': {self.fixed:g}}}"
         if not self.slowest:
-            if self.first_floor != FIRST_FLOOR:
+            if self.first_floor is not None:
                 return f"the limit for starting the ranks and building the model there: {self.first_floor:g} s"
             return (f"the first step's limit: {FIRST_FLOOR:g} s for starting the ranks plus {BUILD_FACTOR:g} x the "
                     f"model's build here ({self.build_seconds:.1f} s)")
