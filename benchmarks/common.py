@@ -314,6 +314,13 @@ def _mark_spawn(rank_group: Any) -> None:
     rank_group.RankGroup.start = started
 
 
+def gpu_name() -> str:
+    """The first visible GPU's name, asked without initialising CUDA in this process (as the check asks)."""
+    from pytest_gradckpt.release.environment import device_versions
+
+    return device_versions()["device"]
+
+
 def fork_refused() -> bool:
     """Whether a GPU rank forked from this process found it could not use CUDA (ranks are spawned since)."""
     from pytest_gradckpt.ranks import rank_group
