@@ -282,6 +282,9 @@ def install_timers() -> None:
     _wrap(runs.Stepper, "_collect", "collect (full-gradient gathering)")
     _wrap(runs.Run, "to_payload", "rank: payload to host")
     _wrap(rank_group, "_answer", "rank: whole command")
+    _wrap(rank_group, "_step", "rank: step commands")
+    _wrap(rank_group, "_meet", "rank: process group joined")
+    _wrap(rank_group, "_build", "rank: build command")
     _wrap(rank_group, "fingerprint", "rank: fingerprints")
     _wrap(rank_group.RankGroup, "start", "parent: ranks started")
     _wrap(rank_group.RankGroup, "run", "parent: waiting for ranks (incl. transfer)")
@@ -309,6 +312,20 @@ def _mark_spawn(rank_group: Any) -> None:
 
     started.__clocked__ = True  # type: ignore[attr-defined]
     rank_group.RankGroup.start = started
+
+
+def gpu_name() -> str:
+    """The first visible GPU's name, asked without initialising CUDA in this process (as the check asks)."""
+    from pytest_gradckpt.release.environment import device_versions
+
+    return device_versions()["device"]
+
+
+def fork_refused() -> bool:
+    """Whether a GPU rank forked from this process found it could not use CUDA (ranks are spawned since)."""
+    from pytest_gradckpt.ranks import rank_group
+
+    return bool(rank_group._fork_refused)
 
 
 def collect_timers(folder: str) -> dict[str, dict[str, float]]:

@@ -61,8 +61,11 @@ def machine() -> dict[str, Any]:
     """The device the rows were measured on (the first GPU's name, or the CPU's), CPU and GPU counts."""
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = torch.cuda.get_device_name(0) if gpus else (platform.processor() or platform.machine())
+    from benchmarks.common import gpu_name
+
+    # Asked without initialising CUDA here (NVML): the next case's check may still fork its GPU ranks.
+    gpus = torch.cuda.device_count()
+    device = gpu_name() if gpus else (platform.processor() or platform.machine())
     return {"device": device, "cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}
 
 

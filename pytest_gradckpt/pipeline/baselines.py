@@ -203,7 +203,7 @@ def _release(device_memory_of: Run) -> None:
     device_memory_of.error = None
     device_memory_of.drop_tensors()
     gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 

@@ -33,7 +33,7 @@ from pytest_gradckpt.pipeline.subject import Subject, tensor_bytes
 from pytest_gradckpt.ranks.distributed import describe_ranks, device_before_build, launched_from_outside, refuse_unrunnable_world
 from pytest_gradckpt.release.environment import versions
 from pytest_gradckpt.pipeline.process_state import deterministic_kernels, preserved_global_state
-from pytest_gradckpt.ranks.launcher import Launcher
+from pytest_gradckpt.ranks.launcher import Launcher, build_on_ranks
 from pytest_gradckpt.pipeline.units import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
 from pytest_gradckpt.pipeline.comparison import default_tolerances, noise_cap, norms
@@ -182,10 +182,21 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
     with preserved_global_state(), registry.using(*registry.lean(_read_per_op(plan.strategies)), only=True), \
             _older_objects_left_to_refcounting():
         _warm_up()
-        stepper, isolated = _stepper(model, inputs, loss, plan)
+        catalog = [*plan.strategies, *plan.scenarios]
+        # Every step on ranks the check starts: they start now and build the model, not this process.
+        built = build_on_ranks(model, functools.partial(_rank_stepper, model, inputs, loss,
+                                                        dataclasses.replace(plan, cache=None)),
+                               spec.device, spec.distributed.as_dict(), all(s.distributed for s in plan.scenarios),
+                               catalog)
+        try:
+            stepper, isolated = _stepper(model if built is None else built.model(model), inputs, loss, plan)
+        except BaseException:
+            if built is not None:
+                built.group.close(wait=False)
+            raise
         report = _new_report(name or stepper.subject.name, stepper)
         # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
-        launcher = Launcher(stepper, [*plan.strategies, *plan.scenarios])
+        launcher = Launcher(stepper, catalog, built)
         compiled_subject = stepper.subject.compilation is not None
         # Code a checkpoint function compiles itself draws random numbers as eager too (compiled.eager_random).
         with deterministic_kernels(stepper.subject.device, compiled_subject) as determinism, launcher, \
@@ -276,6 +287,11 @@ def _stepper(model: Any, inputs: Any, loss: Any, plan: _Plan) -> tuple[Stepper, 
     return Stepper(subject, spec.layers, spec.seed, spec.timeout, spec.distributed.as_dict()), isolated
 
 
+def _rank_stepper(model: Any, inputs: Any, loss: Any, plan: _Plan) -> Stepper:
+    """The check's stepper as a rank that builds the model makes it (:func:`~pytest_gradckpt.ranks.launcher.build_on_ranks`)."""
+    return _stepper(model, inputs, loss, plan)[0]
+
+
 def _new_report(model: str, stepper: Stepper) -> Report:
     report = Report(model=model, versions=versions())
     report.baseline["layers"] = stepper.layer_names
@@ -362,7 +378,7 @@ def _isolated(isolate: bool | str, device: torch.device, compiled: bool = False)
     A compiled model stays here: its compiled code must run in the process that judges it."""
     if isolate != "auto":
         return bool(isolate)
-    cuda_used = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_used = torch.cuda.is_initialized()
     return (device.type == "cpu" and not compiled and not cuda_used
             and "fork" in multiprocessing.get_all_start_methods() and not launched_from_outside())
 

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from pytest_gradckpt.errors import StrategyTimeout
+from pytest_gradckpt.pipeline.tensors import cuda_present
 
 
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["cpu"] + (["cuda"] if cuda_present() else [])  # asked without initialising CUDA (forked ranks)
     return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
 
 
@@ -38,7 +39,7 @@ def preserved_global_state() -> Iterator[None]:
         >>> torch.equal(before, torch.get_rng_state()), torch.is_grad_enabled()
         (True, True)
     """
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     numpy = sys.modules.get("numpy")
     state: dict[str, Any] = {
         "torch_rng": torch.get_rng_state(),

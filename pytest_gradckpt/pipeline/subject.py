@@ -19,7 +19,7 @@ from pytest_gradckpt.compilation import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.pipeline.materialise import is_meta, to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
-from pytest_gradckpt.pipeline.tensors import map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
+from pytest_gradckpt.pipeline.tensors import cuda_present, map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
 
@@ -217,7 +217,7 @@ class Subject:
     @staticmethod
     def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
         if device in (None, "auto"):
-            if device == "auto" and torch.cuda.is_available():
+            if device == "auto" and cuda_present():
                 return torch.device("cuda")
             where = model_device(model)
             return torch.device("cpu") if where.type == "meta" else where  # a meta model is materialised there
@@ -225,7 +225,7 @@ class Subject:
             resolved = torch.device(device)
         except (RuntimeError, TypeError):
             raise GradckptUsageError(f"device={device!r}: not a device; pass 'cpu', 'cuda', 'auto' or None") from None
-        if resolved.type == "cuda" and not torch.cuda.is_available():
+        if resolved.type == "cuda" and not cuda_present():
             raise GradckptUsageError(f"device={device!r}: CUDA is not available here; pass 'cpu' or 'auto'")
         return resolved
 
@@ -271,8 +271,7 @@ class Subject:
 
     def fresh_inputs(self) -> Any:
         """The inputs, built anew (factory) or cloned, on the check's device."""
-        inputs = self.inputs_source() if callable(self.inputs_source) and not isinstance(
-            self.inputs_source, torch.Tensor) else self.inputs_source
+        inputs = self._given_inputs()
 
         def clone(t: torch.Tensor) -> torch.Tensor:
             copy_ = t.detach().to(self.device, copy=True)
@@ -280,8 +279,13 @@ class Subject:
 
         return map_tensors(inputs, clone)
 
+    def _given_inputs(self) -> Any:
+        return self.inputs_source() if callable(self.inputs_source) and not isinstance(
+            self.inputs_source, torch.Tensor) else self.inputs_source
+
     def check_inputs(self) -> None:
-        inputs = self.fresh_inputs()
+        # Where they were given: a check whose steps run on GPU ranks never uses CUDA here.
+        inputs = self._given_inputs()
         if isinstance(inputs, Mapping):
             bad = {k: v for k, v in inputs.items() if not isinstance(k, str)}
             if bad:

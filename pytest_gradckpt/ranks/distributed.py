@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pytest_gradckpt.pipeline.subject import model_device
-from pytest_gradckpt.pipeline.tensors import map_tensors, tensors_in
+from pytest_gradckpt.pipeline.tensors import cuda_present, map_tensors, tensors_in
 from pytest_gradckpt.errors import GradckptUsageError, HarnessFailure, StrategyNotApplicable
 from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.probes import registry
@@ -303,7 +303,7 @@ def device_before_build(model: Any, device: Any) -> torch.device | None:
     if device is None:
         return model_device(model) if isinstance(model, torch.nn.Module) else None
     if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda") if cuda_present() else torch.device("cpu")
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):

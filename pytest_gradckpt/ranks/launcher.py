@@ -7,31 +7,121 @@ them and run the baselines, every strategy and every distributed scenario of the
 broke its group (a rank died, hung, or failed while its peers may wait in a collective) ends
 that group; the next step starts a fresh one. Under an existing launch (torchrun) the ranks
 are the launch's own processes, and each runs the same steps in turn.
+
+A check whose every step runs on ranks it starts, given a factory, starts them before anything
+is built (:func:`build_on_ranks`): each rank builds the model once, where it will train it, and
+this process reads the layers and names from a skeleton of it (meta tensors), so the model is
+built once per rank and never here, and this process never uses the GPU (its ranks can then be
+forked, without re-importing anything).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from pytest_gradckpt.ranks import held
 
 from pytest_gradckpt.ranks.distributed import (
-    DEFAULTS, LAUNCH_ATTEMPTS, LaunchFailure, RaisedInChild, RankFailure, disagreement, launched_from_outside,
-    refuse_unrunnable_world, step_in_existing_group, _is_transport_failure)
+    DEFAULTS, LAUNCH_ATTEMPTS, LaunchFailure, RaisedInChild, RankFailure, device_before_build, disagreement,
+    launched_from_outside, refuse_unrunnable_world, step_in_existing_group, _is_transport_failure)
 from pytest_gradckpt.errors import GradckptUsageError, StrategyNotApplicable
 from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.probes import registry
-from pytest_gradckpt.ranks.rank_group import RankGroup, TimeLimit
+from pytest_gradckpt.ranks.rank_group import BUILD_FLOOR, RankGroup, StepperRecipe, TimeLimit
 from pytest_gradckpt.pipeline.replay import LAYER_REPLAY
 from pytest_gradckpt.pipeline.runs import Run, Stepper
 
 #: The process group's own collective timeout when no fixed limit was given: ranks stuck in a
 #: collective are killed by the launcher's limit long before this.
 GROUP_TIMEOUT = 1800.0
+#: Devices whose ranks build the model themselves (:func:`build_on_ranks`). On the CPU the model
+#: built here is shared with forked ranks instead (one build for any number of ranks); tests add "cpu".
+BUILD_ON_RANKS = ("cuda",)
+
+
+def _group_settings(distributed: Any) -> dict[str, Any]:
+    settings = dict(distributed or DEFAULTS)
+    # Longer than the launcher's own limit, so a rank waiting on a hung peer is not the one blamed.
+    fixed = settings["timeout"]
+    settings["group_timeout"] = GROUP_TIMEOUT if fixed is None else 2 * fixed + 60
+    return settings
+
+
+@dataclasses.dataclass
+class BuiltOnRanks:
+    """Ranks started before anything was built here, each holding the model it built: the group,
+    its time limit, the layer names the ranks found, and the model's skeleton (None: it could not
+    travel, and this process builds a model of its own to read)."""
+
+    group: RankGroup
+    limit: TimeLimit
+    layer_names: list[str]
+    skeleton: bytes | None
+
+    def model(self, given: Any) -> Any:
+        """What this process's subject reads the model from: a factory of the skeleton, else ``given``."""
+        if self.skeleton is None:
+            return given
+        return functools.partial(pickle.loads, self.skeleton)
+
+
+def build_on_ranks(model: Any, make_stepper: Callable[[], Any], device: Any, distributed: Any,
+                   every_step_distributed: bool, catalog: Sequence[Any]) -> BuiltOnRanks | None:
+    """Start the ranks of a distributed check and let each build the model, before this process
+    builds anything: when ``model`` is a factory, every step runs on ranks the check starts
+    (``every_step_distributed``, no outside launch) and ``device`` (the check's) is one of
+    :data:`BUILD_ON_RANKS`. ``make_stepper()`` makes the check's stepper (in each rank).
+    None where that does not apply, or the ranks could not build (this process then builds as
+    always, and meets the same error, if any, itself).
+
+    Example:
+        >>> build_on_ranks(torch.nn.Linear(2, 2), lambda: None, "cuda", None, True, []) is None  # a module, no factory
+        True
+    """
+    where = device_before_build(model, device)
+    if isinstance(model, nn.Module) or not callable(model) or not every_step_distributed or where is None or \
+            where.type not in BUILD_ON_RANKS or launched_from_outside():
+        return None
+    settings = _group_settings(distributed)
+    for _ in range(LAUNCH_ATTEMPTS):  # a fork refused (CUDA initialised here before it) is retried, spawning
+        try:
+            group, limit, built = _start_building(StepperRecipe(make_stepper), [*catalog, LAYER_REPLAY], settings,
+                                                  where)
+        except LaunchFailure:
+            continue
+        except (RankFailure, GradckptUsageError):  # e.g. spawning needs what cannot be pickled
+            return None
+        return BuiltOnRanks(group, limit, built["layer_names"], built.get("skeleton"))
+    return None
+
+
+def _start_building(recipe: StepperRecipe, catalog: list[Any], settings: dict[str, Any],
+                    device: torch.device) -> tuple[RankGroup, TimeLimit, dict[str, Any]]:
+    """A group of ranks that each made the stepper from ``recipe`` (built the model), its time
+    limit, and rank 0's account of the build; raises :class:`RankFailure` (the group closed)."""
+    group = RankGroup(recipe, catalog, settings["world_size"], True, settings, device)
+    limit = TimeLimit(settings["timeout"], 0.0, first_floor=BUILD_FLOOR)
+    group.start()
+    try:
+        payloads = group.run(("build", None, None), limit, "building the model on the ranks")
+        failed = sorted((p["rank"], p) for p in payloads.values() if "error" in p)
+        if failed:
+            rank, first = failed[0]
+            kind = LaunchFailure if first.get("launch") else RankFailure
+            raise kind(f"rank {rank}: {first['error']}")
+    except RankFailure:
+        group.close(wait=False)
+        raise
+    limit.measured(max(p["wall"] for p in payloads.values()))
+    limit.build_seconds = max(p["built"]["build_seconds"] for p in payloads.values())
+    return group, limit, payloads[0]["built"]
 
 
 class Launcher:
@@ -55,13 +145,21 @@ class Launcher:
         ([None, None], 1, True, (4, 4))
     """
 
-    def __init__(self, stepper: Stepper, catalog: Sequence[Any] = ()):
+    def __init__(self, stepper: Stepper, catalog: Sequence[Any] = (), built: BuiltOnRanks | None = None):
         self.stepper = stepper
         self.catalog = [*catalog, LAYER_REPLAY]
-        self.settings = dict(stepper.distributed or DEFAULTS)
-        # Longer than the launcher's own limit, so a rank waiting on a hung peer is not the one blamed.
-        fixed = self.settings["timeout"]
-        self.settings["group_timeout"] = GROUP_TIMEOUT if fixed is None else 2 * fixed + 60
+        self.settings = _group_settings(stepper.distributed)
+        #: ranks that built the model before this process made its stepper (:func:`build_on_ranks`),
+        #: serving the distributed steps once they agree with it on the layers
+        self.built = built
+        #: how a fresh group builds the model again after a step broke the group that built it
+        self.recipe: StepperRecipe | None = None
+        if built is not None and (built.layer_names != stepper.layer_names or len(built.group.catalog) != len(
+                self.catalog) or any(a is not b for a, b in zip(built.group.catalog, self.catalog, strict=True))):
+            built.group.close(wait=False)  # not the model or catalog this check reads: start ranks as always
+            self.built = None
+        if self.built is not None:
+            self.recipe = self.built.group.stepper  # type: ignore[assignment]
         self.groups: dict[bool, RankGroup] = {}
         self.limits: dict[bool, TimeLimit] = {}
         #: rank groups started so far: one per check, unless a step broke its group
@@ -81,6 +179,9 @@ class Launcher:
 
     def close(self) -> None:
         """Stop every rank this launcher started (and with them every tensor they held)."""
+        if self.built is not None:
+            self.built.group.close()
+            self.built = None
         for group in self.groups.values():
             group.close()
         self.groups.clear()
@@ -107,7 +208,10 @@ class Launcher:
 
     def _on_ranks(self, scenario: Any, strategy: Any, grad_targets: Any) -> Run:
         distributed = bool(scenario.distributed)
-        group = self._group(distributed)
+        try:
+            group = self._group(distributed)
+        except RankFailure as failure:  # ranks that build the model failed to (retried when a launch failure)
+            return Run(error=failure)
         limit = self.limits[distributed]
         from torch.utils import deterministic
 
@@ -187,12 +291,21 @@ class Launcher:
         if group is not None:
             return group
         subject = self.stepper.subject
+        if distributed and self.recipe is not None:  # the ranks that built the model serve its steps
+            if self.built is not None:
+                group, self.limits[distributed], self.built = self.built.group, self.built.limit, None
+            else:  # a step broke that group: a fresh one builds it again (the skeleton here is no model to copy)
+                group, self.limits[distributed], _ = _start_building(self.recipe, self.catalog, self.settings,
+                                                                     subject.device)
+            self.groups[distributed] = group
+            self.launches += 1
+            return group
         world_size = self.settings["world_size"] if distributed else 1
         if distributed:
             refuse_unrunnable_world(self.settings, subject.device)
         subject.share_build()  # a CPU (or meta) build made here is what the ranks copy: one build per check
         subject.drop_spare()  # one built on a GPU must not sit there beside the ranks' own
-        group = RankGroup(self.stepper, self.catalog, world_size, distributed, self.settings)
+        group = RankGroup(self.stepper, self.catalog, world_size, distributed, self.settings, subject.device)
         group.start()
         self.groups[distributed] = group
         self.limits[distributed] = TimeLimit(self.settings["timeout"], subject.build_seconds)

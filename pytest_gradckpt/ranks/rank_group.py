@@ -3,8 +3,15 @@
 The ranks start once, meet once (a file store in a fresh temporary directory, so no port has
 to be found or can be raced for), and then run every step the check asks for (the two
 baseline runs and every strategy, under every distributed scenario) as commands, each
-answered with what the rank measured. Ranks are forked, or spawned when CUDA is involved
-(a process whose CUDA already ran cannot fork safely, and a forked child cannot use CUDA).
+answered with what the rank measured. Ranks are forked (no re-import, nothing pickled), GPU
+ranks included while this process has not initialised CUDA; spawned once it has (a process forked
+after CUDA was initialised cannot use it, nor can autograd's device threads survive the fork).
+A fork refused for that reason (:data:`FORK_REFUSED`) is a launch failure: the launcher retries,
+spawning.
+
+A group may also build the model itself (:class:`StepperRecipe`): the ranks of a check whose
+every step runs on them build it once each, and send back its :func:`skeleton` (the modules,
+their tensors on the meta device) for the checking process to read layers and names from.
 
 Each command has a time limit (:class:`TimeLimit`): the caller's fixed one, or one that
 scales with what was measured. A rank that outlives it, dies, or fails in a way that may
@@ -36,10 +43,17 @@ from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.pipeline.runs import Stepper
 
+#: Set once a forked GPU rank found it cannot use CUDA (this process had initialised the CUDA
+#: driver, e.g. through ``torch.cuda.is_available()``, before the fork): later groups spawn.
+FORK_REFUSED = "a forked rank cannot use CUDA (this process initialised it before the fork)"
+
 #: The first command's limit covers starting the ranks, importing, meeting and building the
 #: model: this many seconds, plus BUILD_FACTOR times the model's build measured here.
 FIRST_FLOOR = 300.0
 BUILD_FACTOR = 10.0
+#: Ranks that build the model themselves (``build`` command): nothing was measured yet, and a
+#: factory building a large model on the CPU may take minutes (the 1.1B Llama in bf16: 31 s).
+BUILD_FLOOR = 1800.0
 #: Later commands: STEP_FACTOR times the slowest command so far (build and step), at least FLOOR.
 FLOOR = 120.0
 STEP_FACTOR = 5.0
@@ -66,6 +80,8 @@ class TimeLimit:
     fixed: float | None
     build_seconds: float
     slowest: float = 0.0  # the slowest command so far, on its slowest rank
+    #: the first command's own allowance (BUILD_FLOOR where the ranks build the model in it; else FIRST_FLOOR)
+    first_floor: float | None = None
 
     def measured(self, seconds: float) -> None:
         self.slowest = max(self.slowest, seconds)
@@ -74,13 +90,15 @@ class TimeLimit:
         if self.fixed is not None:
             return self.fixed
         if not self.slowest:
-            return FIRST_FLOOR + BUILD_FACTOR * self.build_seconds
+            return (FIRST_FLOOR if self.first_floor is None else self.first_floor) + BUILD_FACTOR * self.build_seconds
         return max(FLOOR, STEP_FACTOR * self.slowest)
 
     def explain(self) -> str:
         if self.fixed is not None:
             return f"distributed={{'timeout': {self.fixed:g}}}"
         if not self.slowest:
+            if self.first_floor is not None:
+                return f"the limit for starting the ranks and building the model there: {self.first_floor:g} s"
             return (f"the first step's limit: {FIRST_FLOOR:g} s for starting the ranks plus {BUILD_FACTOR:g} x the "
                     f"model's build here ({self.build_seconds:.1f} s)")
         return f"{STEP_FACTOR:g} x the slowest step so far ({self.slowest:.1f} s, model build included), at least " \
@@ -95,17 +113,63 @@ class _Picklability(pickle.Pickler):
         return id(obj) if isinstance(obj, torch.Tensor) else None
 
 
+_fork_refused = False  # see FORK_REFUSED
+
+
 def start_method(chosen: str, cuda: bool) -> str:
-    """``fork`` where it is safe (cheap, and nothing needs pickling), else ``spawn``.
+    """``fork`` where it is safe (cheap: no re-import, nothing pickled), else ``spawn``: once CUDA
+    was initialised in this process, or a forked GPU rank found it could not use CUDA.
 
     Example:
         >>> start_method("auto", cuda=False), start_method("auto", cuda=True), start_method("spawn", cuda=False)
-        ('fork', 'spawn', 'spawn')
+        ('fork', 'fork', 'spawn')
     """
     if chosen != "auto":
         return chosen
     # Autograd's device threads do not survive a fork once CUDA ran in this process.
-    return "spawn" if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()) else "fork"
+    return "spawn" if torch.cuda.is_initialized() or (cuda and _fork_refused) else "fork"
+
+
+class StepperRecipe:
+    """How a rank makes the check's stepper itself, building the model there: ``make()`` returns
+    the :class:`~pytest_gradckpt.pipeline.runs.Stepper` (its subject's first model built by the factory).
+    A group handed a recipe answers its first command, ``("build", ...)``, with rank 0's
+    :func:`skeleton` of the model and the layer names found on it."""
+
+    def __init__(self, make: Any):
+        self.make = make
+
+
+class _Skeleton(pickle.Pickler):
+    """Pickles a module with every tensor in it replaced by a meta tensor of its shape and dtype."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return _meta_tensor, (tuple(obj.shape), obj.dtype, obj.requires_grad, isinstance(obj, torch.nn.Parameter))
+        return NotImplemented
+
+
+def _meta_tensor(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool, parameter: bool) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype, device="meta")
+    if parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_(requires_grad)
+
+
+def skeleton(model: torch.nn.Module) -> bytes:
+    """``model`` pickled with its tensors on the meta device: its modules, names, shapes, dtypes
+    and which parameters train, at the size of its structure (no weights travel).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+        >>> _ = net[1].weight.requires_grad_(False)
+        >>> copy = pickle.loads(skeleton(net))
+        >>> copy[0].weight.device.type, tuple(copy[0].weight.shape), copy[1].weight.requires_grad
+        ('meta', (3, 2), False)
+    """
+    buffer = io.BytesIO()
+    _Skeleton(buffer).dump(model)
+    return buffer.getvalue()
 
 
 class RankGroup:
@@ -117,9 +181,10 @@ class RankGroup:
     alone (a step isolated from the caller's process).
     """
 
-    def __init__(self, stepper: Stepper, catalog: Sequence[Any], world_size: int, forms_group: bool,
-                 settings: dict[str, Any]):
+    def __init__(self, stepper: Stepper | StepperRecipe, catalog: Sequence[Any], world_size: int, forms_group: bool,
+                 settings: dict[str, Any], device: torch.device):
         self.stepper, self.catalog, self.world_size = stepper, list(catalog), world_size
+        self.device = device
         self.forms_group, self.settings = forms_group, settings
         self.processes: list[Any] = []
         self.sequence = 0
@@ -134,8 +199,9 @@ class RankGroup:
         return bool(self.processes)
 
     def start(self) -> None:
-        cuda = self.stepper.subject.device.type == "cuda"
+        cuda = self.device.type == "cuda"
         method = start_method(self.settings["start_method"], cuda)
+        self.method = method
         if method == "spawn":
             try:
                 _Picklability(io.BytesIO()).dump((self.stepper, self.catalog))
@@ -152,7 +218,8 @@ class RankGroup:
         store = os.path.join(self.folder, "store") if self.forms_group else ""
         self.processes = [context.Process(target=serve, daemon=True,
                                           args=(rank, self.world_size, store, self.stepper, self.catalog,
-                                                self.commands[rank], self.results, self.settings, method == "fork"))
+                                                self.commands[rank], self.results, self.settings, method == "fork",
+                                                self.device))
                           for rank in range(self.world_size)]
         for process in self.processes:
             process.start()
@@ -188,6 +255,8 @@ class RankGroup:
                 if dead:
                     raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size) from None
                 continue
+            if payload.get("fork_refused"):
+                _refuse_fork()  # the launcher's retry spawns
             if payload["sequence"] != self.sequence:
                 continue  # an answer to an earlier command (cannot happen while groups are closed on failure)
             payloads[payload["rank"]] = payload
@@ -215,18 +284,32 @@ class RankGroup:
             self.folder = ""
 
 
-def serve(rank: int, world_size: int, store_path: str, stepper: Stepper, catalog: list[Any], commands: Any,
-          results: Any, settings: dict[str, Any], forked: bool) -> None:
+def _cuda_lost_in_fork(device: torch.device) -> bool:
+    """Whether this forked rank cannot use ``device``: CUDA, initialised by the parent before the fork."""
+    return device.type == "cuda" and torch.cuda._is_in_bad_fork()
+
+
+def _refuse_fork() -> None:
+    global _fork_refused
+    _fork_refused = True
+
+
+def serve(rank: int, world_size: int, store_path: str, stepper: Stepper | StepperRecipe, catalog: list[Any],
+          commands: Any, results: Any, settings: dict[str, Any], forked: bool, device: torch.device) -> None:
     """A rank's life: set up once, then run steps until told to stop (None)."""
     import torch.distributed as dist
 
+    state: dict[str, Any] = {"stepper": stepper}
     try:
-        cuda = stepper.subject.device.type == "cuda"
+        cuda = device.type == "cuda"
         # CPU ranks share the machine's cores; GPU ranks get a share each, for building the model.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size) if cuda else 1)
-        if cuda and store_path:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
-            stepper.subject.on_device(torch.device("cuda", rank))
+        if forked and _cuda_lost_in_fork(device):
+            state["refused"] = FORK_REFUSED  # answered to the first command: a launch failure, retried spawning
+        elif cuda and store_path:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
             torch.cuda.set_device(rank)
+            if isinstance(stepper, Stepper):
+                stepper.subject.on_device(torch.device("cuda", rank))
         parent = os.getppid()
         store: dict[int, dict[str, Any]] = {}  # rank 0's held runs: run id -> field -> name -> tensor
         while True:
@@ -239,7 +322,7 @@ def serve(rank: int, world_size: int, store_path: str, stepper: Stepper, catalog
             if item is None:
                 break
             sequence, command = item
-            payload = _answer(rank, world_size, store_path, stepper, catalog, command, settings, store)
+            payload = _answer(rank, world_size, store_path, state, catalog, command, settings, store)
             payload["sequence"] = sequence
             buffer = io.BytesIO()
             torch.save(payload, buffer)
@@ -254,9 +337,10 @@ def serve(rank: int, world_size: int, store_path: str, stepper: Stepper, catalog
             os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
 
 
-def _answer(rank: int, world_size: int, store_path: str, stepper: Stepper, catalog: list[Any],
+def _answer(rank: int, world_size: int, store_path: str, state: dict[str, Any], catalog: list[Any],
             command: tuple[Any, ...], settings: dict[str, Any], store: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """One command on this rank, as a payload: what was measured, or what went wrong."""
+    """One command on this rank, as a payload: what was measured, or what went wrong. ``state``:
+    the rank's stepper (or the recipe it builds it from, until the ``build`` command)."""
 
     payload: dict[str, Any] = {"rank": rank, "pid": os.getpid()}
     started = time.perf_counter()
@@ -264,7 +348,14 @@ def _answer(rank: int, world_size: int, store_path: str, stepper: Stepper, catal
         kind, run_id, body, released = command
         for gone in released:
             store.pop(gone, None)
-        if kind == "call":  # a function of held tensors (a comparison): computed here, its result sent
+        stepper = state["stepper"]
+        if "refused" in state:
+            payload.update(error=state["refused"], launch=True, fork_refused=True)
+        elif kind == "build":
+            _build(payload, rank, store_path, state)
+        elif isinstance(stepper, StepperRecipe):
+            raise RuntimeError("the ranks were asked to step before they built the model")
+        elif kind == "call":  # a function of held tensors (a comparison): computed here, its result sent
             function, args = body
             payload["value"] = function(*(held.resolve(a, store) for a in args)) if rank == 0 else None
         else:
@@ -273,6 +364,23 @@ def _answer(rank: int, world_size: int, store_path: str, stepper: Stepper, catal
         payload.update(describe_exception(error))
     payload["wall"] = time.perf_counter() - started
     return payload
+
+
+def _build(payload: dict[str, Any], rank: int, store_path: str, state: dict[str, Any]) -> None:
+    """The ``build`` command: this rank makes its stepper from the recipe (the factory runs here,
+    once), keeps the model on its device for the runs to copy, and rank 0 sends the skeleton."""
+    stepper = state["stepper"].make()
+    if store_path and stepper.subject.device.type == "cuda":  # the GPU serve chose for this rank
+        stepper.subject.on_device(torch.device("cuda", rank))
+    built = stepper.subject.peek()
+    payload["built"] = {"build_seconds": stepper.subject.build_seconds, "layer_names": stepper.layer_names}
+    if rank == 0:
+        try:
+            payload["built"]["skeleton"] = skeleton(built)
+        except Exception as error:  # noqa: BLE001 - the checking process then builds one of its own
+            payload["built"]["skeleton_error"] = f"{type(error).__name__}: {error}"
+    stepper.subject.keep_template_on_device()
+    state["stepper"] = stepper
 
 
 def _step(payload: dict[str, Any], rank: int, world_size: int, store_path: str, stepper: Stepper,

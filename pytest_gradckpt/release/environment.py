@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 from importlib import metadata
+from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 
@@ -36,11 +37,28 @@ def device_versions() -> dict[str, str]:
     if torch is None:
         return {}
     facts = {"cuda": str(torch.version.cuda or "none")}
-    if torch.cuda.is_available():
-        facts["device"] = torch.cuda.get_device_name(0)
+    if torch.cuda.device_count() > 0:  # asked without initialising CUDA here (the check forks its GPU ranks)
+        facts["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_initialized() else _nvml_name(torch)
     else:
         facts["device"] = "cpu"
     return facts
+
+
+def _nvml_name(torch: Any) -> str:
+    """The first visible GPU's name from NVML, which leaves CUDA uninitialised in this process
+    (``torch.cuda.get_device_name`` initialises it); through CUDA where NVML cannot tell."""
+    from ctypes import CDLL, byref, c_void_p, create_string_buffer
+
+    try:
+        nvml = CDLL("libnvidia-ml.so.1")
+        handle, name = c_void_p(), create_string_buffer(96)
+        if nvml.nvmlInit() == 0 and nvml.nvmlDeviceGetHandleByIndex_v2(
+                torch.cuda._get_nvml_device_index(0), byref(handle)) == 0 and nvml.nvmlDeviceGetName(
+                handle, name, 96) == 0:
+            return name.value.decode()
+    except Exception:  # noqa: BLE001 - no NVML, or torch's private helper moved: ask CUDA
+        pass
+    return str(torch.cuda.get_device_name(0))
 
 
 def versions() -> dict[str, str]:

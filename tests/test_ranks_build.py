@@ -1,0 +1,129 @@
+"""Ranks that build the model (issue 30): a check whose every step runs on ranks it starts lets
+each rank build the model once and reads the layers from a skeleton, never building it here.
+
+On the CPU the check shares its own build with forked ranks instead (``launcher.BUILD_ON_RANKS``
+holds only ``cuda``); these tests add ``cpu`` to run the GPU design on gloo.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import pytest_gradckpt as gc
+from pytest_gradckpt.ranks import launcher, rank_group
+from pytest_gradckpt.zoo.plain import TanhNet
+
+FAST = {"timeout": 60}
+
+
+def built_here(path: str) -> torch.nn.Module:
+    """The factory: notes which process built the model, one line per build."""
+    with open(path, "a") as log:
+        log.write(f"{os.getpid()}\n")
+    torch.manual_seed(0)
+    return TanhNet()
+
+
+class Unpicklable(TanhNet):
+    """A model whose skeleton cannot travel (a lambda among its attributes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook = lambda value: value
+
+
+def built_unpicklable(path: str) -> torch.nn.Module:
+    built_here(path)
+    torch.manual_seed(0)
+    return Unpicklable()
+
+
+def builders(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def check(factory, path: Path, scenario: str = "ddp", world_size: int = 2, **distributed):
+    inputs = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    return gc.check(functools.partial(factory, str(path)), inputs, device="cpu", scenarios=[scenario],
+                    strategies=["non_reentrant", "reentrant"], distributed={**FAST, "world_size": world_size,
+                                                                         **distributed})
+
+
+@pytest.fixture
+def on_ranks(monkeypatch):
+    monkeypatch.setattr(launcher, "BUILD_ON_RANKS", ("cuda", "cpu"))
+    monkeypatch.setattr(rank_group, "_fork_refused", False)
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp2"])
+def test_each_rank_builds_the_model_once_and_this_process_never(on_ranks, tmp_path, scenario):
+    log = tmp_path / "builds"
+    report = check(built_here, log, scenario)
+    assert {r.strategy: r.outcome for r in report.results} == {"non_reentrant": "pass", "reentrant": "pass"}
+    pids = builders(log)
+    assert os.getpid() not in pids  # the checking process read a skeleton, never the factory's model
+    assert len(pids) == len(set(pids)) == 2  # one build per rank, for the baseline's two runs and both strategies
+    assert report.model == "TanhNet" and report.baseline["layers"]
+
+
+def test_spawned_ranks_build_it_too(on_ranks, tmp_path):
+    log = tmp_path / "builds"
+    report = check(built_here, log, scenario="fsdp2", world_size=1, start_method="spawn")
+    assert {r.outcome for r in report.results} == {"pass"}
+    pids = builders(log)
+    assert os.getpid() not in pids and len(pids) == 1
+
+
+def test_on_the_cpu_the_check_builds_once_and_its_ranks_share_it(tmp_path):
+    log = tmp_path / "builds"
+    report = check(built_here, log)
+    assert {r.outcome for r in report.results} == {"pass"}
+    assert builders(log) == [os.getpid()]
+
+
+def test_a_skeleton_that_cannot_travel_is_built_here_instead(on_ranks, tmp_path):
+    log = tmp_path / "builds"
+    report = check(built_unpicklable, log, world_size=1)
+    assert {r.outcome for r in report.results} == {"pass"}
+    pids = builders(log)
+    assert pids.count(os.getpid()) == 1 and len(pids) == 2  # here (to read it) and on the rank
+
+
+def refuse_first_fork(device: torch.device) -> bool:
+    """Stands in for a parent that initialised CUDA before forking: the first forked rank cannot
+    use its device (the marker names it), the next one can."""
+    marker = Path(os.environ["GRADCKPT_TEST_REFUSE"])
+    if marker.exists():
+        marker.unlink()
+        return True
+    return False
+
+
+def test_a_refused_fork_is_retried_and_nothing_is_built_twice(on_ranks, tmp_path, monkeypatch):
+    marker = tmp_path / "refuse"
+    marker.touch()
+    monkeypatch.setenv("GRADCKPT_TEST_REFUSE", str(marker))
+    monkeypatch.setattr(rank_group, "_cuda_lost_in_fork", refuse_first_fork)
+    log = tmp_path / "builds"
+    report = check(built_here, log, scenario="fsdp2", world_size=1)
+    assert {r.outcome for r in report.results} == {"pass"}
+    assert rank_group._fork_refused  # later GPU groups of this process are spawned
+    assert not marker.exists() and len(builders(log)) == 1 and os.getpid() not in builders(log)
+
+
+def test_the_skeleton_keeps_names_shapes_ties_and_what_trains():
+    net = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    net[1].weight = net[0].weight  # tied, as input and output embeddings often are
+    net[0].weight.requires_grad_(False)
+    net.register_buffer("scale", torch.ones(2))
+    copy = pickle.loads(rank_group.skeleton(net))
+    assert copy[1].weight is copy[0].weight and not copy[0].weight.requires_grad
+    assert {n: (t.device.type, tuple(t.shape)) for n, t in copy.state_dict().items()} == {
+        "scale": ("meta", (2,)), "0.weight": ("meta", (5, 3)), "1.weight": ("meta", (5, 3))}
+    assert len(rank_group.skeleton(torch.nn.Linear(1000, 1000))) < 4096  # no weights travel
