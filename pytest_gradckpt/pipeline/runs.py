@@ -37,7 +37,7 @@ from pytest_gradckpt.pipeline.materialise import is_meta
 from pytest_gradckpt.pipeline.reused_copy import Reuse
 from pytest_gradckpt.pipeline.promises import Promise
 from pytest_gradckpt.pipeline.scenarios import Scenario
-from pytest_gradckpt.strategies import Strategy
+from pytest_gradckpt.strategies import Strategy, is_builtin
 
 M = TypeVar("M")
 
@@ -131,11 +131,9 @@ def _leaves_copy_fit(strategy: Strategy | None, run: Run) -> bool:
         >>> _leaves_copy_fit(Strategy.from_checkpoint_fn("mine", cp.checkpoint), Run())
         False
     """
-    from pytest_gradckpt.strategies import _STRATEGIES
-
     if isinstance(run.error, StrategyTimeout):
         return False
-    return strategy is None or any(strategy is builtin for builtin in _STRATEGIES.builtins)
+    return strategy is None or is_builtin(strategy)
 
 
 def freeze_input_embeddings(model: nn.Module) -> None:

@@ -36,8 +36,10 @@ def device_versions() -> dict[str, str]:
     torch = sys.modules.get("torch")
     if torch is None:
         return {}
+    from pytest_gradckpt.pipeline.tensors import cuda_present  # torch is imported by now
+
     facts = {"cuda": str(torch.version.cuda or "none")}
-    if torch.cuda.device_count() > 0:  # asked without initialising CUDA here (the check forks its GPU ranks)
+    if cuda_present():  # asked without initialising CUDA here (the check forks its GPU ranks)
         facts["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_initialized() else _nvml_name(torch)
     else:
         facts["device"] = "cpu"

@@ -122,6 +122,17 @@ def using_strategies(*strategies: Strategy) -> Iterator[tuple[Strategy, ...]]:
         yield _STRATEGIES.registered()
 
 
+def is_builtin(strategy: Strategy) -> bool:
+    """Whether ``strategy`` is one of the built-in strategy objects, not merely named like one.
+
+    Example:
+        >>> import torch.utils.checkpoint as cp
+        >>> is_builtin(get_strategy("non_reentrant")), is_builtin(Strategy.from_checkpoint_fn("non_reentrant", cp.checkpoint))
+        (True, False)
+    """
+    return any(strategy is builtin for builtin in _STRATEGIES.builtins)
+
+
 def registered_strategies() -> dict[str, Strategy]:
     """Every strategy in force by name, built-ins first, opt-in ones included."""
     return {strategy.name: strategy for strategy in _STRATEGIES.registered()}
