@@ -127,3 +127,27 @@ def test_the_skeleton_keeps_names_shapes_ties_and_what_trains():
     assert {n: (t.device.type, tuple(t.shape)) for n, t in copy.state_dict().items()} == {
         "scale": ("meta", (2,)), "0.weight": ("meta", (5, 3)), "1.weight": ("meta", (5, 3))}
     assert len(rank_group.skeleton(torch.nn.Linear(1000, 1000))) < 4096  # no weights travel
+
+
+def test_the_warm_up_asks_for_an_accelerator_through_nvml_so_gpu_ranks_can_still_be_forked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an H200 the check's warm-up (a checkpoint of CPU tensors) asked the CUDA runtime which
+    accelerator there is, and every GPU rank forked after it was refused CUDA (spawned instead,
+    7-10 s more per check). The question must be asked through NVML: torch's switch set while asked."""
+    from torch.utils.checkpoint import DefaultDeviceType
+
+    from pytest_gradckpt.pipeline import engine
+    from pytest_gradckpt.pipeline.process_state import NVML_BASED_CUDA_CHECK
+
+    asked_with: list[str | None] = []
+
+    def current_accelerator(check_available: bool = False) -> None:
+        asked_with.append(os.environ.get(NVML_BASED_CUDA_CHECK))
+        return None
+
+    monkeypatch.delenv(NVML_BASED_CUDA_CHECK, raising=False)
+    monkeypatch.setattr(DefaultDeviceType, "_default_device_type", None)  # as in a fresh process
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", current_accelerator)
+    engine._warm_up.__wrapped__()  # the function itself, not its once-per-process cache
+    assert asked_with and set(asked_with) == {"1"}
+    assert NVML_BASED_CUDA_CHECK not in os.environ  # put back after

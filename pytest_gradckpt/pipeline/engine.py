@@ -32,7 +32,8 @@ from pytest_gradckpt.ranks import held
 from pytest_gradckpt.pipeline.subject import Subject, tensor_bytes
 from pytest_gradckpt.ranks.distributed import describe_ranks, device_before_build, launched_from_outside, refuse_unrunnable_world
 from pytest_gradckpt.release.environment import versions
-from pytest_gradckpt.pipeline.process_state import deterministic_kernels, preserved_global_state
+from pytest_gradckpt.pipeline.process_state import (cuda_asked_through_nvml, deterministic_kernels,
+                                                     preserved_global_state)
 from pytest_gradckpt.ranks.launcher import Launcher, build_on_ranks
 from pytest_gradckpt.pipeline.units import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
@@ -52,12 +53,15 @@ def _warm_up() -> None:
 
     torch's first non-reentrant checkpoint in a process takes about a second
     (lazy imports); without this the first strategy checked would be billed for it.
+    A checkpoint of CPU tensors asks which accelerator there is: through NVML here, so the
+    check's GPU ranks can still be forked after it.
     """
     from pytest_gradckpt.strategies import non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint
 
     layer = nn.Linear(2, 2)
-    for checkpoint_fn in (non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint):
-        checkpoint_fn(layer, torch.ones(1, 2, requires_grad=True)).sum().backward()
+    with cuda_asked_through_nvml():
+        for checkpoint_fn in (non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint):
+            checkpoint_fn(layer, torch.ones(1, 2, requires_grad=True)).sum().backward()
 
 
 def _fingerprint(run: Run, scenario: Scenario) -> dict[str, Any]:

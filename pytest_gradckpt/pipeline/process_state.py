@@ -8,6 +8,7 @@ warning filters), made deterministic for the check (CUDA kernels, seeds), and bo
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import sys
@@ -19,7 +20,50 @@ from typing import Any
 import torch
 
 from pytest_gradckpt.errors import StrategyTimeout
-from pytest_gradckpt.pipeline.tensors import cuda_present
+
+#: torch's switch that makes ``torch.cuda.is_available()`` ask NVML instead of the CUDA runtime.
+NVML_BASED_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def cuda_present() -> bool:
+    """Whether CUDA devices are visible, asked without initialising CUDA in this process.
+
+    ``torch.cuda.is_available()`` initialises the CUDA driver here, after which a forked process
+    can no longer use CUDA; ``torch.cuda.device_count()`` asks NVML first. The check forks its
+    GPU ranks where it can (no re-import, no second build), so it asks this way.
+
+    Example:
+        >>> cuda_present() == (torch.cuda.device_count() > 0)
+        True
+    """
+    return torch.cuda.device_count() > 0
+
+
+@contextlib.contextmanager
+def cuda_asked_through_nvml() -> Iterator[None]:
+    """Within the block, ``torch.cuda.is_available()`` asks NVML, as :func:`cuda_present` does; the
+    environment is put back after. torch's checkpoint asks it when every argument is on the CPU
+    (``torch.accelerator.current_accelerator()``, which picks the device whose random state it
+    keeps); asked of the CUDA runtime, a GPU rank forked after it cannot use CUDA, and the check
+    would spawn its ranks (7-10 s more per check on an H200) for its own warm-up's sake.
+
+    Example:
+        >>> before = os.environ.get(NVML_BASED_CUDA_CHECK)
+        >>> with cuda_asked_through_nvml():
+        ...     os.environ[NVML_BASED_CUDA_CHECK]
+        '1'
+        >>> os.environ.get(NVML_BASED_CUDA_CHECK) == before
+        True
+    """
+    before = os.environ.get(NVML_BASED_CUDA_CHECK)
+    os.environ[NVML_BASED_CUDA_CHECK] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NVML_BASED_CUDA_CHECK, None)
+        else:
+            os.environ[NVML_BASED_CUDA_CHECK] = before
 
 
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:

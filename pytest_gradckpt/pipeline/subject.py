@@ -19,7 +19,8 @@ from pytest_gradckpt.compilation import compiled
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.pipeline.materialise import is_meta, to_device
 from pytest_gradckpt.settings import check_fraction, check_timeout, check_tolerance  # noqa: F401 - re-exported
-from pytest_gradckpt.pipeline.tensors import cuda_present, map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
+from pytest_gradckpt.pipeline.process_state import cuda_present
+from pytest_gradckpt.pipeline.tensors import map_tensors, tensor_bytes, tensor_leaves, tensors_in  # noqa: F401 - re-exported
 
 Inputs = Any  # Mapping[str, Tensor] | Sequence[Tensor] | Tensor | Callable[[], those]
 

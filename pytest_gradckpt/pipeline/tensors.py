@@ -87,16 +87,3 @@ def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
             found.update(tensor_leaves(item, f"{prefix}[{index}]"))
     return found
 
-
-def cuda_present() -> bool:
-    """Whether CUDA devices are visible, asked without initialising CUDA in this process.
-
-    ``torch.cuda.is_available()`` initialises the CUDA driver here, after which a forked process
-    can no longer use CUDA; ``torch.cuda.device_count()`` asks NVML first. The check forks its
-    GPU ranks where it can (no re-import, no second build), so it asks this way.
-
-    Example:
-        >>> cuda_present() == (torch.cuda.device_count() > 0)
-        True
-    """
-    return torch.cuda.device_count() > 0

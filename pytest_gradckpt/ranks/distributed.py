@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from pytest_gradckpt.pipeline.subject import model_device
-from pytest_gradckpt.pipeline.tensors import cuda_present, map_tensors, tensors_in
+from pytest_gradckpt.pipeline.process_state import cuda_present
+from pytest_gradckpt.pipeline.tensors import map_tensors, tensors_in
 from pytest_gradckpt.errors import GradckptUsageError, HarnessFailure, StrategyNotApplicable
 from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.probes import registry

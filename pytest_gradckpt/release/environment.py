@@ -36,7 +36,7 @@ def device_versions() -> dict[str, str]:
     torch = sys.modules.get("torch")
     if torch is None:
         return {}
-    from pytest_gradckpt.pipeline.tensors import cuda_present  # torch is imported by now
+    from pytest_gradckpt.pipeline.process_state import cuda_present  # torch is imported by now
 
     facts = {"cuda": str(torch.version.cuda or "none")}
     if cuda_present():  # asked without initialising CUDA here (the check forks its GPU ranks)
