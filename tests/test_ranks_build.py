@@ -95,21 +95,21 @@ def test_a_skeleton_that_cannot_travel_is_built_here_instead(on_ranks, tmp_path)
     assert pids.count(os.getpid()) == 1 and len(pids) == 2  # here (to read it) and on the rank
 
 
-def refuse_first_fork(device: torch.device) -> bool:
+def refuse_first_fork(device: torch.device) -> str | None:
     """Stands in for a parent that initialised CUDA before forking: the first forked rank cannot
     use its device (the marker names it), the next one can."""
     marker = Path(os.environ["GRADCKPT_TEST_REFUSE"])
     if marker.exists():
         marker.unlink()
-        return True
-    return False
+        return rank_group.FORK_REFUSED
+    return None
 
 
 def test_a_refused_fork_is_retried_and_nothing_is_built_twice(on_ranks, tmp_path, monkeypatch):
     marker = tmp_path / "refuse"
     marker.touch()
     monkeypatch.setenv("GRADCKPT_TEST_REFUSE", str(marker))
-    monkeypatch.setattr(rank_group, "_cuda_lost_in_fork", refuse_first_fork)
+    monkeypatch.setattr(rank_group, "_fork_unusable", refuse_first_fork)
     log = tmp_path / "builds"
     report = check(built_here, log, scenario="fsdp2", world_size=1)
     assert {r.outcome for r in report.results} == {"pass"}
@@ -136,8 +136,8 @@ def test_the_warm_up_asks_for_an_accelerator_through_nvml_so_gpu_ranks_can_still
     7-10 s more per check). The question must be asked through NVML: torch's switch set while asked."""
     from torch.utils.checkpoint import DefaultDeviceType
 
-    from pytest_gradckpt.pipeline import engine
     from pytest_gradckpt.pipeline.process_state import NVML_BASED_CUDA_CHECK
+    from pytest_gradckpt.strategies.checkpoint_functions import warm_up
 
     asked_with: list[str | None] = []
 
@@ -148,6 +148,20 @@ def test_the_warm_up_asks_for_an_accelerator_through_nvml_so_gpu_ranks_can_still
     monkeypatch.delenv(NVML_BASED_CUDA_CHECK, raising=False)
     monkeypatch.setattr(DefaultDeviceType, "_default_device_type", None)  # as in a fresh process
     monkeypatch.setattr(torch.accelerator, "current_accelerator", current_accelerator)
-    engine._warm_up.__wrapped__()  # the function itself, not its once-per-process cache
+    warm_up.__wrapped__()  # the function itself, not its once-per-process cache
     assert asked_with and set(asked_with) == {"1"}
     assert NVML_BASED_CUDA_CHECK not in os.environ  # put back after
+
+
+def fail_to_set_up(*args: object) -> None:
+    raise RuntimeError("CUDA error: initialization error (planted)")
+
+
+def test_a_rank_that_cannot_set_up_is_a_harness_error_never_a_skip(on_ranks, tmp_path, monkeypatch):
+    """On an H200 a forked rank whose set-up raised left with exit code 0 and no word; the check
+    called every strategy ``skipped`` ("the model itself fails under fsdp2"). The forked rank now
+    answers with the error, and nothing is judged."""
+    monkeypatch.setattr(rank_group, "_set_up", fail_to_set_up)  # inherited by forked ranks only
+    report = check(built_here, tmp_path / "builds", scenario="fsdp2", world_size=1)
+    assert {r.outcome for r in report.results} == {"error"}
+    assert all("initialization error (planted)" in r.message for r in report.results)

@@ -32,8 +32,7 @@ from pytest_gradckpt.ranks import held
 from pytest_gradckpt.pipeline.subject import Subject, tensor_bytes
 from pytest_gradckpt.ranks.distributed import describe_ranks, device_before_build, launched_from_outside, refuse_unrunnable_world
 from pytest_gradckpt.release.environment import versions
-from pytest_gradckpt.pipeline.process_state import (cuda_asked_through_nvml, deterministic_kernels,
-                                                     preserved_global_state)
+from pytest_gradckpt.pipeline.process_state import deterministic_kernels, preserved_global_state
 from pytest_gradckpt.ranks.launcher import Launcher, build_on_ranks
 from pytest_gradckpt.pipeline.units import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
@@ -45,23 +44,7 @@ from pytest_gradckpt.pipeline.runs import Run, Stepper
 from pytest_gradckpt.pipeline.scenarios import Scenario, resolve_scenarios
 from pytest_gradckpt.spec import DEFAULT_TIMEOUT, CheckSpec
 from pytest_gradckpt.strategies import Strategy, resolve_strategies
-
-
-@functools.cache
-def _warm_up() -> None:
-    """Run each checkpoint mechanism once on a toy layer, once per process (the cache).
-
-    torch's first non-reentrant checkpoint in a process takes about a second
-    (lazy imports); without this the first strategy checked would be billed for it.
-    A checkpoint of CPU tensors asks which accelerator there is: through NVML here, so the
-    check's GPU ranks can still be forked after it.
-    """
-    from pytest_gradckpt.strategies import non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint
-
-    layer = nn.Linear(2, 2)
-    with cuda_asked_through_nvml():
-        for checkpoint_fn in (non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint):
-            checkpoint_fn(layer, torch.ones(1, 2, requires_grad=True)).sum().backward()
+from pytest_gradckpt.strategies.checkpoint_functions import warm_up
 
 
 def _fingerprint(run: Run, scenario: Scenario) -> dict[str, Any]:
@@ -185,13 +168,14 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
     # The per-op probes only where a judged promise reads them: their dispatch modes cost more than the steps.
     with preserved_global_state(), registry.using(*registry.lean(_read_per_op(plan.strategies)), only=True), \
             _older_objects_left_to_refcounting():
-        _warm_up()
         catalog = [*plan.strategies, *plan.scenarios]
         # Every step on ranks the check starts: they start now and build the model, not this process.
         built = build_on_ranks(model, functools.partial(_rank_stepper, model, inputs, loss,
                                                         dataclasses.replace(plan, cache=None)),
                                spec.device, spec.distributed.as_dict(), all(s.distributed for s in plan.scenarios),
                                catalog)
+        if built is None:  # else the ranks step and warmed up themselves: autograd here would stop forking
+            warm_up()
         try:
             stepper, isolated = _stepper(model if built is None else built.model(model), inputs, loss, plan)
         except BaseException:

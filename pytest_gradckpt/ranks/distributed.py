@@ -389,6 +389,8 @@ def death(rank: int, code: int | None, ranks: int) -> RankFailure:
         'the step crashed its process: SIGSEGV (a fault in native code)'
         >>> type(death(1, -9, 2)).__name__
         'LaunchFailure'
+        >>> str(death(0, 0, 1))  # a step that raises is answered, even SystemExit: this is the harness's
+        'rank 0 ended without answering (exit code 0)'
     """
     if code is not None and code < 0:
         sig = signal.Signals(-code)
@@ -396,6 +398,8 @@ def death(rank: int, code: int | None, ranks: int) -> RankFailure:
             where = "the step crashed its process" if ranks == 1 else f"rank {rank} crashed"
             return StepCrashed(f"{where}: {sig.name} (a fault in native code)")
         return LaunchFailure(f"rank {rank} was killed by {sig.name}")
+    if code == 0:
+        return LaunchFailure(f"rank {rank} ended without answering (exit code 0)")
     return RankFailure(f"rank {rank} died with exit code {code}")
 
 

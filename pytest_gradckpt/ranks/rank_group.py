@@ -42,6 +42,7 @@ from pytest_gradckpt.ranks.distributed import Parallel, RankTimeout, death, desc
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.pipeline.runs import Stepper
+from pytest_gradckpt.strategies.checkpoint_functions import warm_up
 
 #: Set once a forked GPU rank found it cannot use CUDA (this process had initialised the CUDA
 #: driver, e.g. through ``torch.cuda.is_available()``, before the fork): later groups spawn.
@@ -284,9 +285,39 @@ class RankGroup:
             self.folder = ""
 
 
-def _cuda_lost_in_fork(device: torch.device) -> bool:
-    """Whether this forked rank cannot use ``device``: CUDA, initialised by the parent before the fork."""
-    return device.type == "cuda" and torch.cuda._is_in_bad_fork()
+def _fork_unusable(device: torch.device) -> str | None:
+    """Why this forked rank cannot train on ``device`` (None: it can). torch refuses CUDA in a child
+    forked after the parent initialised it, and autograd in one forked after the parent's first
+    backward (which asks the CUDA runtime for its devices); neither is visible from the parent,
+    so the rank tries both once, on a toy tensor."""
+    if device.type != "cuda":
+        return None
+    if torch.cuda._is_in_bad_fork():
+        return FORK_REFUSED
+    try:
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        (torch.ones(1, device=device, requires_grad=True) * 2).sum().backward()
+    except Exception as error:  # noqa: BLE001 - any failure here is the fork's: a spawned rank starts clean
+        return f"{FORK_REFUSED}: {type(error).__name__}: {error}"[:500]
+    return None
+
+
+def _set_up(rank: int, store_path: str, stepper: Stepper | StepperRecipe, forked: bool, device: torch.device,
+            state: dict[str, Any]) -> None:
+    """The rank's device: one GPU per rank, as torchrun gives it (an isolated step keeps the check's
+    device); a forked rank that cannot use it says so (``state["refused"]``)."""
+    cuda = device.type == "cuda"
+    own = torch.device("cuda", rank) if cuda and store_path else device
+    refused = _fork_unusable(own) if forked else None
+    if refused:
+        state["refused"] = refused  # answered to the first command: a launch failure, retried spawning
+    elif cuda and store_path:
+        torch.cuda.set_device(rank)
+        if isinstance(stepper, Stepper):
+            stepper.subject.on_device(own)
+    if not refused:
+        warm_up()  # a no-op where forked from a warmed process; the check warms up only when it steps itself
 
 
 def _refuse_fork() -> None:
@@ -304,12 +335,10 @@ def serve(rank: int, world_size: int, store_path: str, stepper: Stepper | Steppe
         cuda = device.type == "cuda"
         # CPU ranks share the machine's cores; GPU ranks get a share each, for building the model.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size) if cuda else 1)
-        if forked and _cuda_lost_in_fork(device):
-            state["refused"] = FORK_REFUSED  # answered to the first command: a launch failure, retried spawning
-        elif cuda and store_path:  # one GPU per rank, as torchrun gives it; an isolated step keeps the check's device
-            torch.cuda.set_device(rank)
-            if isinstance(stepper, Stepper):
-                stepper.subject.on_device(torch.device("cuda", rank))
+        try:
+            _set_up(rank, store_path, stepper, forked, device, state)
+        except Exception as error:  # noqa: BLE001 - answered to the first command, not lost with the process
+            state["set_up_failed"] = describe_exception(error)
         parent = os.getppid()
         store: dict[int, dict[str, Any]] = {}  # rank 0's held runs: run id -> field -> name -> tensor
         while True:
@@ -351,6 +380,8 @@ def _answer(rank: int, world_size: int, store_path: str, state: dict[str, Any], 
         stepper = state["stepper"]
         if "refused" in state:
             payload.update(error=state["refused"], launch=True, fork_refused=True)
+        elif "set_up_failed" in state:
+            payload.update(state["set_up_failed"], launch=True)
         elif kind == "build":
             _build(payload, rank, store_path, state)
         elif isinstance(stepper, StepperRecipe):

@@ -183,3 +183,26 @@ def sac_offload_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     from torch.utils.checkpoint import checkpoint
 
     return checkpoint(function, *args, use_reentrant=False, context_fn=_sac_offload_contexts)
+
+
+@functools.cache
+def warm_up() -> None:
+    """Run each checkpoint mechanism once on a toy layer, once per process (the cache).
+
+    torch's first non-reentrant checkpoint in a process takes about a second (lazy imports);
+    without this the first strategy checked would be billed for it. A checkpoint of CPU tensors
+    asks which accelerator there is: through NVML here, so that GPU ranks forked after it can
+    still use CUDA. Its backward starts autograd's device threads, after which a forked
+    process cannot run autograd: a check that forks GPU ranks warms them up instead of itself.
+
+    Example:
+        >>> warm_up()
+    """
+    import torch
+
+    from pytest_gradckpt.pipeline.process_state import cuda_asked_through_nvml
+
+    layer = torch.nn.Linear(2, 2)
+    with cuda_asked_through_nvml():
+        for checkpoint_fn in (non_reentrant_checkpoint, reentrant_checkpoint, sac_checkpoint):
+            checkpoint_fn(layer, torch.ones(1, 2, requires_grad=True)).sum().backward()
