@@ -65,7 +65,7 @@ def main() -> int:
                          ("envelope_machine", "from benchmarks import envelope; envelope.machine()"),
                          ("autocast_state", "from pytest_gradckpt.pipeline.process_state import _autocast_state; "
                                             "_autocast_state()"),
-                         ("warm_up", "from pytest_gradckpt.pipeline.engine import _warm_up; _warm_up()")):
+                         ("warm_up", "from pytest_gradckpt.strategies.checkpoint_functions import warm_up; warm_up()")):
         facts[f"fork_after_{name}"] = _fork_probe(before)
     if "--fork-only" in sys.argv:  # the fork probes alone take seconds; the builds below a minute
         print(json.dumps(facts), flush=True)
