@@ -18,7 +18,7 @@ from typing import Any
 
 from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.strategies import Strategy
-from pytest_gradckpt.strategies.one_module import import_one_module
+from pytest_gradckpt.strategies.one_module import import_one_module, library_refusal
 
 MODULE = "llamafactory.model.model_utils.checkpointing"
 
@@ -53,16 +53,8 @@ class LlamaFactoryCheckpointing(Strategy):
                             f"use_reentrant_gc={use_reentrant_gc})")
 
     def applies_to(self, info: ModelInfo) -> str | None:
-        try:
-            checkpointing_module()
-        except ImportError as error:
-            return str(error)
-        if info.hf_model is None:
-            return "not a transformers model: LLaMA-Factory checkpoints transformers models"
-        device = next((p.device for p in info.model.parameters()), None)
-        if self.use_unsloth_gc and (device is None or device.type != "cuda"):
-            return "use_unsloth_gc moves hidden states back to 'cuda' in backward: it runs on CUDA only"
-        return None
+        cuda_only = "use_unsloth_gc moves hidden states back to 'cuda' in backward: it runs on CUDA only"
+        return library_refusal(checkpointing_module, info, "LLaMA-Factory", cuda_only if self.use_unsloth_gc else None)
 
     def apply(self, info: ModelInfo) -> None:
         arguments = types.SimpleNamespace(  # the fields of LLaMA-Factory's ModelArguments that it reads

@@ -12,8 +12,12 @@ import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.pipeline.units import ModelInfo
 
 
 def import_one_module(module: str, package: str, distribution: str, missing: str) -> Any:
@@ -49,3 +53,31 @@ def import_one_module(module: str, package: str, distribution: str, missing: str
             sys.modules.pop(package, None)
             for name in [n for n in sys.modules if n.startswith(package + ".") and sys.modules[n] is None]:
                 sys.modules.pop(name)
+
+
+def library_refusal(load: Callable[[], Any], info: ModelInfo, library: str, cuda_only: str | None = None) -> str | None:
+    """Why a library's own checkpointing does not apply to ``info``'s model (None: it does): its
+    module cannot be imported (``load()`` raises ImportError), the model is not a transformers
+    model, or, where ``cuda_only`` gives the reason, the model is not on CUDA.
+
+    Example:
+        >>> import torch
+        >>> from pytest_gradckpt.pipeline.units import ModelInfo
+        >>> info = ModelInfo(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["0"])
+        >>> library_refusal(lambda: None, info, "Lib")
+        'not a transformers model: Lib checkpoints transformers models'
+        >>> def absent() -> None:
+        ...     raise ImportError("lib is not installed (pip install lib)")
+        >>> library_refusal(absent, info, "Lib")
+        'lib is not installed (pip install lib)'
+    """
+    try:
+        load()
+    except ImportError as error:
+        return str(error)
+    if info.hf_model is None:
+        return f"not a transformers model: {library} checkpoints transformers models"
+    device = next((p.device for p in info.model.parameters()), None)
+    if cuda_only is not None and (device is None or device.type != "cuda"):
+        return cuda_only
+    return None

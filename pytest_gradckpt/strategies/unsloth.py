@@ -29,7 +29,7 @@ import torch
 
 from pytest_gradckpt.pipeline.units import ModelInfo
 from pytest_gradckpt.strategies import Strategy
-from pytest_gradckpt.strategies.one_module import import_one_module
+from pytest_gradckpt.strategies.one_module import import_one_module, library_refusal
 
 MODULE = "unsloth_zoo.gradient_checkpointing"
 
@@ -69,16 +69,8 @@ class UnslothCheckpointing(Strategy):
                    "checkpointing + gradient_checkpointing_enable: hidden states offloaded to host, layers recomputed)")
 
     def applies_to(self, info: ModelInfo) -> str | None:
-        try:
-            checkpointing_module()
-        except ImportError as error:
-            return str(error)
-        if info.hf_model is None:
-            return "not a transformers model: Unsloth checkpoints transformers models"
-        device = next((p.device for p in info.model.parameters()), None)
-        if device is None or device.type != "cuda":
-            return "Unsloth's checkpointing keeps its offload buffers on CUDA: it runs on CUDA only"
-        return None
+        return library_refusal(checkpointing_module, info, "Unsloth",
+                               "Unsloth's checkpointing keeps its offload buffers on CUDA: it runs on CUDA only")
 
     def apply(self, info: ModelInfo) -> None:
         module = checkpointing_module()
