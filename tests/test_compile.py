@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import pytest_gradckpt as gc
 from pytest_gradckpt.compilation import compiled
 from pytest_gradckpt.errors import GradckptUsageError
+from pytest_gradckpt.strategies.base import Units
 from tests import mutations
 from tests.models import DropoutNet
 
@@ -695,3 +696,78 @@ def test_a_regionally_compiled_transformers_model():
     (result,) = gc.check(model, {"input_ids": ids, "labels": ids}, strategies=["non_reentrant"]).results
     assert result.outcome == "pass", result.message
     assert result.metrics["compiled"]["kind"] == "regional" and result.metrics["recomputed_regions"] > 0, result.metrics
+
+
+class CheckpointingInCall(torch.nn.Module):
+    """A block that checkpoints in its own ``__call__``, as transformers <= 5.22's decoder layers do
+    (``GradientCheckpointingLayer.__call__``), here without preserving the RNG state."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.checkpointing = False
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + torch.nn.functional.dropout(self.down(torch.tanh(self.up(hidden))), 0.2, self.training)
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204 - Module.__call__'s signature
+        if self.checkpointing:
+            return checkpoint(super().__call__, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class CallStack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(CheckpointingInCall() for _ in range(3))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+class SwitchInCall(gc.Strategy):
+    """The model's own switch: every block checkpoints in its ``__call__``."""
+
+    name, description, recomputes = "switch_in_call", "each block's own __call__ checkpoints", True
+    units = Units.OWN
+
+    def apply(self, info) -> None:  # noqa: ANN001 - ModelInfo
+        for module in info.model.modules():
+            if isinstance(module, CheckpointingInCall):
+                module.checkpointing = True
+
+
+def call_stack(how: str) -> CallStack:
+    torch.manual_seed(0)
+    model = CallStack()
+    for index, block in enumerate(model.blocks):
+        if how == "regional":
+            model.blocks[index] = torch.compile(block, backend="aot_eager")
+        else:
+            block.compile(backend="aot_eager")
+    return model
+
+
+def plain_call_stack_grads(how: str, checkpointing: bool) -> torch.Tensor:
+    torch._dynamo.reset()
+    model = call_stack(how)
+    for module in model.modules():
+        if isinstance(module, CheckpointingInCall):
+            module.checkpointing = checkpointing
+    torch.manual_seed(0)
+    model(torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1))).square().mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize(("how", "truth"), [("regional", "pass"), ("per_block", "mismatch")])
+def test_a_checkpoint_in_a_blocks_own_call_sits_where_the_callers_compile_puts_it(how, truth):
+    # transformers 5.22, regional compile, the switch with preserve_rng_state=False: plain torch 0.0,
+    # the check 'mismatch' at 0.436, because the check compiled its copies per block (checkpoint
+    # eager, around the compiled call) where torch.compile(block) compiles the class's __call__ too.
+    moved = _relative(plain_call_stack_grads(how, True), plain_call_stack_grads(how, False))
+    assert ("pass" if moved == 0.0 else "mismatch" if moved > 1e-2 else "unclear") == truth, moved
+    inputs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1))
+    (result,) = gc.check(call_stack(how), inputs, strategies=[SwitchInCall()]).results
+    assert result.outcome == truth, result.message

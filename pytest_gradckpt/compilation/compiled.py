@@ -87,6 +87,10 @@ class Compilation:
     #: module name -> the dynamo context that compiled it ("" is the whole model)
     blocks: dict[str, Any]
     order: str = COMPILE_OUTSIDE
+    #: the names compiled as ``torch.compile(block)``: their whole call is compiled, a class's own
+    #: ``__call__`` included (transformers <= 5.22 checkpoints there), where ``block.compile()``
+    #: compiles only what ``nn.Module.__call__`` runs
+    wrapped: frozenset[str] = frozenset()
 
     def ordered(self, order: str | None) -> Compilation:
         """This compilation with checkpoints placed by ``order`` (one of :data:`ORDERS`; None keeps it)."""
@@ -104,6 +108,7 @@ class Compilation:
         """How ``model`` was compiled, or None when nothing in it is."""
         optimized = _optimized_module_type()
         blocks: dict[str, Any] = {}
+        wrapped: set[str] = set()
         kind = None
         if isinstance(model, optimized):
             blocks[""], kind = model.dynamo_ctx, WHOLE
@@ -111,11 +116,12 @@ class Compilation:
         for name, module in _eager_named_modules(model):
             if isinstance(module, optimized):
                 blocks[name] = module.dynamo_ctx
+                wrapped.add(name)
                 kind = kind or REGIONAL
             elif module._compiled_call_impl is not None:
                 blocks[name] = _dynamo_context(module._compiled_call_impl)
                 kind = kind or PER_BLOCK
-        return None if kind is None else Compilation(kind, blocks)
+        return None if kind is None else Compilation(kind, blocks, wrapped=frozenset(wrapped))
 
     def backend(self) -> str:
         """The compiler backend's name, e.g. ``inductor`` or ``aot_eager``."""
@@ -144,9 +150,33 @@ class Compilation:
         for name, ctx in self.blocks.items():
             if self.order == CHECKPOINT_OUTSIDE:
                 _compile_body(before[name], ctx)
+            elif name in self.wrapped:
+                _compile_whole_call(_sitting_at(model, name, before[name]), ctx)
             else:
                 module = _sitting_at(model, name, before[name])
                 module._compiled_call_impl = _seen_in_backward(module, ctx(module._call_impl))
+
+
+def _compile_whole_call(module: nn.Module, ctx: Any) -> None:
+    """Compile ``module``'s whole call as ``torch.compile(module)`` does, in place (its name stays
+    the eager one): a class's own ``__call__`` (transformers <= 5.22's checkpoint) runs inside the
+    compiled code, as in the caller's program. The wrapper binds ``module.__call__`` now, then this
+    copy's class gets a ``__call__`` that calls the wrapper (the class of the engine's copy, never
+    the caller's)."""
+    from pytest_gradckpt.pipeline.units import CompiledCall
+
+    wrapper = _optimized_module_type()(module, ctx)
+    call = _seen_in_backward(module, wrapper)
+    base = type(module)
+
+    def compiled_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self is not module:  # a deep copy keeps this class, and the call would run on the original
+            raise RuntimeError(f"a copy of the compiled block {base.__name__} was called; compile each copy "
+                               "again (Compilation.apply), do not copy a compiled one")
+        return call(*args, **kwargs)
+
+    module.__class__ = type(base.__name__, (base, CompiledCall), {
+        "__call__": compiled_call, "__module__": base.__module__, "__qualname__": base.__qualname__})
 
 
 def _seen_in_backward(module: nn.Module, compiled_call: Any) -> Any:

@@ -311,9 +311,31 @@ def _counted_body(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...]
 
 def _holds_compiled_code(layer: nn.Module) -> bool:
     """Whether running ``layer`` runs compiled code: a compiled body, or a compiled module inside it."""
-    record = instrumented(layer)
-    return (record is not None and record.compiled_body) or any(
-        module._compiled_call_impl is not None or hasattr(module, "_orig_mod") for module in layer.modules())
+    return any(runs_compiled(module) for module in layer.modules())
+
+
+class CompiledCall:
+    """Marks a module of the engine's copy whose whole call the check compiled, in place, as the
+    caller's ``torch.compile(block)`` did (:func:`pytest_gradckpt.compilation.compiled.apply`)."""
+
+
+def runs_compiled(module: nn.Module) -> bool:
+    """Whether calling ``module`` itself runs compiled code (a dispatch mode must not be active
+    while dynamo traces): an ``OptimizedModule``, a compiled call (``module.compile()``, or the
+    whole call compiled in place), or an engine unit whose body the check compiled below its eager
+    checkpoint (``compile_order='checkpoint_outside'``).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> runs_compiled(lin)
+        False
+        >>> lin.compile(backend="eager")
+        >>> runs_compiled(lin)
+        True
+    """
+    record = instrumented(module)
+    return (type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+            or isinstance(module, CompiledCall) or (record is not None and record.compiled_body))
 
 
 @torch.compiler.disable

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_gradckpt.pipeline.units import instrumented
+from pytest_gradckpt.pipeline.units import runs_compiled
 from pytest_gradckpt.probes.backward_calls import in_backward
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
@@ -74,13 +74,7 @@ def compiled_model(model: torch.nn.Module) -> bool:
     """Whether any module of ``model`` runs compiled code (a dispatch mode must not be active while
     dynamo traces): an ``OptimizedModule``, a compiled call, or an engine unit whose body the check
     compiled below its eager checkpoint (``compile_order='checkpoint_outside'``)."""
-    return any(_runs_compiled(m) for m in model.modules())
-
-
-def _runs_compiled(module: torch.nn.Module) -> bool:
-    record = instrumented(module)
-    return (type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
-            or (record is not None and record.compiled_body))
+    return any(runs_compiled(m) for m in model.modules())
 
 
 @dataclasses.dataclass
