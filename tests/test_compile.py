@@ -104,24 +104,30 @@ def test_an_eager_checkpoint_around_a_compiled_block_is_seen_recomputing():
     # compile is the compiled call: the recompute calls the compiled block again during backward,
     # where the backward-calls probe's module hook runs inside compiled code and saw nothing (on the
     # H200 every correct strategy per block was a false 'not_applied': 0 regions traced, 0 recomputed).
-    from pytest_gradckpt.probes.backward_calls import BackwardCalls
+    from pytest_gradckpt.pipeline.runs import prepare_copy
+    from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 
     model, inputs = subject("per_block", "aot_eager")
     found = compiled.Compilation.of(model)
-    copied = compiled.eager_copy(model)
-    found.apply(copied, found.targets(copied))
-    with BackwardCalls({id(m): n for n, m in copied.named_modules()}) as seen:
-        hidden = inputs
-        for block in copied.blocks:
-            hidden = checkpoint(block, hidden, use_reentrant=False)
-        hidden.square().mean().backward()
-    assert {"blocks.0", "blocks.1", "blocks.2"} <= seen.names, seen.names
-    with BackwardCalls({id(m): n for n, m in copied.named_modules()}) as seen:  # no checkpoint: no recompute
-        hidden = inputs
-        for block in copied.blocks:
-            hidden = block(hidden)
-        hidden.square().mean().backward()
-    assert not seen.names & {"blocks.0", "blocks.1", "blocks.2"}, seen.names
+    blocks = ["blocks.0", "blocks.1", "blocks.2"]
+
+    def seen_in_backward(checkpointed: bool) -> set[str]:
+        # The run's copy and probes, as a step prepares them; the compiled calls reach the run's own
+        # backward-calls probe through the copy's units (no state shared between runs).
+        copied = compiled.eager_copy(model)
+        prepared = prepare_copy(copied, blocks, "given", torch.device("cpu"))
+        found.apply(copied, found.targets(copied))
+        probe = prepared.view.probe(BackwardCallsProbe)
+        with probe.around_step():
+            hidden = inputs
+            for block in copied.blocks:
+                hidden = checkpoint(block, hidden, use_reentrant=False) if checkpointed else block(hidden)
+            hidden.square().mean().backward()
+        prepared.probes.detach()
+        return probe.calls.names
+
+    assert set(blocks) <= seen_in_backward(True)
+    assert not seen_in_backward(False) & set(blocks)  # no checkpoint: no recompute
 
 
 def test_faults_caught_under_compile_checkpoint_outside():

@@ -24,13 +24,16 @@ import dataclasses
 import shutil
 import sysconfig
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pytest_gradckpt import settings
 from pytest_gradckpt.errors import GradckptUsageError
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.probes.unit_counter import LayerCounter
 
 WHOLE, PER_BLOCK, REGIONAL = "whole", "per_block", "regional"
 
@@ -137,27 +140,31 @@ class Compilation:
         compile outside: whatever module now sits at each name (a checkpoint wrapper included)."""
         from pytest_gradckpt.pipeline.units import instrumented
 
+        counter = None  # the run's counter: every unit of the copy carries the same one
         for module in model.modules():  # dynamo tracing a unit now means the caller's compiled program
             record = instrumented(module)
             if record is not None:
                 record.caller_compiled = True
+                counter = record.counter
         for name, ctx in self.blocks.items():
             if self.order == CHECKPOINT_OUTSIDE:
                 _compile_body(before[name], ctx)
             else:
                 module = _sitting_at(model, name, before[name])
-                module._compiled_call_impl = _seen_in_backward(module, ctx(module._call_impl))
+                module._compiled_call_impl = _seen_in_backward(module, ctx(module._call_impl), counter)
 
 
-def _seen_in_backward(module: nn.Module, compiled_call: Any) -> Any:
+def _seen_in_backward(module: nn.Module, compiled_call: Any, counter: LayerCounter | None) -> Any:
     """``compiled_call`` (a block's compiled ``_call_impl``), with each call made during backward
-    shown to the backward-calls probe (an eager checkpoint around the compiled block recomputes it
-    that way; module hooks run inside the compiled code, where the probe sees nothing). The call
-    itself is unchanged: what runs compiled is the caller's program."""
-    from pytest_gradckpt.probes.backward_calls import note_compiled_call
+    shown to the run's backward-calls probe, reached through the run's unit counter (an eager
+    checkpoint around the compiled block recomputes it that way; module hooks run inside the
+    compiled code, where the probe sees nothing). The call itself is unchanged: what runs compiled
+    is the caller's program."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        note_compiled_call(module)
+        seen = None if counter is None else counter.backward_calls
+        if seen is not None:
+            seen.note_compiled_call(module)
         return compiled_call(*args, **kwargs)
 
     return call
