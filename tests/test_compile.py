@@ -288,6 +288,50 @@ def test_tiny_blocks_under_compile_are_no_false_alarm(how):
         assert results["non_reentrant"].metrics["recomputed_regions"] >= 1, results["non_reentrant"].metrics
 
 
+@pytest.mark.parametrize("how", ["per_block", "whole"])
+def test_recomputing_backward_executions_are_counted_per_execution(how):
+    # The regions are counted per compiled graph (per block: one graph for three identical blocks);
+    # executions count each time backward runs a compiled graph that recomputes a region.
+    model, inputs = subject(how, "aot_eager")
+    report = gc.check(model, inputs, strategies=["non_reentrant", strategy(mutations.not_checkpointing)])
+    results = {r.strategy: r for r in report.results}
+    checkpointed, plain = results["non_reentrant"].metrics, results["not_checkpointing"].metrics
+    # Ground truth in plain torch, apart from the check: the profiler's autograd events say how many
+    # times backward ran a compiled graph, each block checkpointed inside compiled code (3 per block,
+    # 1 whole-model); without checkpointing the graphs hold no region, so none recomputes.
+    truth = _compiled_backward_runs(how, lambda f, x: checkpoint(f, x, use_reentrant=False))
+    assert truth == (3 if how == "per_block" else 1)
+    assert checkpointed["recomputed_regions"] >= 1, checkpointed
+    assert checkpointed["compiled_backward_executions"] == checkpointed["recomputing_backward_executions"] == truth
+    assert plain["checkpoint_regions"] == plain["recomputing_backward_executions"] == 0, plain
+    assert plain["compiled_backward_executions"] == _compiled_backward_runs(how, None) == truth
+
+
+def _compiled_backward_runs(how: str, wrap) -> int:
+    """Plain torch: how many times one backward of the tests' DropoutNet runs a compiled graph
+    (AOT autograd's ``CompiledFunctionBackward``, from the profiler's autograd events), each block
+    called through ``wrap`` inside compiled code, compiled per block or as one program."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DropoutNet()
+    inputs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+
+    def body(block, hidden):
+        return wrap(block, hidden) if wrap else block(hidden)
+
+    def forward(hidden):
+        for block in model.blocks:
+            hidden = step(block, hidden)
+        return hidden
+
+    step = body if how == "whole" else torch.compile(body, backend="aot_eager")
+    run = torch.compile(forward, backend="aot_eager") if how == "whole" else forward
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run(inputs).square().mean().backward()
+    return sum(1 for event in profile.events()
+               if event.name == "autograd::engine::evaluate_function: CompiledFunctionBackward")
+
+
 def _backward_matmuls(model: torch.nn.Module, inputs: torch.Tensor, wrap) -> int:
     """Plain torch: the matmuls in the compiled backward graph of the blocks compiled as one program
     (AOT autograd with the min-cut partitioner, as ``aot_eager``)."""
