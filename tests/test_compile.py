@@ -105,24 +105,30 @@ def test_an_eager_checkpoint_around_a_compiled_block_is_seen_recomputing():
     # compile is the compiled call: the recompute calls the compiled block again during backward,
     # where the backward-calls probe's module hook runs inside compiled code and saw nothing (on the
     # H200 every correct strategy per block was a false 'not_applied': 0 regions traced, 0 recomputed).
-    from pytest_gradckpt.probes.backward_calls import BackwardCalls
+    from pytest_gradckpt.pipeline.runs import prepare_copy
+    from pytest_gradckpt.probes.backward_calls import BackwardCallsProbe
 
     model, inputs = subject("per_block", "aot_eager")
     found = compiled.Compilation.of(model)
-    copied = compiled.eager_copy(model)
-    found.apply(copied, found.targets(copied))
-    with BackwardCalls({id(m): n for n, m in copied.named_modules()}) as seen:
-        hidden = inputs
-        for block in copied.blocks:
-            hidden = checkpoint(block, hidden, use_reentrant=False)
-        hidden.square().mean().backward()
-    assert {"blocks.0", "blocks.1", "blocks.2"} <= seen.names, seen.names
-    with BackwardCalls({id(m): n for n, m in copied.named_modules()}) as seen:  # no checkpoint: no recompute
-        hidden = inputs
-        for block in copied.blocks:
-            hidden = block(hidden)
-        hidden.square().mean().backward()
-    assert not seen.names & {"blocks.0", "blocks.1", "blocks.2"}, seen.names
+    blocks = ["blocks.0", "blocks.1", "blocks.2"]
+
+    def seen_in_backward(checkpointed: bool) -> set[str]:
+        # The run's copy and probes, as a step prepares them; the compiled calls reach the run's own
+        # backward-calls probe through the copy's units (no state shared between runs).
+        copied = compiled.eager_copy(model)
+        prepared = prepare_copy(copied, blocks, "given", torch.device("cpu"))
+        found.apply(copied, found.targets(copied))
+        probe = prepared.view.probe(BackwardCallsProbe)
+        with probe.around_step():
+            hidden = inputs
+            for block in copied.blocks:
+                hidden = checkpoint(block, hidden, use_reentrant=False) if checkpointed else block(hidden)
+            hidden.square().mean().backward()
+        prepared.probes.detach()
+        return probe.calls.names
+
+    assert set(blocks) <= seen_in_backward(True)
+    assert not seen_in_backward(False) & set(blocks)  # no checkpoint: no recompute
 
 
 def test_faults_caught_under_compile_checkpoint_outside():
@@ -281,6 +287,50 @@ def test_tiny_blocks_under_compile_are_no_false_alarm(how):
         assert results["non_reentrant"].metrics["recomputed_regions"] == 1, results["non_reentrant"].metrics
     else:  # a graph per compiled block: its region's output leaves the graph, so it is recomputed
         assert results["non_reentrant"].metrics["recomputed_regions"] >= 1, results["non_reentrant"].metrics
+
+
+@pytest.mark.parametrize("how", ["per_block", "whole"])
+def test_recomputing_backward_executions_are_counted_per_execution(how):
+    # The regions are counted per compiled graph (per block: one graph for three identical blocks);
+    # executions count each time backward runs a compiled graph that recomputes a region.
+    model, inputs = subject(how, "aot_eager")
+    report = gc.check(model, inputs, strategies=["non_reentrant", strategy(mutations.not_checkpointing)])
+    results = {r.strategy: r for r in report.results}
+    checkpointed, plain = results["non_reentrant"].metrics, results["not_checkpointing"].metrics
+    # Ground truth in plain torch, apart from the check: the profiler's autograd events say how many
+    # times backward ran a compiled graph, each block checkpointed inside compiled code (3 per block,
+    # 1 whole-model); without checkpointing the graphs hold no region, so none recomputes.
+    truth = _compiled_backward_runs(how, lambda f, x: checkpoint(f, x, use_reentrant=False))
+    assert truth == (3 if how == "per_block" else 1)
+    assert checkpointed["recomputed_regions"] >= 1, checkpointed
+    assert checkpointed["compiled_backward_executions"] == checkpointed["recomputing_backward_executions"] == truth
+    assert plain["checkpoint_regions"] == plain["recomputing_backward_executions"] == 0, plain
+    assert plain["compiled_backward_executions"] == _compiled_backward_runs(how, None) == truth
+
+
+def _compiled_backward_runs(how: str, wrap) -> int:
+    """Plain torch: how many times one backward of the tests' DropoutNet runs a compiled graph
+    (AOT autograd's ``CompiledFunctionBackward``, from the profiler's autograd events), each block
+    called through ``wrap`` inside compiled code, compiled per block or as one program."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DropoutNet()
+    inputs = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+
+    def body(block, hidden):
+        return wrap(block, hidden) if wrap else block(hidden)
+
+    def forward(hidden):
+        for block in model.blocks:
+            hidden = step(block, hidden)
+        return hidden
+
+    step = body if how == "whole" else torch.compile(body, backend="aot_eager")
+    run = torch.compile(forward, backend="aot_eager") if how == "whole" else forward
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run(inputs).square().mean().backward()
+    return sum(1 for event in profile.events()
+               if event.name == "autograd::engine::evaluate_function: CompiledFunctionBackward")
 
 
 def _backward_matmuls(model: torch.nn.Module, inputs: torch.Tensor, wrap) -> int:

@@ -24,13 +24,16 @@ import dataclasses
 import shutil
 import sysconfig
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pytest_gradckpt import settings
 from pytest_gradckpt.errors import GradckptUsageError
+
+if TYPE_CHECKING:
+    from pytest_gradckpt.probes.unit_counter import LayerCounter
 
 WHOLE, PER_BLOCK, REGIONAL = "whole", "per_block", "regional"
 
@@ -143,21 +146,23 @@ class Compilation:
         compile outside: whatever module now sits at each name (a checkpoint wrapper included)."""
         from pytest_gradckpt.pipeline.units import instrumented
 
+        counter = None  # the run's counter: every unit of the copy carries the same one
         for module in model.modules():  # dynamo tracing a unit now means the caller's compiled program
             record = instrumented(module)
             if record is not None:
                 record.caller_compiled = True
+                counter = record.counter
         for name, ctx in self.blocks.items():
             if self.order == CHECKPOINT_OUTSIDE:
                 _compile_body(before[name], ctx)
             elif name in self.wrapped:
-                _compile_whole_call(_sitting_at(model, name, before[name]), ctx)
+                _compile_whole_call(_sitting_at(model, name, before[name]), ctx, counter)
             else:
                 module = _sitting_at(model, name, before[name])
-                module._compiled_call_impl = _seen_in_backward(module, ctx(module._call_impl))
+                module._compiled_call_impl = _seen_in_backward(module, ctx(module._call_impl), counter)
 
 
-def _compile_whole_call(module: nn.Module, ctx: Any) -> None:
+def _compile_whole_call(module: nn.Module, ctx: Any, counter: LayerCounter | None) -> None:
     """Compile ``module``'s whole call as ``torch.compile(module)`` does, in place (its name stays
     the eager one): a class's own ``__call__`` (transformers <= 5.22's checkpoint) runs inside the
     compiled code, as in the caller's program. The wrapper binds ``module.__call__`` now, then this
@@ -166,7 +171,7 @@ def _compile_whole_call(module: nn.Module, ctx: Any) -> None:
     from pytest_gradckpt.pipeline.units import CompiledCall
 
     wrapper = _optimized_module_type()(module, ctx)
-    call = _seen_in_backward(module, wrapper)
+    call = _seen_in_backward(module, wrapper, counter)
     base = type(module)
 
     def compiled_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -179,15 +184,17 @@ def _compile_whole_call(module: nn.Module, ctx: Any) -> None:
         "__call__": compiled_call, "__module__": base.__module__, "__qualname__": base.__qualname__})
 
 
-def _seen_in_backward(module: nn.Module, compiled_call: Any) -> Any:
+def _seen_in_backward(module: nn.Module, compiled_call: Any, counter: LayerCounter | None) -> Any:
     """``compiled_call`` (a block's compiled ``_call_impl``), with each call made during backward
-    shown to the backward-calls probe (an eager checkpoint around the compiled block recomputes it
-    that way; module hooks run inside the compiled code, where the probe sees nothing). The call
-    itself is unchanged: what runs compiled is the caller's program."""
-    from pytest_gradckpt.probes.backward_calls import note_compiled_call
+    shown to the run's backward-calls probe, reached through the run's unit counter (an eager
+    checkpoint around the compiled block recomputes it that way; module hooks run inside the
+    compiled code, where the probe sees nothing). The call itself is unchanged: what runs compiled
+    is the caller's program."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        note_compiled_call(module)
+        seen = None if counter is None else counter.backward_calls
+        if seen is not None:
+            seen.note_compiled_call(module)
         return compiled_call(*args, **kwargs)
 
     return call

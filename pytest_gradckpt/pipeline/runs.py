@@ -281,6 +281,7 @@ class Stepper:
                     with autocast:
                         step.output = subject.call(step.runner, step.inputs)
                         step.loss = subject.loss(step.output, step.inputs)
+                    step.copy.probes.after_forward(step.loss)  # before backward: probes may hook its graph
                     if strategy is not None:
                         strategy.after_forward(step.info)
                     self._backward(step, scenario, grad_targets)

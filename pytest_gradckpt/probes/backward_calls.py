@@ -12,14 +12,16 @@ holding parameters was. :class:`BackwardCallsProbe` is the probe (:mod:`pytest_g
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from pytest_gradckpt.probes.protocol import Probe, ProbeEvidence, ProbeStep
+from pytest_gradckpt.probes.recompute_counts import RecomputeProbe
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
@@ -64,37 +66,32 @@ class BackwardCalls:
 
     def __enter__(self) -> BackwardCalls:
         self._handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
-        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._handle.remove()
-        _ACTIVE.remove(self)
 
+    def note_compiled_call(self, module: nn.Module) -> None:
+        """Record a call of ``module``'s compiled ``__call__`` made from eager code, as the forward
+        pre-hook records an eager call: the hook itself runs inside the compiled code, where it
+        observes nothing. An eager checkpoint around a compiled block (transformers 5.17's switch
+        checkpoints the block's ``__call__``) recomputes the block by calling it again during
+        backward. The compiled call reaches the run's own block through the run's units
+        (:attr:`pytest_gradckpt.probes.unit_counter.LayerCounter.backward_calls`), never through
+        module state shared by all runs.
 
-#: The :class:`BackwardCalls` blocks open now (innermost last).
-_ACTIVE: list[BackwardCalls] = []
-
-
-def note_compiled_call(module: nn.Module) -> None:
-    """Record a call of ``module``'s compiled ``__call__`` made from eager code, as the forward
-    pre-hook records an eager call: the hook itself runs inside the compiled code, where it observes
-    nothing. An eager checkpoint around a compiled block (transformers 5.17's switch checkpoints the
-    block's ``__call__``) recomputes the block by calling it again during backward.
-
-    Example:
-        >>> net = torch.nn.Linear(2, 2)
-        >>> with BackwardCalls({id(net): "net"}) as seen:
-        ...     note_compiled_call(net)  # not during backward: nothing recorded
-        >>> seen.names
-        set()
-    """
-    if torch.compiler.is_compiling() or not in_backward():
-        return
-    for calls in _ACTIVE:
-        name = calls.names_by_id.get(id(module))
+        Example:
+            >>> net = torch.nn.Linear(2, 2)
+            >>> with BackwardCalls({id(net): "net"}) as seen:
+            ...     seen.note_compiled_call(net)  # not during backward: nothing recorded
+            >>> seen.names
+            set()
+        """
+        if torch.compiler.is_compiling() or not in_backward():
+            return
+        name = self.names_by_id.get(id(module))
         if name is not None:
-            calls.names.add(name)
+            self.names.add(name)
 
 
 def recomputed_units(modules: Iterable[tuple[str, nn.Module]], ran: set[str]) -> list[str]:
@@ -147,8 +144,20 @@ class BackwardCallsProbe(Probe[RecomputedUnits]):
         super().__init__(step)
         self.calls = BackwardCalls(step.module_names)
 
-    def around_step(self) -> BackwardCalls:
-        return self.calls
+    @contextlib.contextmanager
+    def around_step(self) -> Iterator[None]:
+        # The run's units carry this run's block while its step runs: a compiled block's call, made
+        # from eager code during backward, reports to it (compiled.Compilation.apply).
+        recompute = self.step.probes.get(RecomputeProbe.name)
+        counter = recompute.counter if isinstance(recompute, RecomputeProbe) else None
+        with self.calls:
+            if counter is not None:
+                counter.backward_calls = self.calls
+            try:
+                yield
+            finally:
+                if counter is not None:
+                    counter.backward_calls = None
 
     def read(self) -> RecomputedUnits:
         module_names = self.step.module_names

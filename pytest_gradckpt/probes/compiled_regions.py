@@ -27,20 +27,34 @@ dispatch mode is involved (a dispatch mode would make dynamo run the code eager)
 own cache is off while the step runs: a cache hit skips the joint graph, and the count would
 silently be zero (inductor's FX graph cache stays on; the generated code is the same).
 
-The counts are per compiled graph, not per execution: a graph dynamo compiles once and runs for
-eight layers (per-block compile of identical layers) counts its region once. So the rules read
+The region counts are per compiled graph, not per execution: a graph dynamo compiles once and runs
+for eight layers (per-block compile of identical layers) counts its region once. So the rules read
 them as "some region recomputes" or "none does" (``verdicts.compiled_regions_not_recomputed``).
+
+Executions are counted apart (:func:`hook_compiled_backwards`): once a micro-batch's forward ran,
+the probe walks the autograd graph from its loss (``grad_fn.next_functions``), finds the backward
+nodes of AOT autograd's compiled functions (``CompiledFunctionBackward``, whose forward class
+carries the ``aot_id`` of its compilation) and puts a pre-hook on each, which counts one execution
+when backward runs it. The joint graph is mapped to the same ``aot_id`` (AOT autograd names the
+graph it is compiling ``<aot_id>_joint`` while it calls the joint pass), so each execution is known
+to run a graph with recomputed regions or not: ``recomputing_backward_executions``. A per-block
+compiled stack of eight identical checkpointed layers is one graph and eight executions; a
+whole-model compile, one graph and one execution. A node pre-hook is Python the autograd engine
+calls between nodes: the compiled backward itself runs as before, and no dispatch mode is entered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+import functools
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from pytest_gradckpt.pipeline.tensors import tensors_in
 from pytest_gradckpt.probes.protocol import Probe, ProbeEvidence
 
 #: Checkpoint policies under which the partitioner recomputes a node (``must_recompute``).
@@ -59,6 +73,10 @@ class CompiledRegions:
     regions: int = 0
     recomputed_regions: int = 0
     recomputed_bytes: int = 0
+    #: executions of compiled backward graphs whose joint graph was read, and of those that
+    #: recompute a checkpoint region (None: not counted, no loss was shown to the probe)
+    backward_executions: int | None = None
+    recomputing_backward_executions: int | None = None
 
 
 def _backward_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
@@ -128,6 +146,58 @@ def read_joint_graph(graph: torch.fx.Graph) -> CompiledRegions:
                            sum(_value_bytes(node) for node in computed))
 
 
+def aot_id_being_compiled() -> int | None:
+    """The ``aot_id`` of the graph AOT autograd is compiling now (it calls the joint pass inside
+    ``track_graph_compiling(aot_config, "joint")``), or None (not compiling, or a torch that
+    names graphs otherwise)."""
+    try:
+        from torch._functorch._aot_autograd.logging_utils import get_aot_compilation_context
+    except ImportError:
+        return None
+    names = get_aot_compilation_context()[0]
+    head = names[0].split("_", 1)[0] if names else ""
+    return int(head) if head.isdigit() else None
+
+
+def hook_compiled_backwards(roots: Any, counts: Counter[int], aot_ids: Collection[int]) -> int:
+    """Put a counting pre-hook on every backward node of an AOT-compiled function (whose
+    ``aot_id`` is in ``aot_ids``) in the autograd graph of ``roots`` (tensors, nested): each time
+    backward runs such a node, ``counts[aot_id]`` grows by one. Returns the nodes hooked.
+
+    Example (plain torch: two identical blocks compiled once, ``aot_eager``; backward runs the
+    one compiled graph twice):
+        >>> import collections
+        >>> block = torch.nn.Linear(3, 3)
+        >>> step = torch.compile(lambda x: torch.tanh(block(x)), backend="aot_eager")
+        >>> torch._dynamo.reset()
+        >>> loss = step(step(torch.ones(2, 3, requires_grad=True))).sum()
+        >>> counts = collections.Counter()
+        >>> hook_compiled_backwards(loss, counts, aot_ids=range(10**6))
+        2
+        >>> loss.backward()
+        >>> sorted(counts.values())
+        [2]
+    """
+    pending = [tensor.grad_fn for tensor in tensors_in(roots) if tensor.grad_fn is not None]
+    seen: set[Any] = set()
+    hooked = 0
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        aot_id = getattr(getattr(node, "_forward_cls", None), "_aot_id", None)
+        if isinstance(aot_id, int) and aot_id in aot_ids:
+            node.register_prehook(functools.partial(_count, counts, aot_id))
+            hooked += 1
+        pending.extend(following for following, _ in node.next_functions)
+    return hooked
+
+
+def _count(counts: Counter[int], aot_id: int, grad_outputs: Any) -> None:
+    counts[aot_id] += 1
+
+
 def _marked(node: torch.fx.Node) -> bool:
     """Whether the partitioner must recompute ``node`` (``torch._functorch.partitioners.must_recompute``)."""
     return getattr(node.meta.get("recompute"), "name", None) in _RECOMPUTE_POLICIES
@@ -138,12 +208,16 @@ class CompiledRegionsProbe(Probe[CompiledRegions]):
 
     name = "compiled_regions"
     measurement = CompiledRegions
-    metric_keys = ("compiled_graphs", "checkpoint_regions", "recomputed_regions", "recomputed_region_bytes")
+    metric_keys = ("compiled_graphs", "checkpoint_regions", "recomputed_regions", "recomputed_region_bytes",
+                   "compiled_backward_executions", "recomputing_backward_executions")
 
     def __init__(self, step: Any) -> None:
         super().__init__(step)
-        #: the joint graphs AOT autograd built during the step, as the partitioner left them
-        self.joint_graphs: list[torch.fx.GraphModule] = []
+        #: the joint graphs AOT autograd built during the step, as the partitioner left them, with
+        #: their ``aot_id`` (None: unknown)
+        self.joint_graphs: list[tuple[int | None, torch.fx.GraphModule]] = []
+        #: backward executions of each compiled graph (by ``aot_id``); None until a loss is shown
+        self.executions: Counter[int] | None = None
 
     @contextlib.contextmanager
     def around_step(self) -> Iterator[None]:
@@ -158,22 +232,42 @@ class CompiledRegionsProbe(Probe[CompiledRegions]):
         def look(module: torch.fx.GraphModule, inputs: Any) -> torch.fx.GraphModule:
             if callable(callers):
                 module = callers(module, inputs)
-            graphs.append(module)  # read after the step: the partitioner's final tags
+            graphs.append((aot_id_being_compiled(), module))  # read after the step: the partitioner's final tags
             return module
 
         with functorch_config.patch(joint_custom_pass=look, enable_autograd_cache=False):
             yield
 
+    def after_forward(self, loss: Any) -> None:
+        # Only where this step compiled graphs (an eager step walks nothing).
+        if self.executions is None:
+            self.executions = Counter()
+        ids = {aot_id for aot_id, _ in self.joint_graphs if aot_id is not None}
+        if ids:
+            hook_compiled_backwards(loss, self.executions, ids)
+
     def read(self) -> CompiledRegions:
-        found = [read_joint_graph(module.graph) for module in self.joint_graphs]
+        found = [(aot_id, read_joint_graph(module.graph)) for aot_id, module in self.joint_graphs]
         self.joint_graphs.clear()  # their fake tensors and nodes are not needed past the step
-        return CompiledRegions(len(found), sum(f.regions for f in found), sum(f.recomputed_regions for f in found),
-                               sum(f.recomputed_bytes for f in found))
+        graphs = [f for _, f in found]
+        measured = CompiledRegions(len(graphs), sum(f.regions for f in graphs),
+                                   sum(f.recomputed_regions for f in graphs), sum(f.recomputed_bytes for f in graphs))
+        if self.executions is not None and all(aot_id is not None for aot_id, _ in found):
+            recomputing = {aot_id for aot_id, f in found if f.recomputed_regions}
+            measured.backward_executions = sum(self.executions.values())
+            measured.recomputing_backward_executions = sum(n for aot_id, n in self.executions.items()
+                                                           if aot_id in recomputing)
+        return measured
 
     @classmethod
     def metrics(cls, evidence: ProbeEvidence) -> Mapping[str, Any]:
         seen = evidence.run.of(cls)
         if not evidence.compared or not seen.graphs:
             return {}
-        return {"compiled_graphs": seen.graphs, "checkpoint_regions": seen.regions,
-                "recomputed_regions": seen.recomputed_regions, "recomputed_region_bytes": seen.recomputed_bytes}
+        found: dict[str, Any] = {"compiled_graphs": seen.graphs, "checkpoint_regions": seen.regions,
+                                 "recomputed_regions": seen.recomputed_regions,
+                                 "recomputed_region_bytes": seen.recomputed_bytes}
+        if seen.backward_executions is not None:
+            found.update(compiled_backward_executions=seen.backward_executions,
+                         recomputing_backward_executions=seen.recomputing_backward_executions)
+        return found

@@ -192,6 +192,11 @@ class Probe(ABC, Generic[M]):
         """Entered around the micro-batches only (inside every probe's :meth:`around_step`)."""
         return contextlib.nullcontext()
 
+    def after_forward(self, loss: Any) -> None:
+        """Shown each micro-batch's loss once its forward ran, before its backward (by the engine's
+        stepper; nothing by default). A probe may walk the autograd graph from it, e.g. to hook
+        the nodes backward will run; a stepper that never calls it leaves such a count unmeasured."""
+
     @abstractmethod
     def read(self) -> M:
         """The measurement of a step that completed."""
@@ -264,6 +269,11 @@ class Attached:
             for probe in self.step.probes.values():
                 stack.enter_context(probe.around_batches())
             yield
+
+    def after_forward(self, loss: Any) -> None:
+        """Show every probe a micro-batch's loss before its backward (:meth:`Probe.after_forward`)."""
+        for probe in self.step.probes.values():
+            probe.after_forward(loss)
 
     def read(self, completed: bool) -> dict[str, Any]:
         """Every probe's measurement, by probe name."""

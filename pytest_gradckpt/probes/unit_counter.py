@@ -5,18 +5,30 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from pytest_gradckpt.pipeline.tensors import tensors_in
+
+
+class CompiledCallsSeen(Protocol):
+    """What a run's backward-calls probe takes from compiled code
+    (:class:`pytest_gradckpt.probes.backward_calls.BackwardCalls`)."""
+
+    def note_compiled_call(self, module: nn.Module) -> None:
+        """Record one call of ``module``'s compiled ``__call__`` made from eager code."""
 
 
 class LayerCounter:
     """Per-layer execution counts, filled by instrumented layers.
 
     ``memory`` is the saved-activation probe that layer calls report their
-    inputs to while it is active (None otherwise).
+    inputs to while it is active (None otherwise). ``backward_calls`` is the
+    run's backward-calls probe while its step runs (None otherwise): a compiled
+    block of the run's copy reports its eager calls to it
+    (``compiled.Compilation.apply``). Both belong to the run that owns the counter.
 
     Example:
         >>> c = LayerCounter()
@@ -30,6 +42,7 @@ class LayerCounter:
         self.graph_calls: Counter[str] = Counter()
         self.reached_calls: Counter[str] = Counter()
         self.memory: Any = None
+        self.backward_calls: CompiledCallsSeen | None = None
         self._paused = 0
 
     def hit(self, name: str) -> None:
