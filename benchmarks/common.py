@@ -323,7 +323,7 @@ def build_on_ranks_also(device_type: str) -> None:
     from pytest_gradckpt.ranks import launcher
 
     if device_type not in launcher.BUILD_ON_RANKS:
-        launcher.BUILD_ON_RANKS = (*launcher.BUILD_ON_RANKS, device_type)
+        launcher.BUILD_ON_RANKS = (*launcher.BUILD_ON_RANKS, device_type)  # type: ignore[assignment]
 
 
 def _mark_spawn(rank_group: Any) -> None:

@@ -73,11 +73,16 @@ def _made(log: Path) -> dict[int, int]:
     return counts
 
 
-@pytest.mark.parametrize(("scenario", "world_size"), [("ddp", 1), ("fsdp2", 1), ("fsdp2", 2)])
-def test_one_copy_per_rank_judges_as_a_deep_copy_per_run(scenario: str, world_size: int, copies: Path,
+@pytest.mark.parametrize(("scenario", "world_size", "held"),
+                         [("ddp", 1, True), ("fsdp2", 1, False), ("fsdp2", 2, True)])
+def test_one_copy_per_rank_judges_as_a_deep_copy_per_run(scenario: str, world_size: int, held: bool, copies: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Five runs per rank (two baseline, three strategies) from one copy, with the outcomes, gradient
-    distances and fingerprints of a check that deep-copies the rank's template for every run."""
+    distances and fingerprints of a check that deep-copies the rank's template for every run. ``held``:
+    rank 0 keeps every run's tensors and judges there (the baseline's gradients must outlive the runs
+    that reuse the copy after it)."""
+    if held:
+        monkeypatch.setenv("GRADCKPT_HOLD_ABOVE_BYTES", "0")
     reused = _check(scenario, world_size)
     made = _made(copies)
     assert len(made) == world_size and set(made.values()) == {1}, made  # one copy per rank served every run

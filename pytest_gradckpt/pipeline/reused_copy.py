@@ -17,7 +17,14 @@ The copy is restored as soon as a run ends, so nothing the run left on it (a seg
 probes) outlives the run. Whatever that cannot see makes the copy unfit, and the next run gets a new deep copy: a tensor that
 moved to other memory (``.data =``), changed shape or dtype; a hook on a parameter; a run of a
 strategy that is not built in (its code may change anything), a timed-out run. Compiled models,
-models on the meta device and factories are copied per run as before (:meth:`Reuse.eligible`).
+models on the meta device and factories are copied per run as before (:meth:`Reuse.eligible`), except
+in a rank, where a factory's product kept on the rank's device is the source the copy is refilled from.
+
+A distributed run's wrap is undone too: ``fully_shard`` swaps module classes and parameter tables (put
+back with the modules) and records each module in torch's table of composable-API state, which would
+refuse the same module next run (dropped, :func:`_forget_composable_state`); after the restore every
+parameter and buffer table must hold the tensors it was made with, or the copy is unfit. DDP's hooks on
+the gradient accumulators are removed by the rank (``Parallel.unwrap``) before the restore.
 
 Example:
     >>> import copy, torch
