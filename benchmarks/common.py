@@ -276,11 +276,16 @@ def install_timers() -> None:
 
     _wrap(subject.Subject, "_build", "model build (factory)")
     _wrap(subject.Subject, "fresh_model", "per-run model copy (to device)")
+    _wrap(runs.Stepper, "_prepare", "prepare copy (names, probes attached; copy included)")
     _wrap(runs.Stepper, "_switch_on", "strategy switched on")
     _wrap(runs.Stepper, "_wrap", "parallel wrap (DDP/fully_shard)")
     _wrap(runs.Stepper, "_train", "steps (forward+backward, probes)")
     _wrap(runs.Stepper, "_collect", "collect (full-gradient gathering)")
     _wrap(runs.Run, "to_payload", "rank: payload to host")
+    _wrap(runs.Reuse, "give_back", "working copy restored (or dropped)")
+    _wrap(runs.Reuse, "take", "working copy taken (a deep copy when new)")
+    if not getattr(runs.gc, "__profiled__", False):  # the collector the stepper runs between runs
+        runs.gc = _TimedCollector(runs.gc)  # type: ignore[assignment]
     _wrap(rank_group, "_answer", "rank: whole command")
     _wrap(rank_group, "_step", "rank: step commands")
     _wrap(rank_group, "_meet", "rank: process group joined")
@@ -297,6 +302,28 @@ def install_timers() -> None:
     for module in (baselines, verdicts):
         if hasattr(module, "measure_noise"):
             module.measure_noise = comparison.measure_noise  # type: ignore[attr-defined]
+
+
+class _TimedCollector:
+    """Stands in for the ``gc`` module in :mod:`pytest_gradckpt.pipeline.runs`: its ``collect`` timed."""
+
+    __profiled__ = True
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.collect = _timed("cyclic garbage collection between runs", module.collect)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+def build_on_ranks_also(device_type: str) -> None:
+    """Let ranks on ``device_type`` build the model as GPU ranks do (``launcher.BUILD_ON_RANKS``; the
+    tests add "cpu" the same way): the GPU design measured on the CPU."""
+    from pytest_gradckpt.ranks import launcher
+
+    if device_type not in launcher.BUILD_ON_RANKS:
+        launcher.BUILD_ON_RANKS = (*launcher.BUILD_ON_RANKS, device_type)  # type: ignore[assignment]
 
 
 def _mark_spawn(rank_group: Any) -> None:

@@ -6,7 +6,13 @@ per-layer strategies. Parameters (``--set``): ``launch`` (``self``: the check st
 ``factory`` (``cpu``, ``gpu`` or ``meta``), ``budget`` (no check starts after so many seconds of this
 case), ``device``, ``tiny`` (``--set tiny=true --set device=cpu``: a two-layer Llama on gloo),
 ``parent_cuda`` (this process uses CUDA before the checks, as a test session that ran GPU tests
-first: the check's ranks must then be spawned, not forked).
+first: the check's ranks must then be spawned, not forked), ``mid`` (with ``device=cpu``: the 8-layer,
+hidden-512 Llama, bf16, 64 tokens per rank, a LoRA model whose Python objects cost as the 1.1B's do),
+``ranks_build`` (on the CPU too, the ranks build the model as GPU ranks do, instead of sharing this
+process's build: the GPU design measured on gloo).
+
+    python -m benchmarks dist-cost --case 1b-lora-fsdp2 --case 1b-lora-ddp --set device=cpu --set mid=true \
+        --set ranks_build=true --set factory=cpu --repeats 3
 
     python -m benchmarks dist-cost --case 1b-full-fsdp2 --set factory=gpu --repeats 3
     torchrun --nproc-per-node 1 -m benchmarks dist-cost --case 1b-full-fsdp2 --set launch=torchrun --repeats 3
@@ -41,7 +47,7 @@ ABOUT = "a distributed check's wall time next to the steps it runs, with a break
 CASES = {name: Case(dist.CASES[name].about + ", cost by part",
                     {**{k: dist.CASES[name].params[k] for k in ("shape", "adapters", "scenario")},
                      "launch": "self", "world_size": 1, "factory": "cpu", "device": "cuda", "tiny": False,
-                     "budget": 1e9, "parent_cuda": False},
+                     "budget": 1e9, "parent_cuda": False, "mid": False, "ranks_build": False},
                     needs="cuda", repeats=3)
          for name in ("1b-full-fsdp2", "1b-lora-fsdp2", "1b-lora-ddp")}
 
@@ -49,9 +55,10 @@ CASES = {name: Case(dist.CASES[name].about + ", cost by part",
 def one_check(case: str, params: dict[str, Any], world_size: int) -> tuple[float, Any, dict[str, Any], bool]:
     common.SPENT.clear()
     started = time.perf_counter()
-    shape = "tiny" if params["tiny"] else params["shape"]
+    small = params["tiny"] or params["mid"]
+    shape = "tiny" if params["tiny"] else "mid" if params["mid"] else params["shape"]
     report = gc.check(functools.partial(build, shape, params["adapters"], params["factory"]),
-                      tokens(world_size, 64 if params["tiny"] else 2048, 32000, "cpu"), device=params["device"],
+                      tokens(world_size, 64 if small else 2048, 32000, "cpu"), device=params["device"],
                       scenarios=[params["scenario"]], strategies=PER_LAYER, timeout=None,
                       distributed={"world_size": world_size})
     seconds = time.perf_counter() - started
@@ -114,6 +121,8 @@ def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
     os.environ["GRADCKPT_PROFILE_DIR"] = tempfile.mkdtemp(prefix="gradckpt-profile-")
     os.environ["GRADCKPT_PROFILE_PARENT"] = str(os.getpid())
     common.install_timers()
+    if params["ranks_build"]:
+        common.build_on_ranks_also("cpu")
     world_size, _ = dist.world({**params, "world_size": params["world_size"] or 1})
     if params["parent_cuda"]:
         import torch

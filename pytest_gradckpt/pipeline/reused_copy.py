@@ -17,7 +17,14 @@ The copy is restored as soon as a run ends, so nothing the run left on it (a seg
 probes) outlives the run. Whatever that cannot see makes the copy unfit, and the next run gets a new deep copy: a tensor that
 moved to other memory (``.data =``), changed shape or dtype; a hook on a parameter; a run of a
 strategy that is not built in (its code may change anything), a timed-out run. Compiled models,
-models on the meta device and factories are copied per run as before (:meth:`Reuse.eligible`).
+models on the meta device and factories are copied per run as before (:meth:`Reuse.eligible`), except
+in a rank, where a factory's product kept on the rank's device is the source the copy is refilled from.
+
+A distributed run's wrap is undone too: ``fully_shard`` swaps module classes and parameter tables (put
+back with the modules) and records each module in torch's table of composable-API state, which would
+refuse the same module next run (dropped, :func:`_forget_composable_state`); after the restore every
+parameter and buffer table must hold the tensors it was made with, or the copy is unfit. DDP's hooks on
+the gradient accumulators are removed by the rank (``Parallel.unwrap``) before the restore.
 
 Example:
     >>> import copy, torch
@@ -48,7 +55,7 @@ class _Kept:
     """One module as it was: its class, its ``__dict__`` and the containers directly in it (the
     empty ones apart: most hook tables are empty, and emptying one that a run filled is all they need)."""
 
-    __slots__ = ("module", "cls", "state", "empty", "dicts", "others")
+    __slots__ = ("module", "cls", "state", "empty", "dicts", "others", "tables")
 
     def __init__(self, module: nn.Module) -> None:
         self.module, self.cls, self.state = module, module.__class__, dict(module.__dict__)
@@ -58,6 +65,15 @@ class _Kept:
         self.empty = [c for c in containers if not c]
         self.dicts = [(c, dict(c)) for c in containers if c and isinstance(c, dict)]
         self.others = [(c, list(c)) for c in containers if c and not isinstance(c, dict)]
+        self.tables = [(name, dict(self.state[name])) for name in ("_parameters", "_buffers")
+                       if isinstance(self.state.get(name), dict)]
+
+    def holds_its_tensors(self) -> bool:
+        """The module is of its class again and its parameter and buffer tables hold the tensors it was
+        made with (not, say, the DTensors FSDP2 put there)."""
+        module = self.module
+        return module.__class__ is self.cls and all(
+            _holds(module.__dict__[name], contents) for name, contents in self.tables)
 
     def restore(self) -> None:
         """Everything put back in place, unconditionally: cheaper than comparing first."""
@@ -130,6 +146,29 @@ def _same_shape(source: nn.Module, model: nn.Module) -> bool:
                and a._buffers.keys() == b._buffers.keys() for (a_name, a), (b_name, b) in pairs)
 
 
+def _forget_composable_state(modules: list[nn.Module]) -> bool:
+    """torch.distributed's composable APIs (FSDP2's ``fully_shard``, ``replicate``) record each module they
+    were applied to in a table of their own, beside the module's ``__dict__`` (which the restore put back).
+    Applied again to the same module, they refuse ("Inserting ... more than once"). The restored modules'
+    entries are dropped; False when one stays (a table this cannot reach: the copy is unfit).
+
+    Example:
+        >>> _forget_composable_state([torch.nn.Linear(1, 1)])
+        True
+    """
+    import sys
+
+    state = sys.modules.get("torch.distributed._composable_state")  # never imported: nothing was recorded
+    table = getattr(state, "_module_state_mapping", None)
+    if state is None:
+        return True
+    if table is None:
+        return False
+    for module in modules:
+        table.pop(module, None)
+    return not any(module in table for module in modules)
+
+
 class ReusedCopy:
     """``model`` (a private copy of ``source``, on the check's device, not yet run) kept with what
     :meth:`restore` puts back. Raises ``ValueError`` when ``model`` is not a copy of ``source``'s shape."""
@@ -164,6 +203,10 @@ class ReusedCopy:
     def _restore(self) -> bool:
         for module in self.modules:
             module.restore()
+        if not _forget_composable_state([kept.module for kept in self.modules]):
+            return False
+        if not all(kept.holds_its_tensors() for kept in self.modules):
+            return False
         for parameter, requires_grad, attributes in self.parameters:
             if getattr(parameter, "_backward_hooks", None) or getattr(parameter, "_post_accumulate_grad_hooks", None):
                 return False

@@ -170,10 +170,16 @@ class Stepper:
 
     def _copies(self) -> Reuse:
         """One working copy for the runs in this process (:mod:`pytest_gradckpt.pipeline.reused_copy`) when the
-        subject is the caller's eager module; a factory's, compiled or meta models get a new copy per run."""
-        source = self.subject.model_source
+        subject is the caller's eager module, or (in a rank) the template a factory's product was kept as on
+        the rank's device; compiled or meta models, and a factory's elsewhere, get a new copy per run."""
+        source = self._reuse_source()
         eligible = (isinstance(source, nn.Module) and self.subject.compilation is None and not is_meta(source))
         return Reuse(source, self.subject.fresh_model, eligible)
+
+    def _reuse_source(self) -> Any:
+        """What a reused working copy is refilled from: the caller's module, or a rank's kept template."""
+        source = self.subject.model_source
+        return source if isinstance(source, nn.Module) else self.subject.kept_template()
 
     def __getstate__(self) -> dict[str, Any]:
         # A process started from here (an isolated child, a rank) keeps copies of its own.
@@ -195,24 +201,37 @@ class Stepper:
         run = Run()
         cuda = self.subject.device.type == "cuda"
         before = torch.cuda.memory_allocated(self.subject.device) if cuda else 0
+        if self.copies.source is not self._reuse_source():  # a rank kept its template since: reuse copies of it
+            self.copies = self._copies()
+        self._wrapped: Any = None
         try:
             self._step(run, scenario, strategy, grad_targets, parallel)
         except GradckptUsageError:
+            self._unwrap(parallel)
             self.copies.give_back(fit=False)
             raise
         except (Exception, StrategyTimeout) as exc:  # noqa: BLE001 - every failure is a verdict
             run.error = exc.with_traceback(None)  # the traceback would keep the model copy alive
-        self.copies.give_back(fit=parallel is None and _leaves_copy_fit(strategy, run))
+        unwrapped = self._unwrap(parallel)
+        self.copies.give_back(fit=unwrapped and _leaves_copy_fit(strategy, run))
         kept = self.copies.kept_bytes()  # a copy made for this run that the next one reuses stays allocated
         if cuda and torch.cuda.memory_allocated(self.subject.device) - before > 2 * _kept_bytes(run) + kept:
             gc.collect()  # the model copy sits in a reference cycle: free it before the next run needs the room
         return run
 
+    def _unwrap(self, parallel: Any) -> bool:
+        """Undo what the run's parallel wrap left outside the copy's modules (DDP's hooks on the parameters'
+        gradient accumulators); False when that failed, and the copy is not to be reused."""
+        wrapped, self._wrapped = self._wrapped, None
+        if parallel is None or wrapped is None:
+            return True
+        return bool(parallel.unwrap(wrapped))
+
     def _step(self, run: Run, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None,
               parallel: Any) -> None:
         """The stages of one step, in order: a prepared copy, the strategy (and compiler) on it,
         the parallel wrap, the timed micro-batches under every probe, then what the probes saw."""
-        step = self._prepare(scenario, reuse=parallel is None)
+        step = self._prepare(scenario, reuse=True)
         self._switch_on(run, step, strategy)
         self._wrap(step, grad_targets, parallel)
         self._train(run, step, scenario, strategy, grad_targets, parallel)
@@ -255,6 +274,7 @@ class Stepper:
         # but keeps their names, a checkpoint wrapper keeps the objects but renames them.
         renamed = {n: step.copy.param_names.get(id(p), n) for n, p in model.named_parameters()}
         step.runner = model if parallel is None else parallel.wrap(model, step.info)
+        self._wrapped = None if parallel is None else step.runner
         step.trainable = [(renamed.get(n, n), p) for n, p in model.named_parameters() if p.requires_grad]
         step.copy.view.trainable = step.trainable
         step.targets = [(n, p) for n, p in step.trainable if grad_targets is None or n in grad_targets]

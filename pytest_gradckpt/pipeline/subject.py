@@ -193,6 +193,23 @@ class Subject:
             template = to_device(template, self.device)
         self._template, self._spare = template, None
 
+    def kept_template(self) -> nn.Module | None:
+        """The model every run copies in a rank, once :meth:`keep_template_on_device` kept it on the
+        rank's device (read only, like the caller's module); None before that, in the checking
+        process, and for a meta template (each run materialises its own).
+
+        Example:
+            >>> subject = Subject(lambda: torch.nn.Linear(2, 2), torch.ones(1, 2), None, None)
+            >>> subject.kept_template() is None
+            True
+            >>> subject.keep_template_on_device()
+            >>> isinstance(subject.kept_template(), torch.nn.Linear)
+            True
+        """
+        if not self._template_kept or self._template is None or is_meta(self._template):
+            return None
+        return self._template
+
     def on_device(self, device: torch.device) -> None:
         """Run on ``device`` from now on (a spawned rank's own GPU). A model received from the
         parent is moved there too, so ranks do not all hold a copy on the parent's GPU."""

@@ -77,6 +77,29 @@ class Parallel:
         fully_shard(model, mesh=mesh)
         return model
 
+    def unwrap(self, runner: Any) -> bool:
+        """After a run: undo what :meth:`wrap` left outside the model's modules, so the model's working
+        copy can serve the next run (:mod:`pytest_gradckpt.pipeline.reused_copy` restores the modules,
+        and FSDP2's record of them). DDP's reducer keeps hooks on every parameter's gradient
+        accumulator until it is freed (a reference cycle may keep it past the run): they are removed
+        here, as torch does to recover a failed DDP. False when that could not be done: the copy is
+        then not reused.
+
+        Example:
+            >>> Parallel("fsdp2", 0, DEFAULTS).unwrap(torch.nn.Linear(1, 1))  # nothing outside the modules
+            True
+        """
+        if self.kind != "ddp":
+            return True
+        remove = getattr(runner, "_remove_autograd_hooks", None)
+        if remove is None:
+            return False
+        try:
+            remove()
+        except Exception:  # noqa: BLE001 - hooks that may still be there: a new copy is the answer
+            return False
+        return True
+
     def micro_batches(self, scenario: Scenario) -> int:
         """Micro-batches per step: gradients are synchronised only on the last (DDP ``no_sync``)."""
         return max(scenario.micro_batches, self.settings["micro_batches"])
