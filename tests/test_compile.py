@@ -290,25 +290,32 @@ def test_tiny_blocks_under_compile_are_no_false_alarm(how):
 
 
 @pytest.mark.parametrize("how", ["per_block", "whole"])
-def test_recomputing_backward_executions_are_counted_per_execution(how):
+def test_recomputing_backward_executions_are_counted_per_execution(how, backend="aot_eager"):
     # The regions are counted per compiled graph (per block: one graph for three identical blocks);
     # executions count each time backward runs a compiled graph that recomputes a region.
-    model, inputs = subject(how, "aot_eager")
+    model, inputs = subject(how, backend)
     report = gc.check(model, inputs, strategies=["non_reentrant", strategy(mutations.not_checkpointing)])
     results = {r.strategy: r for r in report.results}
     checkpointed, plain = results["non_reentrant"].metrics, results["not_checkpointing"].metrics
     # Ground truth in plain torch, apart from the check: the profiler's autograd events say how many
     # times backward ran a compiled graph, each block checkpointed inside compiled code (3 per block,
     # 1 whole-model); without checkpointing the graphs hold no region, so none recomputes.
-    truth = _compiled_backward_runs(how, lambda f, x: checkpoint(f, x, use_reentrant=False))
+    truth = _compiled_backward_runs(how, lambda f, x: checkpoint(f, x, use_reentrant=False), backend)
     assert truth == (3 if how == "per_block" else 1)
     assert checkpointed["recomputed_regions"] >= 1, checkpointed
     assert checkpointed["compiled_backward_executions"] == checkpointed["recomputing_backward_executions"] == truth
     assert plain["checkpoint_regions"] == plain["recomputing_backward_executions"] == 0, plain
-    assert plain["compiled_backward_executions"] == _compiled_backward_runs(how, None) == truth
+    assert plain["compiled_backward_executions"] == _compiled_backward_runs(how, None, backend) == truth
 
 
-def _compiled_backward_runs(how: str, wrap) -> int:
+@pytest.mark.compile_full
+@pytest.mark.parametrize("how", ["per_block", "whole"])
+def test_recomputing_backward_executions_under_the_full_backend(how):
+    # The same counts where inductor (with a C++ compiler) generates the kernels.
+    test_recomputing_backward_executions_are_counted_per_execution(how, FULL_BACKEND)
+
+
+def _compiled_backward_runs(how: str, wrap, backend: str = "aot_eager") -> int:
     """Plain torch: how many times one backward of the tests' DropoutNet runs a compiled graph
     (AOT autograd's ``CompiledFunctionBackward``, from the profiler's autograd events), each block
     called through ``wrap`` inside compiled code, compiled per block or as one program."""
@@ -325,8 +332,8 @@ def _compiled_backward_runs(how: str, wrap) -> int:
             hidden = step(block, hidden)
         return hidden
 
-    step = body if how == "whole" else torch.compile(body, backend="aot_eager")
-    run = torch.compile(forward, backend="aot_eager") if how == "whole" else forward
+    step = body if how == "whole" else torch.compile(body, backend=backend)
+    run = torch.compile(forward, backend=backend) if how == "whole" else forward
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         run(inputs).square().mean().backward()
     return sum(1 for event in profile.events()
