@@ -86,4 +86,3 @@ def tensor_leaves(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         for index, item in enumerate(value):
             found.update(tensor_leaves(item, f"{prefix}[{index}]"))
     return found
-

@@ -303,20 +303,30 @@ def _counted_body(layer: nn.Module, base: type[nn.Module], args: tuple[Any, ...]
     # recompute as it ran forward: dynamo runs nothing compiled under a dispatch mode, and checkpoint
     # would reject the eager recompute's saves.
     if (counter.memory is not None and torch._C._current_graph_task_id() != -1
-            and not _holds_compiled_code(layer)):
+            and not holds_compiled_code(layer)):
         with counter.memory.recompute():  # inside backward: this is a recompute; count what it holds
             return run(*args, **kwargs)
     return run(*args, **kwargs)
 
 
-def _holds_compiled_code(layer: nn.Module) -> bool:
-    """Whether running ``layer`` runs compiled code: a compiled body, or a compiled module inside it."""
-    return any(runs_compiled(module) for module in layer.modules())
+def holds_compiled_code(module: nn.Module) -> bool:
+    """Whether running ``module`` runs compiled code: it or a module inside it
+    :func:`runs_compiled` (a dispatch mode must not be active around it while dynamo traces).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> holds_compiled_code(net)
+        False
+        >>> net[0].compile(backend="eager")
+        >>> holds_compiled_code(net)
+        True
+    """
+    return any(runs_compiled(inner) for inner in module.modules())
 
 
 class CompiledCall:
     """Marks a module of the engine's copy whose whole call the check compiled, in place, as the
-    caller's ``torch.compile(block)`` did (:func:`pytest_gradckpt.compilation.compiled.apply`)."""
+    caller's ``torch.compile(block)`` did (:meth:`pytest_gradckpt.compilation.compiled.Compilation.apply`)."""
 
 
 def runs_compiled(module: nn.Module) -> bool:

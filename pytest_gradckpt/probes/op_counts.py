@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_gradckpt.pipeline.units import runs_compiled
+from pytest_gradckpt.pipeline.units import holds_compiled_code
 from pytest_gradckpt.probes.backward_calls import in_backward
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
@@ -70,13 +70,6 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def compiled_model(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` runs compiled code (a dispatch mode must not be active while
-    dynamo traces): an ``OptimizedModule``, a compiled call, or an engine unit whose body the check
-    compiled below its eager checkpoint (``compile_order='checkpoint_outside'``)."""
-    return any(runs_compiled(m) for m in model.modules())
-
-
 @dataclasses.dataclass
 class OpCounts:
     """Matmuls and FLOPs run in forward and in backward (``counted`` False: not measured)."""
@@ -107,7 +100,7 @@ class OpCountProbe(Probe[OpCounts]):
 
     @contextlib.contextmanager
     def around_batches(self) -> Iterator[None]:
-        if not self.counts_ops or compiled_model(self.step.model):
+        if not self.counts_ops or holds_compiled_code(self.step.model):
             yield
             return
         self.counter = OpCounter()

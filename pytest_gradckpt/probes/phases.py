@@ -27,8 +27,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pytest_gradckpt.pipeline.units import holds_compiled_code
 from pytest_gradckpt.probes.memory import MemoryProbe
-from pytest_gradckpt.probes.op_counts import compiled_model
 from pytest_gradckpt.probes.protocol import Column, Probe, ProbeEvidence
 
 
@@ -132,7 +132,7 @@ class PhasesProbe(Probe[Phases]):
                 torch.cuda.reset_peak_host_memory_stats()
         saved = self.step.probe(MemoryProbe).saved
         seen = Phases()
-        copies = HostCopies() if cuda and self.counts_host_copies and not compiled_model(self.step.model) else None
+        copies = HostCopies() if cuda and self.counts_host_copies and not holds_compiled_code(self.step.model) else None
 
         def after_forward(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if torch.compiler.is_compiling() or not torch.is_grad_enabled():

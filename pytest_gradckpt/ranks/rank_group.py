@@ -202,7 +202,6 @@ class RankGroup:
     def start(self) -> None:
         cuda = self.device.type == "cuda"
         method = start_method(self.settings["start_method"], cuda)
-        self.method = method
         if method == "spawn":
             try:
                 _Picklability(io.BytesIO()).dump((self.stepper, self.catalog))
@@ -312,12 +311,12 @@ def _set_up(rank: int, store_path: str, stepper: Stepper | StepperRecipe, forked
     refused = _fork_unusable(own) if forked else None
     if refused:
         state["refused"] = refused  # answered to the first command: a launch failure, retried spawning
-    elif cuda and store_path:
+        return
+    if cuda and store_path:
         torch.cuda.set_device(rank)
         if isinstance(stepper, Stepper):
             stepper.subject.on_device(own)
-    if not refused:
-        warm_up()  # a no-op where forked from a warmed process; the check warms up only when it steps itself
+    warm_up()  # a no-op where forked from a warmed process; the check warms up only when it steps itself
 
 
 def _refuse_fork() -> None:
