@@ -350,9 +350,9 @@ def gpu_name() -> str:
 
 def fork_refused() -> bool:
     """Whether a GPU rank forked from this process found it could not use CUDA (ranks are spawned since)."""
-    from pytest_gradckpt.ranks import rank_group
+    from pytest_gradckpt.pipeline.process_state import cuda_fork_refused
 
-    return bool(rank_group._fork_refused)
+    return cuda_fork_refused()
 
 
 def collect_timers(folder: str) -> dict[str, dict[str, float]]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import pytest_gradckpt as gc
+from pytest_gradckpt.pipeline import process_state
 from pytest_gradckpt.ranks import launcher, rank_group
 from pytest_gradckpt.zoo.plain import TanhNet
 
@@ -58,7 +59,7 @@ def check(factory, path: Path, scenario: str = "ddp", world_size: int = 2, **dis
 @pytest.fixture
 def on_ranks(monkeypatch):
     monkeypatch.setattr(launcher, "BUILD_ON_RANKS", ("cuda", "cpu"))
-    monkeypatch.setattr(rank_group, "_fork_refused", False)
+    monkeypatch.setattr(process_state._ForkRefusal, "refused", False)
 
 
 @pytest.mark.parametrize("scenario", ["ddp", "fsdp2"])
@@ -113,7 +114,7 @@ def test_a_refused_fork_is_retried_and_nothing_is_built_twice(on_ranks, tmp_path
     log = tmp_path / "builds"
     report = check(built_here, log, scenario="fsdp2", world_size=1)
     assert {r.outcome for r in report.results} == {"pass"}
-    assert rank_group._fork_refused  # later GPU groups of this process are spawned
+    assert process_state.cuda_fork_refused()  # later GPU groups of this process are spawned
     assert not marker.exists() and len(builders(log)) == 1 and os.getpid() not in builders(log)
 
 
@@ -165,3 +166,26 @@ def test_a_rank_that_cannot_set_up_is_a_harness_error_never_a_skip(on_ranks, tmp
     report = check(built_here, tmp_path / "builds", scenario="fsdp2", world_size=1)
     assert {r.outcome for r in report.results} == {"error"}
     assert all("initialization error (planted)" in r.message for r in report.results)
+
+
+def test_the_model_a_rank_builds_is_left_out_of_the_collectors_passes():
+    """A GPU rank may run a full collection between runs; it must not pass over the template the
+    rank built (a 1.1B PEFT model is a few hundred thousand objects). Run here, as a rank would."""
+    import gc as collector
+
+    from pytest_gradckpt.pipeline.runs import Stepper
+    from pytest_gradckpt.pipeline.subject import Subject
+
+    def make() -> Stepper:
+        return Stepper(Subject(TanhNet, torch.ones(2, 16), None, "cpu"), None, seed=0, timeout=None)
+
+    state = {"stepper": rank_group.StepperRecipe(make)}
+    frozen_before = collector.get_freeze_count()
+    try:
+        rank_group._build({}, 1, "", state)
+        template = state["stepper"].subject.peek()
+        tracked = {id(o) for generation in range(3) for o in collector.get_objects(generation)}
+        assert collector.get_freeze_count() > frozen_before
+        assert id(template) not in tracked and not {id(m) for m in template.modules()} & tracked
+    finally:
+        collector.unfreeze()  # this test process is not a rank: hand everything back

@@ -14,12 +14,10 @@ Knows nothing of pytest. Distributed scenarios run the same step inside ranks th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import gc
 import multiprocessing
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -32,7 +30,11 @@ from pytest_gradckpt.ranks import held
 from pytest_gradckpt.pipeline.subject import Subject, tensor_bytes
 from pytest_gradckpt.ranks.distributed import describe_ranks, device_before_build, launched_from_outside, refuse_unrunnable_world
 from pytest_gradckpt.release.environment import versions
-from pytest_gradckpt.pipeline.process_state import deterministic_kernels, preserved_global_state
+from pytest_gradckpt.pipeline.process_state import (
+    deterministic_kernels,
+    older_objects_left_to_refcounting,
+    preserved_global_state,
+)
 from pytest_gradckpt.ranks.launcher import Launcher, build_on_ranks
 from pytest_gradckpt.pipeline.units import unit_stacks
 from pytest_gradckpt.probes.cuda import CudaProbe
@@ -167,7 +169,7 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
         refuse_unrunnable_world(spec.distributed.as_dict(), device_before_build(model, spec.device))
     # The per-op probes only where a judged promise reads them: their dispatch modes cost more than the steps.
     with preserved_global_state(), registry.using(*registry.lean(_read_per_op(plan.strategies)), only=True), \
-            _older_objects_left_to_refcounting():
+            older_objects_left_to_refcounting():
         catalog = [*plan.strategies, *plan.scenarios]
         # Every step on ranks the check starts: they start now and build the model, not this process.
         built = build_on_ranks(model, functools.partial(_rank_stepper, model, inputs, loss,
@@ -193,31 +195,6 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
                 step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
                 _check_scenario(report, step, scenario, stepper, plan, determinism)
     return report
-
-
-@contextlib.contextmanager
-def _older_objects_left_to_refcounting() -> Iterator[None]:
-    """For the block, the cyclic collector passes over every object that existed before it (``gc.freeze``):
-    the caller's model, the libraries' modules. A full collection then costs what the check made, not
-    the whole heap (a 1.1B PEFT model is a few hundred thousand objects). Nothing is lost: the objects are
-    handed back to the collector after. Left alone when something else froze objects already.
-
-    Example:
-        >>> import gc
-        >>> with _older_objects_left_to_refcounting():
-        ...     gc.get_freeze_count() > 0
-        True
-        >>> gc.get_freeze_count()
-        0
-    """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _read_per_op(strategies: Iterable[Strategy]) -> set[str]:

@@ -42,6 +42,11 @@ from pytest_gradckpt.ranks.distributed import Parallel, RankTimeout, death, desc
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes import registry
 from pytest_gradckpt.pipeline.runs import Stepper
+from pytest_gradckpt.pipeline.process_state import (
+    cuda_fork_refused,
+    leave_to_refcounting_for_good,
+    note_cuda_fork_refused,
+)
 from pytest_gradckpt.strategies.checkpoint_functions import warm_up
 
 #: Set once a forked GPU rank found it cannot use CUDA (this process had initialised the CUDA
@@ -114,9 +119,6 @@ class _Picklability(pickle.Pickler):
         return id(obj) if isinstance(obj, torch.Tensor) else None
 
 
-_fork_refused = False  # see FORK_REFUSED
-
-
 def start_method(chosen: str, cuda: bool) -> str:
     """``fork`` where it is safe (cheap: no re-import, nothing pickled), else ``spawn``: once CUDA
     was initialised in this process, or a forked GPU rank found it could not use CUDA.
@@ -128,7 +130,7 @@ def start_method(chosen: str, cuda: bool) -> str:
     if chosen != "auto":
         return chosen
     # Autograd's device threads do not survive a fork once CUDA ran in this process.
-    return "spawn" if torch.cuda.is_initialized() or (cuda and _fork_refused) else "fork"
+    return "spawn" if torch.cuda.is_initialized() or (cuda and cuda_fork_refused()) else "fork"
 
 
 class StepperRecipe:
@@ -256,7 +258,7 @@ class RankGroup:
                     raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size) from None
                 continue
             if payload.get("fork_refused"):
-                _refuse_fork()  # the launcher's retry spawns
+                note_cuda_fork_refused()  # the launcher's retry spawns
             if payload["sequence"] != self.sequence:
                 continue  # an answer to an earlier command (cannot happen while groups are closed on failure)
             payloads[payload["rank"]] = payload
@@ -316,12 +318,9 @@ def _set_up(rank: int, store_path: str, stepper: Stepper | StepperRecipe, forked
         torch.cuda.set_device(rank)
         if isinstance(stepper, Stepper):
             stepper.subject.on_device(own)
+    if isinstance(stepper, Stepper):  # the model is here already (a recipe builds it in its first command)
+        leave_to_refcounting_for_good()
     warm_up()  # a no-op where forked from a warmed process; the check warms up only when it steps itself
-
-
-def _refuse_fork() -> None:
-    global _fork_refused
-    _fork_refused = True
 
 
 def serve(rank: int, world_size: int, store_path: str, stepper: Stepper | StepperRecipe, catalog: list[Any],
@@ -410,6 +409,7 @@ def _build(payload: dict[str, Any], rank: int, store_path: str, state: dict[str,
         except Exception as error:  # noqa: BLE001 - the checking process then builds one of its own
             payload["built"]["skeleton_error"] = f"{type(error).__name__}: {error}"
     stepper.subject.keep_template_on_device()
+    leave_to_refcounting_for_good()  # the runs' collections then pass over what they made, not the model
     state["stepper"] = stepper
 
 
