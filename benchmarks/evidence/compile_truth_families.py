@@ -85,6 +85,10 @@ def compiled_plain(function: Any, *args: Any) -> Any:
 
 
 BACKEND = ["inductor"]
+#: The compiled-regions probe's figures kept per strategy: graphs, regions, recomputed regions and layers,
+#: then the backward graphs executed and those of them that recomputed (per execution: 8 per block, 8 layers).
+REGION_METRICS = ("compiled_graphs", "checkpoint_regions", "recomputed_regions", "recomputed_layers",
+                  "compiled_backward_executions", "recomputing_backward_executions")
 
 
 def functions() -> dict[str, Any]:
@@ -234,9 +238,8 @@ def check(family: str, args: argparse.Namespace) -> dict[str, Any]:
             "compile_distance": train.get("compile_distance"), "compile_tolerance": train.get("compile_tolerance"),
             "outcomes": {r.strategy: r.outcome for r in report.results},
             "compiled": {r.strategy: {k: r.metrics.get("compiled", {}).get(k) for k in keep} for r in report.results},
-            "regions": {r.strategy: [r.metrics.get(k) for k in ("compiled_graphs", "checkpoint_regions",
-                                                               "recomputed_regions", "recomputed_layers")]
-                        for r in report.results},
+            "regions": {r.strategy: [r.metrics.get(k) for k in REGION_METRICS] for r in report.results},
+            "region_metrics": list(REGION_METRICS),
             "messages": {r.strategy: r.message[:240] for r in report.results}}
 
 
@@ -326,11 +329,13 @@ VALUES_ONLY = ("not_checkpointing",)
 
 def around_the_call(family: str, transformers_version: str) -> bool:
     """Where the check's checkpoint sits for ``family``: around each compiled block's call where the
-    model's compiled blocks are called through transformers' switch and that switch checkpoints
-    ``Module.__call__`` (transformers <= 5.22; 5.23 checkpoints ``forward``, inside the compiled code);
-    the engine compiles regional blocks the per-block way, so regional goes with them."""
+    blocks are compiled per block (``layer.compile()`` compiles ``_call_impl``) and transformers' switch
+    checkpoints ``Module.__call__`` (transformers <= 5.22; 5.23 checkpoints ``forward``, inside the
+    compiled code). Regional compile (``torch.compile(layer)``) compiles the block's whole ``__call__``,
+    the switch's checkpoint included, and the check compiles its copies the same way
+    (``compiled._compile_whole_call``, since 9ed8367): inside the compiled code on every line."""
     major, minor = (int(part) for part in transformers_version.split(".")[:2])
-    return form(family) in ("per_block", "regional") and (major, minor) < (5, 23)
+    return form(family) == "per_block" and (major, minor) < (5, 23)
 
 
 def table(paths: list[str]) -> dict[str, Any]:
