@@ -24,7 +24,8 @@ Cost (item 5): whole-model plain torch (baseline, eager and each function once) 
 cold inductor/triton caches, the check in another, cold too. Then the check twice more on warm
 caches (repeats 2 and 3), then the other families: plain torch once, the check 3 times.
 
-``python -m benchmarks.evidence.compile_truth_families [--smoke] [--budget S]``; JSON to ``$OUT``.
+``python -m benchmarks.evidence.compile_truth_families [--smoke] [--budget S] [--families F,G,...]``; JSON to
+``$OUT`` (the whole-model steps run when ``whole`` is named, then the other families named, one process).
 ``--parallel --families F,G,...`` runs each family in its own process at once (rows written to
 ``$OUT/rows-FAMILY.jsonl`` as found; ``--no-plain`` for the checks only), ``--layers N`` sets the
 decoder layers, and ``--table FILE,FILE,...`` prints the agreement table of results files (plain
@@ -426,10 +427,12 @@ def main() -> int:
         print(path)
         return 0
     cold = "/tmp/ctf-cache"
+    named = args.families.split(",")
     steps = [("whole", f"{cold}/plain-whole", 0, False),      # cost: plain torch, cold caches
              ("whole", f"{cold}/check-whole", 1, True),       # cost: the check, cold caches (repeat 1)
-             ("whole", f"{cold}/check-whole", 2, True),       # repeats 2 and 3, warm caches
-             ("per_block,regional,inside,lora,per_block_no_dropout", f"{cold}/families", 3, False)]
+             ("whole", f"{cold}/check-whole", 2, True)] if "whole" in named else []  # repeats 2, 3: warm
+    rest = ",".join(family for family in named if family != "whole")
+    steps += [(rest, f"{cold}/families", 3, False)] if rest else []
     for families, cache, checks, no_plain in steps:
         document["rows"] += run_process(families, cache, args, checks, no_plain)
         path.write_text(json.dumps(document, indent=1, default=str))
