@@ -342,7 +342,8 @@ def around_the_call(family: str, transformers_version: str) -> bool:
 def table(paths: list[str]) -> dict[str, Any]:
     """Issue 31's table from results files of this script: for each family and case, plain torch's
     verdict for the program the check runs (the placement of :func:`around_the_call`) beside the
-    check's outcome in each repeat. Check rows of a later file replace a family's earlier ones."""
+    check's outcome in each repeat. Check rows of a later file replace a family's earlier ones, or
+    join them when both files are of the same commit (repeats run in two calls)."""
     plain: dict[str, Any] = {}
     checks: dict[str, list[Any]] = {}
     sources: dict[str, Any] = {}
@@ -357,8 +358,10 @@ def table(paths: list[str]) -> dict[str, Any]:
             elif row.get("kind") == "check" and "outcomes" in row:
                 found.setdefault(row["family"], []).append(row)
         for family, rows in found.items():
-            checks[family] = rows
-            sources[family] = {"file": Path(path).name, "commit": document.get("commit")}
+            same_commit = sources.get(family, {}).get("commit") == document.get("commit")
+            checks[family] = checks.get(family, []) + rows if same_commit else rows
+            files = sources[family]["file"] + ", " if same_commit else ""
+            sources[family] = {"file": files + Path(path).name, "commit": document.get("commit")}
     cases = []
     for family, rows in checks.items():
         truth = plain.get(family, {}).get("truth", {})
