@@ -126,10 +126,11 @@ def older_objects_left_to_refcounting() -> Iterator[None]:
 
 def leave_to_refcounting_for_good() -> None:
     """In a process that ends when its work does (a rank), every object alive now is passed over by the
-    cyclic collector from now on: the model it built, the libraries. The collections between a rank's
-    runs then cost what the runs made (a full pass over a 1.1B model's heap is about a quarter of a
-    second, and a GPU rank may ask for one per run). The objects are never handed back: the process
-    exits instead.
+    cyclic collector from now on: the model it built, the libraries. The collections a GPU rank may run
+    between runs then cost what the runs made, not the model's heap (on one H200 a 1.1B LoRA check's
+    rank spent 0.09 s collecting; its step commands, unexplained by 2.3 s before this and the reused
+    copy, now add up). The objects are never handed back: the process exits instead. Only for ranks:
+    in the caller's process this would keep cyclic garbage made before it for good.
 
     Example:
         >>> import subprocess, sys

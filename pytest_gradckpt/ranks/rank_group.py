@@ -49,8 +49,9 @@ from pytest_gradckpt.pipeline.process_state import (
 )
 from pytest_gradckpt.strategies.checkpoint_functions import warm_up
 
-#: Set once a forked GPU rank found it cannot use CUDA (this process had initialised the CUDA
-#: driver, e.g. through ``torch.cuda.is_available()``, before the fork): later groups spawn.
+#: What a forked GPU rank answers when it cannot use CUDA (this process had initialised the CUDA
+#: driver, e.g. through ``torch.cuda.is_available()``, before the fork); later groups of this process
+#: spawn (:func:`~pytest_gradckpt.pipeline.process_state.note_cuda_fork_refused`).
 FORK_REFUSED = "a forked rank cannot use CUDA (this process initialised it before the fork)"
 
 #: The first command's limit covers starting the ranks, importing, meeting and building the
