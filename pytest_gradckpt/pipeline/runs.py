@@ -136,6 +136,21 @@ def _leaves_copy_fit(strategy: Strategy | None, run: Run) -> bool:
     return strategy is None or is_builtin(strategy)
 
 
+def _unwrap(step: _Step | None, parallel: Any) -> bool:
+    """Undo what the step's parallel wrap left outside the copy's modules (DDP's hooks on the parameters'
+    gradient accumulators); False when that failed, and the copy is not to be reused. Nothing to undo
+    without a wrap: a step that failed before it, or ran without parallelism.
+
+    Example:
+        >>> _unwrap(None, parallel=None)
+        True
+    """
+    if parallel is None or step is None or not step.wrapped:
+        return True
+    step.wrapped = False
+    return bool(parallel.unwrap(step.runner))
+
+
 def freeze_input_embeddings(model: nn.Module) -> None:
     """The ``frozen_inputs`` scenario: input embeddings frozen, as in LoRA."""
     get = getattr(model, "get_input_embeddings", None)
@@ -203,35 +218,29 @@ class Stepper:
         before = torch.cuda.memory_allocated(self.subject.device) if cuda else 0
         if self.copies.source is not self._reuse_source():  # a rank kept its template since: reuse copies of it
             self.copies = self._copies()
-        self._wrapped: Any = None
+        step: _Step | None = None
         try:
-            self._step(run, scenario, strategy, grad_targets, parallel)
+            step = self._prepare(scenario, reuse=True)
+            self._step(run, step, strategy, grad_targets, parallel)
         except GradckptUsageError:
-            self._unwrap(parallel)
+            _unwrap(step, parallel)
             self.copies.give_back(fit=False)
             raise
         except (Exception, StrategyTimeout) as exc:  # noqa: BLE001 - every failure is a verdict
             run.error = exc.with_traceback(None)  # the traceback would keep the model copy alive
-        unwrapped = self._unwrap(parallel)
+        unwrapped = _unwrap(step, parallel)
+        del step  # the copy's modules: the collector below may be what frees them
         self.copies.give_back(fit=unwrapped and _leaves_copy_fit(strategy, run))
         kept = self.copies.kept_bytes()  # a copy made for this run that the next one reuses stays allocated
         if cuda and torch.cuda.memory_allocated(self.subject.device) - before > 2 * _kept_bytes(run) + kept:
             gc.collect()  # the model copy sits in a reference cycle: free it before the next run needs the room
         return run
 
-    def _unwrap(self, parallel: Any) -> bool:
-        """Undo what the run's parallel wrap left outside the copy's modules (DDP's hooks on the parameters'
-        gradient accumulators); False when that failed, and the copy is not to be reused."""
-        wrapped, self._wrapped = self._wrapped, None
-        if parallel is None or wrapped is None:
-            return True
-        return bool(parallel.unwrap(wrapped))
-
-    def _step(self, run: Run, scenario: Scenario, strategy: Strategy | None, grad_targets: set[str] | None,
+    def _step(self, run: Run, step: _Step, strategy: Strategy | None, grad_targets: set[str] | None,
               parallel: Any) -> None:
-        """The stages of one step, in order: a prepared copy, the strategy (and compiler) on it,
+        """The stages of one step on a prepared copy, in order: the strategy (and compiler) on it,
         the parallel wrap, the timed micro-batches under every probe, then what the probes saw."""
-        step = self._prepare(scenario, reuse=True)
+        scenario = step.scenario
         self._switch_on(run, step, strategy)
         self._wrap(step, grad_targets, parallel)
         self._train(run, step, scenario, strategy, grad_targets, parallel)
@@ -248,7 +257,7 @@ class Stepper:
         compilation = subject.compilation
         # The modules to compile are taken before the strategy runs, as the names are.
         step = _Step(copy=prepare_copy(model, self.layer_names, self.found_by, subject.device),
-                     compiled_modules={} if compilation is None else compilation.targets(model))
+                     compiled_modules={} if compilation is None else compilation.targets(model), scenario=scenario)
         step.info.compile_kind = None if compilation is None else compilation.kind  # compiled-only strategies ask
         return step
 
@@ -274,7 +283,7 @@ class Stepper:
         # but keeps their names, a checkpoint wrapper keeps the objects but renames them.
         renamed = {n: step.copy.param_names.get(id(p), n) for n, p in model.named_parameters()}
         step.runner = model if parallel is None else parallel.wrap(model, step.info)
-        self._wrapped = None if parallel is None else step.runner
+        step.wrapped = parallel is not None
         step.trainable = [(renamed.get(n, n), p) for n, p in model.named_parameters() if p.requires_grad]
         step.copy.view.trainable = step.trainable
         step.targets = [(n, p) for n, p in step.trainable if grad_targets is None or n in grad_targets]
@@ -385,7 +394,9 @@ class _Step:
 
     copy: PreparedCopy
     compiled_modules: Any
+    scenario: Scenario
     runner: Any = None
+    wrapped: bool = False  # ``runner`` is the parallel wrap of the copy, to be undone after the run
     trainable: list[tuple[str, nn.Parameter]] = dataclasses.field(default_factory=list)
     targets: list[tuple[str, nn.Parameter]] = dataclasses.field(default_factory=list)
     inputs: Any = None
