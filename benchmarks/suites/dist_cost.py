@@ -9,7 +9,9 @@ case), ``device``, ``tiny`` (``--set tiny=true --set device=cpu``: a two-layer L
 first: the check's ranks must then be spawned, not forked), ``mid`` (with ``device=cpu``: the 8-layer,
 hidden-512 Llama, bf16, 64 tokens per rank, a LoRA model whose Python objects cost as the 1.1B's do),
 ``ranks_build`` (on the CPU too, the ranks build the model as GPU ranks do, instead of sharing this
-process's build: the GPU design measured on gloo).
+process's build: the GPU design measured on gloo), ``model_imported`` (this process imports the model's
+classes before the first check, as a test module that names them does; the factory imports them only
+on the ranks, so otherwise the first check pays that import here, reading the ranks' skeleton).
 
     python -m benchmarks dist-cost --case 1b-lora-fsdp2 --case 1b-lora-ddp --set device=cpu --set mid=true \
         --set ranks_build=true --set factory=cpu --repeats 3
@@ -47,7 +49,8 @@ ABOUT = "a distributed check's wall time next to the steps it runs, with a break
 CASES = {name: Case(dist.CASES[name].about + ", cost by part",
                     {**{k: dist.CASES[name].params[k] for k in ("shape", "adapters", "scenario")},
                      "launch": "self", "world_size": 1, "factory": "cpu", "device": "cuda", "tiny": False,
-                     "budget": 1e9, "parent_cuda": False, "mid": False, "ranks_build": False},
+                     "budget": 1e9, "parent_cuda": False, "mid": False, "ranks_build": False,
+                     "model_imported": False},
                     needs="cuda", repeats=3)
          for name in ("1b-full-fsdp2", "1b-lora-fsdp2", "1b-lora-ddp")}
 
@@ -112,7 +115,8 @@ def row(case: str, params: dict[str, Any], world_size: int,
             "ranks": first.baseline[scenario].get("ranks"),
             "repeats": len(checks), "identical_outcomes": all(o == outcomes[0] for o in outcomes),
             "parent_cuda": params["parent_cuda"], "parent_cuda_after": [c for _, _, _, c in checks],
-            "ranks_built": [_ranks_built(parts) for _, _, parts, _ in checks], "fork_refused": common.fork_refused()}
+            "ranks_built": [_ranks_built(parts) for _, _, parts, _ in checks], "fork_refused": common.fork_refused(),
+            "model_imported": params["model_imported"]}
 
 
 def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
@@ -124,6 +128,11 @@ def run(params: dict[str, Any], repeats: int, emit: Emit) -> None:
     if params["ranks_build"]:
         common.build_on_ranks_also("cpu")
     world_size, _ = dist.world({**params, "world_size": params["world_size"] or 1})
+    if params["model_imported"]:
+        import transformers.models.llama.modeling_llama  # noqa: F401 - what a test module naming the model did
+
+        if params["adapters"]:
+            import peft  # noqa: F401
     if params["parent_cuda"]:
         import torch
 
