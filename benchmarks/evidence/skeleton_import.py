@@ -7,7 +7,10 @@ The 1.1B Llama shape's skeleton, built on ``meta``, unpickled in fresh interpret
 ``transformers.models.llama.modeling_llama`` imported first; nothing but torch, transformers and
 :func:`pytest_gradckpt.ranks.rank_group.skeleton` (the function the ranks use).
 
-    python -m benchmarks.evidence.skeleton_import [--repeats N]   # JSON rows on stdout
+    python -m benchmarks.evidence.skeleton_import [--repeats N] [--out FILE]
+
+Writes the rows in the runner's envelope (``benchmarks/envelope.py``: commit, machine, versions) to
+``FILE`` (default: stdout), each row also printed as it is found.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
+
+from benchmarks.envelope import envelope
 
 CHILD = """
 import pickle, sys, time
@@ -51,16 +57,24 @@ def skeleton_file() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="the envelope's file (default: stdout)")
     args = parser.parse_args()
     path = skeleton_file()
     environment = dict(os.environ, HF_HUB_OFFLINE="1")
+    rows = []
     for _ in range(args.repeats):
         for mode in ("not imported", "imported first"):
             out = subprocess.run([sys.executable, "-c", CHILD, path, mode], capture_output=True, text=True,
                                  env=environment, check=True).stdout.split()
-            print(json.dumps({"transformers": mode, "skeleton_bytes": os.path.getsize(path), "import_torch": float(out[0]),
-                              "import_llama_module": float(out[1]), "unpickle": float(out[2])}), flush=True)
+            rows.append({"transformers": mode, "skeleton_bytes": os.path.getsize(path), "import_torch": float(out[0]),
+                         "import_llama_module": float(out[1]), "unpickle": float(out[2])})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     os.unlink(path)
+    document = json.dumps(envelope("evidence/skeleton_import", "1b-llama", {"repeats": args.repeats}, rows), indent=1)
+    if args.out:
+        Path(args.out).write_text(document + "\n")
+    else:
+        print(document)
     return 0
 
 
