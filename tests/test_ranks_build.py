@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,10 +183,89 @@ def test_the_model_a_rank_builds_is_left_out_of_the_collectors_passes():
     state = {"stepper": rank_group.StepperRecipe(make)}
     frozen_before = collector.get_freeze_count()
     try:
-        rank_group._build({}, 1, "", state)
+        rank_group._build({}, 1, "", state, lambda news: None)
         template = state["stepper"].subject.peek()
         tracked = {id(o) for generation in range(3) for o in collector.get_objects(generation)}
         assert collector.get_freeze_count() > frozen_before
         assert id(template) not in tracked and not {id(m) for m in template.modules()} & tracked
     finally:
         collector.unfreeze()  # this test process is not a rank: hand everything back
+
+
+SLOW_LIBRARY = '''
+import os, time
+from pytest_gradckpt.zoo.plain import TanhNet
+
+def _note(what):
+    with open(os.environ["GRADCKPT_TEST_IMPORTS"], "a") as log:
+        log.write(f"{os.getpid()} {what} {time.time()}\\n")
+
+_note("start")
+time.sleep(1.5)  # a model library's import, as transformers.modeling_utils takes seconds
+
+
+class SlowLibraryNet(TanhNet):
+    """A model whose class lives in the slow library: reading its skeleton imports it."""
+
+_note("end")
+'''
+
+
+def built_from_slow_library(name: str) -> torch.nn.Module:
+    """The factory imports its library inside itself, as the benchmarks' factories do."""
+    library = __import__(name)
+    torch.manual_seed(0)
+    return library.SlowLibraryNet()
+
+
+@pytest.fixture
+def slow_library(on_ranks, tmp_path, monkeypatch) -> str:
+    """A fresh module that takes 1.5 s to import, importable here and on the ranks; each import
+    notes its process, start and end in ``$GRADCKPT_TEST_IMPORTS``."""
+    name = f"slow_library_{os.getpid()}_{tmp_path.name}".replace("-", "_")
+    (tmp_path / f"{name}.py").write_text(SLOW_LIBRARY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRADCKPT_TEST_IMPORTS", str(tmp_path / "imports"))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def imports_by_process(path: Path) -> dict[int, dict[str, float]]:
+    seen: dict[int, dict[str, float]] = {}
+    for line in path.read_text().split("\n"):
+        if line:
+            pid, what, when = line.split()
+            seen.setdefault(int(pid), {})[what] = float(when)
+    return seen
+
+
+def check_slow_library(name: str):
+    inputs = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    return gc.check(functools.partial(built_from_slow_library, name), inputs, device="cpu", scenarios=["fsdp2"],
+                    strategies=["non_reentrant"], distributed={**FAST, "world_size": 1})
+
+
+def test_this_process_imports_the_models_library_while_the_rank_does(slow_library, tmp_path, monkeypatch):
+    from pytest_gradckpt.ranks import overlapped_imports
+
+    monkeypatch.setattr(overlapped_imports, "OVERLAPPED", (slow_library,))
+    report = check_slow_library(slow_library)
+    assert [r.outcome for r in report.results] == ["pass"] and report.model == "SlowLibraryNet"
+    seen = imports_by_process(tmp_path / "imports")
+    rank = next(pid for pid in seen if pid != os.getpid())
+    assert set(seen) == {os.getpid(), rank}  # once here (the skeleton needs the class), once on the rank
+    assert seen[os.getpid()]["start"] < seen[rank]["end"]  # overlapped, not one after the other
+
+
+def test_a_library_not_listed_is_imported_here_only_when_the_skeleton_needs_it(slow_library, tmp_path,
+                                                                                monkeypatch):
+    """The counterpart: without the rank's word this process imports after the build (the cost the
+    overlap removes), and a library a module that patches others could be is never imported early."""
+    from pytest_gradckpt.ranks import overlapped_imports
+
+    monkeypatch.setattr(overlapped_imports, "OVERLAPPED", ())
+    report = check_slow_library(slow_library)
+    assert [r.outcome for r in report.results] == ["pass"]
+    seen = imports_by_process(tmp_path / "imports")
+    rank = next(pid for pid in seen if pid != os.getpid())
+    assert seen[os.getpid()]["start"] >= seen[rank]["end"]

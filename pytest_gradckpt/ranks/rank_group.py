@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import multiprocessing
 import os
@@ -31,13 +32,13 @@ import queue as queue_module
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 
-from pytest_gradckpt.ranks import held
+from pytest_gradckpt.ranks import held, overlapped_imports
 from pytest_gradckpt.ranks.distributed import Parallel, RankTimeout, death, describe_exception, fingerprint
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes import registry
@@ -258,6 +259,9 @@ class RankGroup:
                 if dead:
                     raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size) from None
                 continue
+            if "imports" in payload:  # news from a rank that builds: import meanwhile, then wait on
+                overlapped_imports.follow(payload["imports"])
+                continue
             if payload.get("fork_refused"):
                 note_cuda_fork_refused()  # the launcher's retry spawns
             if payload["sequence"] != self.sequence:
@@ -350,11 +354,9 @@ def serve(rank: int, world_size: int, store_path: str, stepper: Stepper | Steppe
             if item is None:
                 break
             sequence, command = item
-            payload = _answer(rank, world_size, store_path, state, catalog, command, settings, store)
-            payload["sequence"] = sequence
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            results.put(buffer.getvalue())
+            payload = _answer(rank, world_size, store_path, state, catalog, command, settings, store,
+                              functools.partial(_send, results, rank, sequence))
+            _send(results, rank, sequence, payload)
     finally:
         results.close()
         results.join_thread()  # put() hands off to a feeder thread: let it finish before _exit
@@ -365,10 +367,19 @@ def serve(rank: int, world_size: int, store_path: str, stepper: Stepper | Steppe
             os._exit(0)  # a forked rank must not run the parent's atexit handlers or pytest teardown
 
 
+def _send(results: Any, rank: int, sequence: int, payload: dict[str, Any]) -> None:
+    """Put ``payload`` on the results queue, as the answer of this rank to command ``sequence``."""
+    buffer = io.BytesIO()
+    torch.save({**payload, "rank": rank, "sequence": sequence}, buffer)
+    results.put(buffer.getvalue())
+
+
 def _answer(rank: int, world_size: int, store_path: str, state: dict[str, Any], catalog: list[Any],
-            command: tuple[Any, ...], settings: dict[str, Any], store: dict[int, dict[str, Any]]) -> dict[str, Any]:
+            command: tuple[Any, ...], settings: dict[str, Any], store: dict[int, dict[str, Any]],
+            tell: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """One command on this rank, as a payload: what was measured, or what went wrong. ``state``:
-    the rank's stepper (or the recipe it builds it from, until the ``build`` command)."""
+    the rank's stepper (or the recipe it builds it from, until the ``build`` command); ``tell``
+    sends the checking process news before the payload (``{"imports": [...]}``)."""
 
     payload: dict[str, Any] = {"rank": rank, "pid": os.getpid()}
     started = time.perf_counter()
@@ -382,7 +393,7 @@ def _answer(rank: int, world_size: int, store_path: str, state: dict[str, Any], 
         elif "set_up_failed" in state:
             payload.update(state["set_up_failed"], launch=True)
         elif kind == "build":
-            _build(payload, rank, store_path, state)
+            _build(payload, rank, store_path, state, tell)
         elif isinstance(stepper, StepperRecipe):
             raise RuntimeError("the ranks were asked to step before they built the model")
         elif kind == "call":  # a function of held tensors (a comparison): computed here, its result sent
@@ -396,10 +407,15 @@ def _answer(rank: int, world_size: int, store_path: str, state: dict[str, Any], 
     return payload
 
 
-def _build(payload: dict[str, Any], rank: int, store_path: str, state: dict[str, Any]) -> None:
+def _build(payload: dict[str, Any], rank: int, store_path: str, state: dict[str, Any],
+           tell: Callable[[dict[str, Any]], None]) -> None:
     """The ``build`` command: this rank makes its stepper from the recipe (the factory runs here,
-    once), keeps the model on its device for the runs to copy, and rank 0 sends the skeleton."""
-    stepper = state["stepper"].make()
+    once), keeps the model on its device for the runs to copy, and rank 0 sends the skeleton.
+    Rank 0 tells the checking process which model libraries it begins to import, so that it
+    imports them meanwhile (:mod:`~pytest_gradckpt.ranks.overlapped_imports`)."""
+    reporting = overlapped_imports.ReportingImports(lambda name: tell({"imports": [name]}))
+    with reporting if rank == 0 else contextlib.nullcontext():
+        stepper = state["stepper"].make()
     if store_path and stepper.subject.device.type == "cuda":  # the GPU serve chose for this rank
         stepper.subject.on_device(torch.device("cuda", rank))
     built = stepper.subject.peek()
