@@ -235,8 +235,8 @@ def held_after_each_step(monkeypatch):
     real_answer, real_run = rank_group._answer, rank_group.RankGroup.run
     kept: list[int] = []
 
-    def answer(rank, world_size, store_path, stepper, catalog, command, settings, store):
-        payload = real_answer(rank, world_size, store_path, stepper, catalog, command, settings, store)
+    def answer(rank, world_size, store_path, stepper, catalog, command, settings, store, tell):
+        payload = real_answer(rank, world_size, store_path, stepper, catalog, command, settings, store, tell)
         payload["held_runs"] = len(store)
         return payload
 
