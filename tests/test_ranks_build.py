@@ -194,40 +194,47 @@ def test_the_model_a_rank_builds_is_left_out_of_the_collectors_passes():
 
 SLOW_LIBRARY = '''
 import os, time
-from pytest_gradckpt.zoo.plain import TanhNet
 
 def _note(what):
     with open(os.environ["GRADCKPT_TEST_IMPORTS"], "a") as log:
         log.write(f"{os.getpid()} {what} {time.time()}\\n")
 
 _note("start")
-time.sleep(1.5)  # a model library's import, as transformers.modeling_utils takes seconds
+time.sleep(1.5)  # a model library's own imports, as transformers' utilities take seconds
+_note("end")
+'''
+
+SLOW_LIBRARY_MODELS = '''
+from pytest_gradckpt.zoo.plain import TanhNet
 
 
 class SlowLibraryNet(TanhNet):
     """A model whose class lives in the slow library: reading its skeleton imports it."""
-
-_note("end")
 '''
 
 
 def built_from_slow_library(name: str) -> torch.nn.Module:
-    """The factory imports its library inside itself, as the benchmarks' factories do."""
-    library = __import__(name)
+    """The factory imports its library's model module inside itself, as the benchmarks' factories do."""
+    import importlib
+
+    library = importlib.import_module(f"{name}.models")
     torch.manual_seed(0)
     return library.SlowLibraryNet()
 
 
 @pytest.fixture
 def slow_library(on_ranks, tmp_path, monkeypatch) -> str:
-    """A fresh module that takes 1.5 s to import, importable here and on the ranks; each import
-    notes its process, start and end in ``$GRADCKPT_TEST_IMPORTS``."""
+    """A fresh package that takes 1.5 s to import before its ``models`` module, importable here and
+    on the ranks; each import of it notes its process, start and end in ``$GRADCKPT_TEST_IMPORTS``."""
     name = f"slow_library_{os.getpid()}_{tmp_path.name}".replace("-", "_")
-    (tmp_path / f"{name}.py").write_text(SLOW_LIBRARY)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(SLOW_LIBRARY)
+    (tmp_path / name / "models.py").write_text(SLOW_LIBRARY_MODELS)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("GRADCKPT_TEST_IMPORTS", str(tmp_path / "imports"))
     yield name
-    sys.modules.pop(name, None)
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        del sys.modules[module]
 
 
 def imports_by_process(path: Path) -> dict[int, dict[str, float]]:
@@ -246,9 +253,11 @@ def check_slow_library(name: str):
 
 
 def test_this_process_imports_the_models_library_while_the_rank_does(slow_library, tmp_path, monkeypatch):
+    """The package's import starting on the rank is the word: this process imports the module the
+    skeleton needs (``models``) at once, while the rank still runs the package's own slow imports."""
     from pytest_gradckpt.ranks import overlapped_imports
 
-    monkeypatch.setattr(overlapped_imports, "OVERLAPPED", (slow_library,))
+    monkeypatch.setattr(overlapped_imports, "OVERLAPPED", {slow_library: f"{slow_library}.models"})
     report = check_slow_library(slow_library)
     assert [r.outcome for r in report.results] == ["pass"] and report.model == "SlowLibraryNet"
     seen = imports_by_process(tmp_path / "imports")
@@ -260,10 +269,10 @@ def test_this_process_imports_the_models_library_while_the_rank_does(slow_librar
 def test_a_library_not_listed_is_imported_here_only_when_the_skeleton_needs_it(slow_library, tmp_path,
                                                                                 monkeypatch):
     """The counterpart: without the rank's word this process imports after the build (the cost the
-    overlap removes), and a library a module that patches others could be is never imported early."""
+    overlap removes); a library not listed (one that patches others when imported) is not imported early."""
     from pytest_gradckpt.ranks import overlapped_imports
 
-    monkeypatch.setattr(overlapped_imports, "OVERLAPPED", ())
+    monkeypatch.setattr(overlapped_imports, "OVERLAPPED", {})
     report = check_slow_library(slow_library)
     assert [r.outcome for r in report.results] == ["pass"]
     seen = imports_by_process(tmp_path / "imports")

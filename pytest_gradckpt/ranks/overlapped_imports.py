@@ -20,19 +20,22 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from types import TracebackType
 
-#: The model libraries this process imports as soon as a rank begins to: importing them changes
-#: nothing here but the time, as unpickling a skeleton of their models imports them anyway. A
-#: module that patches others when imported (unsloth) is never imported here on a rank's word.
-#: Each is the module whose import dominates (measured: ``transformers.modeling_utils`` 2.36 s,
-#: ``modeling_llama`` after it 0.09 s, ``peft`` 1.46 s, on this project's 2-core CPU).
-OVERLAPPED = ("transformers.modeling_utils", "peft")
+#: The model libraries this process imports as soon as a rank begins to: the package whose import
+#: starts it -> the module to import here. Importing them changes nothing here but the time, as
+#: unpickling a skeleton of their models imports them anyway; a module that patches others when
+#: imported (unsloth) is never imported here on a rank's word. The package is the trigger because a
+#: rank imports most of a library before the module a skeleton needs: on this project's 2-core CPU,
+#: ``from transformers import LlamaConfig, LlamaForCausalLM`` spent 2.9 s in ``transformers.utils``
+#: and the hub before ``transformers.modeling_utils`` was asked for, and 0.1 s after it. On an H200
+#: host, waiting for ``modeling_utils`` left the first 1.1B FSDP2 check at 11.0-13.5 s.
+OVERLAPPED = {"transformers": "transformers.modeling_utils", "peft": "peft"}
 
 
 class ReportingImports(importlib.abc.MetaPathFinder):
-    """While installed (a context manager), calls ``report(name)`` once when an import of a module
+    """While installed (a context manager), calls ``report(name)`` once when an import of a package
     named in :data:`OVERLAPPED` starts in this process. It finds nothing itself: every import goes
     on as before, and a report that fails is dropped (the import matters, the report does not).
 
@@ -46,7 +49,7 @@ class ReportingImports(importlib.abc.MetaPathFinder):
         ['colorsys']
     """
 
-    def __init__(self, report: Callable[[str], None], watched: Sequence[str] | None = None):
+    def __init__(self, report: Callable[[str], None], watched: Collection[str] | None = None):
         self.report, self.watched = report, watched
         self.reported: set[str] = set()
 
@@ -70,19 +73,20 @@ class ReportingImports(importlib.abc.MetaPathFinder):
 
 
 def follow(names: Iterable[str]) -> list[str]:
-    """Import here the modules of ``names`` that :data:`OVERLAPPED` holds (a rank began to import
-    them); returns those imported. One that fails here is left alone: reading the skeleton meets
-    the same error, where it is reported.
+    """Import here what :data:`OVERLAPPED` names for each package of ``names`` (a rank began to
+    import it); returns the modules imported. Names it does not hold are ignored. One that fails
+    here is left alone: reading the skeleton meets the same error, where it is reported.
 
     Example:
-        >>> follow(["os.path", "peft.not_a_module"])  # neither is a library of OVERLAPPED
+        >>> follow(["os", "transformers.models"])  # neither is a package of OVERLAPPED
         []
     """
     imported = []
     for name in names:
-        if name not in OVERLAPPED:
+        module = OVERLAPPED.get(name)
+        if module is None:
             continue
         with contextlib.suppress(Exception):
-            importlib.import_module(name)
-            imported.append(name)
+            importlib.import_module(module)
+            imported.append(module)
     return imported
