@@ -192,44 +192,42 @@ def test_the_model_a_rank_builds_is_left_out_of_the_collectors_passes():
         collector.unfreeze()  # this test process is not a rank: hand everything back
 
 
-SLOW_LIBRARY = '''
-import os, time
-
-def _note(what):
-    with open(os.environ["GRADCKPT_TEST_IMPORTS"], "a") as log:
-        log.write(f"{os.getpid()} {what} {time.time()}\\n")
-
-_note("start")
-time.sleep(1.5)  # a model library's own imports, as transformers' utilities take seconds
-_note("end")
-'''
-
-SLOW_LIBRARY_MODELS = '''
-from pytest_gradckpt.zoo.plain import TanhNet
+def slow_module(label: str, seconds: float, body: str = "") -> str:
+    """A module's text: its import notes process, ``label``, start and end in ``$GRADCKPT_TEST_IMPORTS``
+    around ``seconds`` of sleep (a model library's own imports, as transformers' utilities take seconds)."""
+    return (f"import os, time\n"
+            f"def _note(what):\n"
+            f"    with open(os.environ['GRADCKPT_TEST_IMPORTS'], 'a') as log:\n"
+            f"        log.write(f'{{os.getpid()}} {label}-{{what}} {{time.time()}}\\n')\n"
+            f"_note('start')\ntime.sleep({seconds})\n{body}_note('end')\n")
 
 
+MODEL_CLASS = """from pytest_gradckpt.zoo.plain import TanhNet
 class SlowLibraryNet(TanhNet):
-    """A model whose class lives in the slow library: reading its skeleton imports it."""
-'''
+    pass
+"""
 
 
 def built_from_slow_library(name: str) -> torch.nn.Module:
-    """The factory imports its library's model module inside itself, as the benchmarks' factories do."""
+    """The factory imports its library's modules inside itself, as the benchmarks' factories do."""
     import importlib
 
-    library = importlib.import_module(f"{name}.models")
+    importlib.import_module(f"{name}.models")
+    library = importlib.import_module(f"{name}.layers")
     torch.manual_seed(0)
     return library.SlowLibraryNet()
 
 
 @pytest.fixture
 def slow_library(on_ranks, tmp_path, monkeypatch) -> str:
-    """A fresh package that takes 1.5 s to import before its ``models`` module, importable here and
-    on the ranks; each import of it notes its process, start and end in ``$GRADCKPT_TEST_IMPORTS``."""
+    """A fresh package, importable here and on the ranks, whose import takes 1.5 s before its
+    ``models`` module (as transformers' utilities come before ``modeling_utils``), and whose model
+    class lives in ``layers``, 1 s more, which ``models`` does not import."""
     name = f"slow_library_{os.getpid()}_{tmp_path.name}".replace("-", "_")
     (tmp_path / name).mkdir()
-    (tmp_path / name / "__init__.py").write_text(SLOW_LIBRARY)
-    (tmp_path / name / "models.py").write_text(SLOW_LIBRARY_MODELS)
+    (tmp_path / name / "__init__.py").write_text(slow_module("package", 1.5))
+    (tmp_path / name / "models.py").write_text("")
+    (tmp_path / name / "layers.py").write_text(slow_module("layers", 1.0, MODEL_CLASS))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("GRADCKPT_TEST_IMPORTS", str(tmp_path / "imports"))
     yield name
@@ -238,6 +236,7 @@ def slow_library(on_ranks, tmp_path, monkeypatch) -> str:
 
 
 def imports_by_process(path: Path) -> dict[int, dict[str, float]]:
+    """process -> ``<module label>-start``/``-end`` -> when."""
     seen: dict[int, dict[str, float]] = {}
     for line in path.read_text().split("\n"):
         if line:
@@ -253,8 +252,9 @@ def check_slow_library(name: str):
 
 
 def test_this_process_imports_the_models_library_while_the_rank_does(slow_library, tmp_path, monkeypatch):
-    """The package's import starting on the rank is the word: this process imports the module the
-    skeleton needs (``models``) at once, while the rank still runs the package's own slow imports."""
+    """The package's import starting on the rank is the word: this process imports the library's
+    main module (``models``) at once, while the rank still runs the package's own slow imports, then
+    each module the rank went on to import (``layers``, where the model's class lives)."""
     from pytest_gradckpt.ranks import overlapped_imports
 
     monkeypatch.setattr(overlapped_imports, "OVERLAPPED", {slow_library: f"{slow_library}.models"})
@@ -263,7 +263,9 @@ def test_this_process_imports_the_models_library_while_the_rank_does(slow_librar
     seen = imports_by_process(tmp_path / "imports")
     rank = next(pid for pid in seen if pid != os.getpid())
     assert set(seen) == {os.getpid(), rank}  # once here (the skeleton needs the class), once on the rank
-    assert seen[os.getpid()]["start"] < seen[rank]["end"]  # overlapped, not one after the other
+    here = seen[os.getpid()]
+    assert here["package-start"] < seen[rank]["package-end"]  # overlapped, not one after the other
+    assert here["layers-start"] < seen[rank]["layers-end"]
 
 
 def test_a_library_not_listed_is_imported_here_only_when_the_skeleton_needs_it(slow_library, tmp_path,
@@ -277,4 +279,4 @@ def test_a_library_not_listed_is_imported_here_only_when_the_skeleton_needs_it(s
     assert [r.outcome for r in report.results] == ["pass"]
     seen = imports_by_process(tmp_path / "imports")
     rank = next(pid for pid in seen if pid != os.getpid())
-    assert seen[os.getpid()]["start"] >= seen[rank]["end"]
+    assert seen[os.getpid()]["package-start"] >= seen[rank]["layers-end"]

@@ -8,9 +8,10 @@ after the other: on the rank while the factory ran, then here after the build. F
 model that is ``transformers.modeling_utils``: 2.4 s on a 2-core CPU, about 5 s on an H200 host,
 a third of the first 1.1B FSDP2 check there (issue 30).
 
-Rank 0 reports, while it builds, each import of a library of :data:`OVERLAPPED` as it starts
-(:class:`ReportingImports`), and this process imports it at once (:func:`follow`): the two
-imports overlap.
+Rank 0 reports, while it builds, each module of a library of :data:`OVERLAPPED` as its import
+starts (:class:`ReportingImports`), and this process imports it at once (:func:`follow`): the
+library's main module as soon as the rank begins the package, then each module the rank went on to
+import (a model's own module, its generation mixins), so the two imports overlap.
 """
 
 from __future__ import annotations
@@ -30,23 +31,26 @@ from types import TracebackType
 #: rank imports most of a library before the module a skeleton needs: on this project's 2-core CPU,
 #: ``from transformers import LlamaConfig, LlamaForCausalLM`` spent 2.9 s in ``transformers.utils``
 #: and the hub before ``transformers.modeling_utils`` was asked for, and 0.1 s after it. On an H200
-#: host, waiting for ``modeling_utils`` left the first 1.1B FSDP2 check at 11.0-13.5 s.
+#: host, waiting for ``modeling_utils`` left the first 1.1B FSDP2 check at 11.0-13.5 s; importing
+#: only it, reading the skeleton still took 1.3-1.6 s there (the modules the model's class needs
+#: beyond it), hence every module the rank imports is followed too.
 OVERLAPPED = {"transformers": "transformers.modeling_utils", "peft": "peft"}
 
 
 class ReportingImports(importlib.abc.MetaPathFinder):
-    """While installed (a context manager), calls ``report(name)`` once when an import of a package
-    named in :data:`OVERLAPPED` starts in this process. It finds nothing itself: every import goes
+    """While installed (a context manager), calls ``report(name)`` once when the import of a module
+    of a package named in :data:`OVERLAPPED` (the package itself included) starts in this process. It finds nothing itself: every import goes
     on as before, and a report that fails is dropped (the import matters, the report does not).
 
     Example:
         >>> import importlib, sys
         >>> seen = []
-        >>> with ReportingImports(seen.append, watched=["colorsys"]):
-        ...     _ = sys.modules.pop("colorsys", None)
-        ...     _ = importlib.import_module("colorsys")
-        >>> seen
-        ['colorsys']
+        >>> with ReportingImports(seen.append, watched=["xml"]):
+        ...     for name in ("xml.dom", "xml.dom.domreg", "colorsys"):
+        ...         _ = sys.modules.pop(name, None)
+        ...     _ = importlib.import_module("xml.dom.domreg"), importlib.import_module("colorsys")
+        >>> seen  # the modules of the package, not those of another
+        ['xml.dom', 'xml.dom.domreg']
     """
 
     def __init__(self, report: Callable[[str], None], watched: Collection[str] | None = None):
@@ -56,7 +60,7 @@ class ReportingImports(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: object = None) -> importlib.machinery.ModuleSpec | None:
         watched = OVERLAPPED if self.watched is None else self.watched  # read now: tests widen it
-        if fullname in watched and fullname not in self.reported:
+        if fullname.partition(".")[0] in watched and fullname not in self.reported:
             self.reported.add(fullname)
             with contextlib.suppress(Exception):
                 self.report(fullname)
@@ -73,20 +77,22 @@ class ReportingImports(importlib.abc.MetaPathFinder):
 
 
 def follow(names: Iterable[str]) -> list[str]:
-    """Import here what :data:`OVERLAPPED` names for each package of ``names`` (a rank began to
-    import it); returns the modules imported. Names it does not hold are ignored. One that fails
-    here is left alone: reading the skeleton meets the same error, where it is reported.
+    """Import here each module of ``names`` (a rank began to import them) that belongs to a package
+    of :data:`OVERLAPPED`, and for a package itself the module :data:`OVERLAPPED` names; returns the
+    modules imported. Others are ignored. One that fails here is left alone: reading the skeleton
+    meets the same error, where it is reported.
 
     Example:
-        >>> follow(["os", "transformers.models"])  # neither is a package of OVERLAPPED
+        >>> follow(["os", "colorsys"])  # no module of a package of OVERLAPPED
         []
     """
     imported = []
     for name in names:
-        module = OVERLAPPED.get(name)
-        if module is None:
+        main = OVERLAPPED.get(name.partition(".")[0])
+        if main is None:
             continue
-        with contextlib.suppress(Exception):
-            importlib.import_module(module)
-            imported.append(module)
+        for module in (main, name) if name in OVERLAPPED else (name,):
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
+                imported.append(module)
     return imported
