@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pytest_gradckpt import settings
+from pytest_gradckpt.compilation.optimized_module import optimized_module_type
 from pytest_gradckpt.errors import GradckptUsageError
 
 if TYPE_CHECKING:
@@ -47,12 +48,6 @@ ORDERS = settings.COMPILE_ORDERS
 
 #: Counters of :data:`torch._dynamo.utils.counters` reported per run.
 _FRAMES, _BREAKS = "frames", "graph_break"
-
-
-def _optimized_module_type() -> type[Any]:
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return OptimizedModule
 
 
 def _dynamo_context(compiled_fn: Any) -> Any:
@@ -109,7 +104,7 @@ class Compilation:
     @staticmethod
     def of(model: nn.Module) -> Compilation | None:
         """How ``model`` was compiled, or None when nothing in it is."""
-        optimized = _optimized_module_type()
+        optimized = optimized_module_type()
         blocks: dict[str, Any] = {}
         wrapped: set[str] = set()
         kind = None
@@ -170,7 +165,7 @@ def _compile_whole_call(module: nn.Module, ctx: Any, counter: LayerCounter | Non
     the caller's)."""
     from pytest_gradckpt.pipeline.units import CompiledCall
 
-    wrapper = _optimized_module_type()(module, ctx)
+    wrapper = optimized_module_type()(module, ctx)
     call = _seen_in_backward(module, wrapper, counter)
     base = type(module)
 
@@ -230,7 +225,7 @@ def _compile_body(module: nn.Module, ctx: Any) -> None:
 def _eager_named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` with every ``OptimizedModule`` reported under its own name and its
     ``_orig_mod`` level left out of the names below it."""
-    optimized = _optimized_module_type()
+    optimized = optimized_module_type()
     for child_name, child in model.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
         yield name, child
@@ -252,7 +247,7 @@ def eager_copy(model: nn.Module) -> nn.Module:
 def strip(model: nn.Module) -> nn.Module:
     """``model`` (a private copy) without compilation: ``OptimizedModule`` wrappers replaced by
     what they wrap, compiled calls removed."""
-    optimized = _optimized_module_type()
+    optimized = optimized_module_type()
     if isinstance(model, optimized):
         model = model._orig_mod
     for module in list(model.modules()):
@@ -316,7 +311,7 @@ def eager_name(name: str) -> str:
 def eager_view(model: nn.Module) -> nn.Module:
     """The caller's own eager module under a top-level ``OptimizedModule`` (not a copy: the
     engine reads facts from it, never trains it); other models unchanged."""
-    return model._orig_mod if isinstance(model, _optimized_module_type()) else model
+    return model._orig_mod if isinstance(model, optimized_module_type()) else model
 
 
 def cxx_compiler() -> str | None:

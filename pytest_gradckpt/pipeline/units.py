@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_gradckpt.compilation.optimized_module import is_optimized_module
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.probes.unit_counter import LayerCounter
 
@@ -344,7 +345,7 @@ def runs_compiled(module: nn.Module) -> bool:
         True
     """
     record = instrumented(module)
-    return (type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+    return (is_optimized_module(module) or getattr(module, "_compiled_call_impl", None) is not None
             or isinstance(module, CompiledCall) or (record is not None and record.compiled_body))
 
 
