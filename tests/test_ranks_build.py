@@ -222,12 +222,12 @@ def built_from_slow_library(name: str) -> torch.nn.Module:
 def slow_library(on_ranks, tmp_path, monkeypatch) -> str:
     """A fresh package, importable here and on the ranks, whose import takes 1.5 s before its
     ``models`` module (as transformers' utilities come before ``modeling_utils``), and whose model
-    class lives in ``layers``, 1 s more, which ``models`` does not import."""
+    class lives in ``layers``, 2 s more (the margin this process has to follow it), which ``models`` does not import."""
     name = f"slow_library_{os.getpid()}_{tmp_path.name}".replace("-", "_")
     (tmp_path / name).mkdir()
     (tmp_path / name / "__init__.py").write_text(slow_module("package", 1.5))
     (tmp_path / name / "models.py").write_text("")
-    (tmp_path / name / "layers.py").write_text(slow_module("layers", 1.0, MODEL_CLASS))
+    (tmp_path / name / "layers.py").write_text(slow_module("layers", 2.0, MODEL_CLASS))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("GRADCKPT_TEST_IMPORTS", str(tmp_path / "imports"))
     yield name
