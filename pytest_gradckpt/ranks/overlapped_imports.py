@@ -39,8 +39,9 @@ OVERLAPPED = {"transformers": "transformers.modeling_utils", "peft": "peft"}
 
 class ReportingImports(importlib.abc.MetaPathFinder):
     """While installed (a context manager), calls ``report(name)`` once when the import of a module
-    of a package named in :data:`OVERLAPPED` (the package itself included) starts in this process. It finds nothing itself: every import goes
-    on as before, and a report that fails is dropped (the import matters, the report does not).
+    of a package named in :data:`OVERLAPPED` (the package itself included) starts in this process.
+    It finds nothing itself: every import goes on as before, and a report that fails is dropped
+    (the import matters, the report does not).
 
     Example:
         >>> import importlib, sys
