@@ -92,7 +92,7 @@ def follow(names: Iterable[str]) -> list[str]:
         main = OVERLAPPED.get(name.partition(".")[0])
         if main is None:
             continue
-        for module in (main, name) if name in OVERLAPPED else (name,):
+        for module in dict.fromkeys((main, name) if name in OVERLAPPED else (name,)):  # peft names itself
             with contextlib.suppress(Exception):
                 importlib.import_module(module)
                 imported.append(module)
