@@ -271,7 +271,7 @@ def _wrap(owner: Any, name: str, part: str) -> None:
 def install_timers() -> None:
     """Put the timers on (idempotent; modules are patched where they are looked up)."""
     from pytest_gradckpt.pipeline import subject, baselines, engine, runs, verdicts
-    from pytest_gradckpt.ranks import rank_group
+    from pytest_gradckpt.ranks import overlapped_imports, rank_group
     from pytest_gradckpt.pipeline import comparison
 
     _wrap(subject.Subject, "_build", "model build (factory)")
@@ -293,6 +293,9 @@ def install_timers() -> None:
     _wrap(rank_group, "fingerprint", "rank: fingerprints")
     _wrap(rank_group.RankGroup, "start", "parent: ranks started")
     _wrap(rank_group.RankGroup, "run", "parent: waiting for ranks (incl. transfer)")
+    # Part of the wait above: the model library's import here, on a building rank's word. Where it
+    # outlasts the rank's build, the wait exceeds the rank's own time by the difference.
+    _wrap(overlapped_imports, "follow", "parent: imports followed (within the wait)")
     _wrap(subject.Subject, "keep_template_on_device", "rank: template kept on its device")
     _wrap(verdicts, "gather", "parent: comparison (evidence)")
     _mark_spawn(rank_group)
