@@ -285,6 +285,30 @@ def test_torchrun_itself_runs_the_plugin_in_its_own_world(nproc, tmp_path):
     assert {r["metrics"]["ranks"] for r in results} == {f"{nproc} {rank_word} of the running process group (torchrun), gloo"}
 
 
+@pytest.mark.parametrize(("device", "cuda", "backend", "gpu"), [
+    (None, True, "cpu:gloo,cuda:nccl", 3),  # left to the model: a session may check CPU and GPU models
+    ("cuda", True, "nccl", 3), ("auto", True, "nccl", 3), ("cpu", True, "gloo", None), (None, False, "gloo", None)])
+def test_a_launch_on_a_gpu_machine_gives_each_process_its_gpu_and_nccl_for_cuda_tensors(
+        monkeypatch, device, cuda, backend, gpu):
+    """``torchrun -m pytest --gradckpt`` on GPUs without ``--gradckpt-device``: the group once was
+    gloo alone and every process stayed on GPU 0 (seen on an H200, world 1)."""
+    import torch.distributed as dist
+
+    from pytest_gradckpt.ranks.distributed import join_launch
+
+    joined, devices = [], []
+    for name, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", joined.append)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    assert join_launch(device) == 3
+    assert joined == [backend] and devices == ([] if gpu is None else [gpu])
+
+
 def built_on_call() -> torch.nn.Module:
     raise AssertionError("the model was built before the world was found unrunnable")
 

@@ -245,8 +245,8 @@ def launch_environment() -> bool:
 def join_launch(device: str | None) -> int | None:
     """Join the process group of an existing launch (``torchrun`` sets ``RANK`` and ``WORLD_SIZE``
     for every process it starts, a world of one included) unless one is running already; return
-    this process's rank, or None outside a launch. On GPUs (``device`` cuda or auto with CUDA)
-    each process takes the GPU of its ``LOCAL_RANK`` and the group uses NCCL; on CPU, gloo.
+    this process's rank, or None outside a launch. Where the machine has CUDA and ``device`` is not
+    cpu, each process takes the GPU of its ``LOCAL_RANK``; the backend is :func:`launch_backend`'s.
 
     Example:
         >>> join_launch("cpu") is None  # not started by torchrun
@@ -257,11 +257,27 @@ def join_launch(device: str | None) -> int | None:
     if not launch_environment() and not dist.is_initialized():
         return None
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and (device == "auto" or str(device).startswith("cuda"))
-        if cuda:
+        backend = launch_backend(device, torch.cuda.is_available())
+        if "nccl" in backend:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
     return dist.get_rank()
+
+
+def launch_backend(device: str | None, cuda: bool) -> str:
+    """The backend of the group a launch's process joins: gloo without CUDA or for ``device`` cpu,
+    NCCL for ``device`` cuda or auto; where the device is left to the model (None), gloo for CPU
+    tensors and NCCL for CUDA ones, since a session may check models of both and only the tests
+    know which. Left to gloo alone, a GPU model's collectives went through gloo on the GPU of
+    ``LOCAL_RANK`` 0 in every process (``torchrun -m pytest --gradckpt`` on an H200, issue 30).
+
+    Example:
+        >>> launch_backend(None, cuda=True), launch_backend("cuda", cuda=True), launch_backend(None, cuda=False)
+        ('cpu:gloo,cuda:nccl', 'nccl', 'gloo')
+    """
+    if not cuda or (device is not None and not (str(device) == "auto" or str(device).startswith("cuda"))):
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if device is None else "nccl"
 
 
 def agreed_exit_status(status: int) -> int:
