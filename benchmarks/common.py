@@ -296,6 +296,8 @@ def install_timers() -> None:
     # Part of the wait above: the model library's import here, on a building rank's word. Where it
     # outlasts the rank's build, the wait exceeds the rank's own time by the difference.
     _wrap(overlapped_imports, "follow", "parent: imports followed (within the wait)")
+    # What of them was left when the ranks had built: the wait's excess over the ranks' own time.
+    _wrap(overlapped_imports.Importer, "finish", "parent: imports awaited after the build")
     _wrap(subject.Subject, "keep_template_on_device", "rank: template kept on its device")
     _wrap(verdicts, "gather", "parent: comparison (evidence)")
     _mark_spawn(rank_group)

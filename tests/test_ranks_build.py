@@ -280,3 +280,41 @@ def test_a_library_not_listed_is_imported_here_only_when_the_skeleton_needs_it(s
     seen = imports_by_process(tmp_path / "imports")
     rank = next(pid for pid in seen if pid != os.getpid())
     assert seen[os.getpid()]["package-start"] >= seen[rank]["layers-end"]
+
+
+NAMING_FACTORY = """import time
+
+
+def build():
+    time.sleep({delay})  # what a GPU rank does before the factory runs: start CUDA
+    from {name} import layers
+    import torch
+
+    torch.manual_seed(0)
+    return layers.SlowLibraryNet()
+"""
+
+
+def test_this_process_begins_the_library_the_factory_names_before_the_rank_does(slow_library, tmp_path,
+                                                                                monkeypatch):
+    """A factory whose code names its library (``from <library> import layers``): this process
+    imports it from the ranks' fork on, in a thread, not when the rank's word comes, which is
+    later by the rank's own start (here 1 s); the thread is done when the check returns."""
+    import threading
+
+    from pytest_gradckpt.ranks import overlapped_imports
+
+    monkeypatch.setattr(overlapped_imports, "OVERLAPPED", {slow_library: f"{slow_library}.models"})
+    (tmp_path / f"make_{slow_library}.py").write_text(NAMING_FACTORY.format(name=slow_library, delay=1.0))
+    try:
+        factory = __import__(f"make_{slow_library}").build
+        report = gc.check(factory, torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), device="cpu",
+                          scenarios=["fsdp2"], strategies=["non_reentrant"], distributed={**FAST, "world_size": 1})
+    finally:
+        sys.modules.pop(f"make_{slow_library}", None)
+    assert [r.outcome for r in report.results] == ["pass"] and report.model == "SlowLibraryNet"
+    seen = imports_by_process(tmp_path / "imports")
+    rank = next(pid for pid in seen if pid != os.getpid())
+    assert seen[os.getpid()]["package-start"] < seen[rank]["package-start"] - 0.5  # not on the rank's word
+    assert seen[os.getpid()]["layers-start"] < seen[rank]["layers-end"]
+    assert "gradckpt-overlapped-imports" not in {thread.name for thread in threading.enumerate()}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_gradckpt.ranks import held
+from pytest_gradckpt.ranks import held, overlapped_imports
 
 from pytest_gradckpt.ranks.distributed import (
     DEFAULTS, LAUNCH_ATTEMPTS, LaunchFailure, RaisedInChild, RankFailure, device_before_build, disagreement,
@@ -93,7 +93,7 @@ def build_on_ranks(model: Any, make_stepper: Callable[[], Any], device: Any, dis
     for _ in range(LAUNCH_ATTEMPTS):  # a fork refused (CUDA initialised here before it) is retried, spawning
         try:
             group, limit, built = _start_building(StepperRecipe(make_stepper), [*catalog, LAYER_REPLAY], settings,
-                                                  where)
+                                                  where, overlapped_imports.named_libraries(model))
         except LaunchFailure:
             continue
         except (RankFailure, GradckptUsageError):  # e.g. spawning needs what cannot be pickled
@@ -102,15 +102,16 @@ def build_on_ranks(model: Any, make_stepper: Callable[[], Any], device: Any, dis
     return None
 
 
-def _start_building(recipe: StepperRecipe, catalog: list[Any], settings: dict[str, Any],
-                    device: torch.device) -> tuple[RankGroup, TimeLimit, dict[str, Any]]:
+def _start_building(recipe: StepperRecipe, catalog: list[Any], settings: dict[str, Any], device: torch.device,
+                    libraries: list[str]) -> tuple[RankGroup, TimeLimit, dict[str, Any]]:
     """A group of ranks that each made the stepper from ``recipe`` (built the model), its time
-    limit, and rank 0's account of the build; raises :class:`RankFailure` (the group closed)."""
+    limit, and rank 0's account of the build; raises :class:`RankFailure` (the group closed).
+    ``libraries``: see :func:`_answers_to_build`."""
     group = RankGroup(recipe, catalog, settings["world_size"], True, settings, device)
     limit = TimeLimit(settings["timeout"], 0.0, first_floor=BUILD_FLOOR)
     group.start()
     try:
-        payloads = group.run(("build", None, None), limit, "building the model on the ranks")
+        payloads = _answers_to_build(group, limit, libraries)
         failed = sorted((p["rank"], p) for p in payloads.values() if "error" in p)
         if failed:
             rank, first = failed[0]
@@ -122,6 +123,19 @@ def _start_building(recipe: StepperRecipe, catalog: list[Any], settings: dict[st
     limit.measured(max(p["wall"] for p in payloads.values()))
     limit.build_seconds = max(p["built"]["build_seconds"] for p in payloads.values())
     return group, limit, payloads[0]["built"]
+
+
+def _answers_to_build(group: RankGroup, limit: TimeLimit, libraries: list[str]) -> dict[int, dict[str, Any]]:
+    """Every rank's answer to the ``build`` command. Meanwhile this process imports ``libraries``
+    (those the factory names) from the ranks' fork on, then each module rank 0 reports it imports,
+    so reading the skeleton afterwards imports nothing; the imports end before this returns."""
+    with overlapped_imports.Importer() as importer:  # a thread, so only once the ranks are forked
+        importer.want(libraries)
+        group.on_imports = importer.want
+        try:
+            return group.run(("build", None, None), limit, "building the model on the ranks")
+        finally:
+            group.on_imports = overlapped_imports.follow
 
 
 class Launcher:
@@ -296,7 +310,7 @@ class Launcher:
                 group, self.limits[distributed], self.built = self.built.group, self.built.limit, None
             else:  # a step broke that group: a fresh one builds it again (the skeleton here is no model to copy)
                 group, self.limits[distributed], _ = _start_building(self.recipe, self.catalog, self.settings,
-                                                                     subject.device)
+                                                                     subject.device, [])  # imported already
             self.groups[distributed] = group
             self.launches += 1
             return group

@@ -12,16 +12,24 @@ Rank 0 reports, while it builds, each module of a library of :data:`OVERLAPPED` 
 starts (:class:`ReportingImports`), and this process imports it at once (:func:`follow`): the
 library's main module as soon as the rank begins the package, then each module the rank went on to
 import (a model's own module, its generation mixins), so the two imports overlap.
+
+This process need not wait for that word: the libraries a factory's code names
+(:func:`named_libraries`) are imported as soon as the ranks are forked, by an :class:`Importer`
+thread, which takes the rank's words too, so this process's main thread never stops receiving.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
+import queue
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+import threading
+import types
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from types import TracebackType
 
 #: The model libraries this process imports as soon as a rank begins to: the package whose import
@@ -97,3 +105,100 @@ def follow(names: Iterable[str]) -> list[str]:
                 importlib.import_module(module)
                 imported.append(module)
     return imported
+
+
+def named_libraries(factory: object, depth: int = 3) -> list[str]:
+    """The packages of :data:`OVERLAPPED` that ``factory``'s code names (its imports), or that the
+    functions it calls name, up to ``depth`` calls deep: functions of its module, of its closure and
+    of a ``functools.partial``. A factory that is no Python function (a class) names none.
+
+    Example:
+        >>> def tiny_llama():
+        ...     from transformers import LlamaConfig, LlamaForCausalLM
+        ...     return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
+        >>> def with_adapters():
+        ...     import peft
+        ...     return peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"]))
+        >>> named_libraries(functools.partial(with_adapters)), named_libraries(len)
+        (['peft', 'transformers'], [])
+    """
+    found: dict[str, None] = {}
+    pending, seen = [(_function(factory), 0)], set()
+    while pending:
+        function, level = pending.pop()
+        if function is None or id(function) in seen:
+            continue
+        seen.add(id(function))
+        cells = [cell.cell_contents for cell in function.__closure__ or () if _filled(cell)]
+        for name in _names(function.__code__):
+            if name.partition(".")[0] in OVERLAPPED:
+                found[name.partition(".")[0]] = None
+            elif level < depth:
+                pending.append((_function(function.__globals__.get(name)), level + 1))
+        pending.extend((_function(value), level + 1) for value in cells if level < depth)
+    return sorted(found)
+
+
+def _function(value: object) -> types.FunctionType | None:
+    """The Python function behind ``value`` (a partial's, a method's), else None."""
+    while isinstance(value, functools.partial):
+        value = value.func
+    value = getattr(value, "__func__", value)
+    return value if isinstance(value, types.FunctionType) else None
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return False
+    return True
+
+
+def _names(code: types.CodeType) -> Iterator[str]:
+    """The global and imported names of ``code`` and of the code nested in it."""
+    yield from code.co_names
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _names(constant)
+
+
+class Importer:
+    """A thread of this process that imports, in order, the libraries and modules it is told of
+    (:meth:`want`, through :func:`follow`), while the main thread waits on the ranks; a context
+    manager whose exit waits for the last import. Start one only after the ranks are forked: a
+    process forked while a thread imports inherits that import's locks, held by nobody.
+
+    Example:
+        >>> with Importer() as importer:
+        ...     importer.want(["colorsys"])  # no module of a package of OVERLAPPED: ignored
+        >>> importer.imported
+        []
+    """
+
+    def __init__(self) -> None:
+        self.imported: list[str] = []
+        self._wanted: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="gradckpt-overlapped-imports", daemon=True)
+
+    def want(self, names: Iterable[str]) -> None:
+        """Import ``names`` (see :func:`follow`) after those asked for before."""
+        self._wanted.put(list(names))
+
+    def _work(self) -> None:
+        while (names := self._wanted.get()) is not None:
+            self.imported.extend(follow(names))
+
+    def finish(self) -> None:
+        """Wait for every import asked for (the skeleton is read after them, in the main thread)."""
+        if self._thread.is_alive():
+            self._wanted.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> Importer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.finish()

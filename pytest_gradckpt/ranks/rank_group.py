@@ -198,6 +198,8 @@ class RankGroup:
         self.released: list[int] = []
         #: the size of every payload received, in bytes (what crossed from the ranks)
         self.payload_bytes: list[int] = []
+        #: what a building rank's word that it begins to import modules is handed to
+        self.on_imports: Callable[[list[str]], object] = overlapped_imports.follow
 
     @property
     def running(self) -> bool:
@@ -260,7 +262,7 @@ class RankGroup:
                     raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size) from None
                 continue
             if "imports" in payload:  # news from a rank that builds: import meanwhile, then wait on
-                overlapped_imports.follow(payload["imports"])
+                self.on_imports(payload["imports"])
                 continue
             if payload.get("fork_refused"):
                 note_cuda_fork_refused()  # the launcher's retry spawns
