@@ -7,7 +7,8 @@
 
 ``GATE_FACTORY``: ``cpu`` (default, as most users build), ``gpu`` (the rank's GPU) or ``meta``;
 ``GATE_SIZE``: ``1b`` (default) or ``tiny`` (a two-layer Llama: the same gate on CPU with gloo,
-``--gradckpt-device=cpu``).
+``--gradckpt-device=cpu``); ``GATE_WORLD``: how many ranks a self-started check starts (default 2;
+``1`` on one GPU).
 """
 
 import os
@@ -41,4 +42,5 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_fsdp2_checkpointing(gradckpt):
     length = 2048 if os.environ.get("GATE_SIZE", "1b") == "1b" else 128
     ids = torch.randint(0, 32000, (2, length), generator=torch.Generator().manual_seed(1))
-    gradckpt.check(llama, {"input_ids": ids, "labels": ids}, device=DEVICE)
+    world = {"distributed": {"world_size": int(os.environ["GATE_WORLD"])}} if "GATE_WORLD" in os.environ else {}
+    gradckpt.check(llama, {"input_ids": ids, "labels": ids}, device=DEVICE, **world)
