@@ -80,6 +80,25 @@ def test_spawned_ranks_build_it_too(on_ranks, tmp_path):
     assert {r.outcome for r in report.results} == {"pass"}
     pids = builders(log)
     assert os.getpid() not in pids and len(pids) == 1
+    said = "1 rank started by the check, gloo; spawned, as distributed={'start_method': 'spawn'} asks"
+    assert {r.metrics["ranks"] for r in report.results} == {report.baseline["fsdp2"]["ranks"]} == {said}
+
+
+def test_forked_ranks_are_reported_as_started_by_the_check_nothing_more(on_ranks, tmp_path):
+    report = check(built_here, tmp_path / "builds", scenario="fsdp2", world_size=1)
+    assert {r.metrics["ranks"] for r in report.results} == {"1 rank started by the check, gloo"}
+
+
+def test_the_report_says_why_gpu_ranks_were_spawned_and_what_saves_it(monkeypatch):
+    """Spawning re-imports torch and the model's library in every rank; the reason names the cause."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(rank_group, "cuda_fork_refused", lambda: True)
+    assert rank_group.how_started("fork", "auto", cuda=True) is None
+    refused = rank_group.how_started("spawn", "auto", cuda=True)
+    assert refused.startswith("spawned: a forked rank could not use CUDA") and "device_count()" in refused
+    assert rank_group.how_started("spawn", "auto", cuda=False) == "spawned"  # a CPU group is never refused
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert "this process had used CUDA" in rank_group.how_started("spawn", "auto", cuda=True)
 
 
 def test_on_the_cpu_the_check_builds_once_and_its_ranks_share_it(tmp_path):

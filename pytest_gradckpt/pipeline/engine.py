@@ -193,7 +193,7 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
                 compiled.eager_random("inductor"):
             for scenario in plan.scenarios:
                 step = determinism.retrying(_step_function(stepper, launcher, scenario, isolated))
-                _check_scenario(report, step, scenario, stepper, plan, determinism)
+                _check_scenario(report, step, scenario, stepper, plan, determinism, launcher)
     return report
 
 
@@ -266,22 +266,28 @@ def _new_report(model: str, stepper: Stepper) -> Report:
 
 
 def _check_scenario(report: Report, step: Callable[..., Run], scenario: Scenario, stepper: Stepper,
-                    plan: _Plan, determinism: Any) -> None:
-    """One scenario: its baseline (built, or found in the cache), then every strategy judged against it."""
+                    plan: _Plan, determinism: Any, launcher: Launcher) -> None:
+    """One scenario: its baseline (built, or found in the cache), then every strategy judged against
+    it; ``launcher`` tells how the scenario's ranks started."""
     subject = stepper.subject
     dtype = torch.bfloat16 if scenario.autocast else subject.compute_dtype
     reference = _baseline(report.model, step, scenario, stepper, dtype, plan)
     summary = report.baseline[scenario.name] = reference.summary()
     if scenario.distributed:
-        summary["ranks"] = describe_ranks(plan.spec.distributed.as_dict(), subject.device)
+        summary["ranks"] = _ranks(plan, subject, launcher)
     if determinism.note:  # read after the baseline: building it may have relaxed the kernels
         summary["determinism"] = determinism.note
     scenario_limits = limits(plan.spec, dtype)
     for strategy in plan.strategies:
         result = _judge_one(step, scenario, strategy, reference, scenario_limits, report.model, plan.spec.fingerprint)
-        if scenario.distributed:
-            result.metrics["ranks"] = summary["ranks"]
+        if scenario.distributed:  # read again: a cached baseline started no ranks, a broken group was replaced
+            result.metrics["ranks"] = summary["ranks"] = _ranks(plan, subject, launcher)
         report.results.append(result)
+
+
+def _ranks(plan: _Plan, subject: Subject, launcher: Launcher) -> str:
+    """Where the distributed scenario's ranks run, and why they were spawned if they were."""
+    return describe_ranks(plan.spec.distributed.as_dict(), subject.device, launcher.spawned(True))
 
 
 def _baseline(model: str, step: Callable[..., Run], scenario: Scenario, stepper: Stepper, dtype: torch.dtype,

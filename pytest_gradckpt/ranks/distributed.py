@@ -299,19 +299,22 @@ def leave_launch() -> None:
         dist.destroy_process_group()
 
 
-def describe_ranks(settings: Mapping[str, Any], device: torch.device) -> str:
-    """Where a distributed scenario's ranks run, for the report.
+def describe_ranks(settings: Mapping[str, Any], device: torch.device, spawned: str | None = None) -> str:
+    """Where a distributed scenario's ranks run, for the report; ``spawned``: why the check's ranks
+    were spawned, not forked (None: forked).
 
     Example:
         >>> describe_ranks(DEFAULTS, torch.device("cpu"))
         '2 ranks started by the check, gloo'
+        >>> describe_ranks(DEFAULTS, torch.device("cpu"), "spawned, as asked")
+        '2 ranks started by the check, gloo; spawned, as asked'
     """
     import torch.distributed as dist
 
     if launched_from_outside():
         return f"{_ranks(dist.get_world_size())} of the running process group (torchrun), {dist.get_backend()}"
     backend = "nccl, one GPU each" if device.type == "cuda" else "gloo"
-    return f"{_ranks(settings['world_size'])} started by the check, {backend}"
+    return f"{_ranks(settings['world_size'])} started by the check, {backend}" + (f"; {spawned}" if spawned else "")
 
 
 def _ranks(count: int) -> str:

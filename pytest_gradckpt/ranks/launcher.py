@@ -185,6 +185,12 @@ class Launcher:
         self.recipes: dict[int, tuple[bool, tuple[Any, ...]]] = {}
         self.closed = False
 
+    def spawned(self, distributed: bool) -> str | None:
+        """Why the ranks serving ``distributed`` steps (or isolated ones) were spawned, not forked
+        (:func:`~pytest_gradckpt.ranks.rank_group.how_started`); None when forked or none started."""
+        group = self.groups.get(distributed)
+        return None if group is None else group.spawned
+
     def __enter__(self) -> Launcher:
         return self
 

@@ -135,6 +135,29 @@ def start_method(chosen: str, cuda: bool) -> str:
     return "spawn" if torch.cuda.is_initialized() or (cuda and cuda_fork_refused()) else "fork"
 
 
+def how_started(method: str, chosen: str, cuda: bool) -> str | None:
+    """Why a group's ranks were spawned, for the report; None when they were forked (the usual,
+    cheap way). Spawning re-imports torch and the model's library in every rank: seconds a user can
+    often save, hence the reason and the remedy. Read when the group starts (``cuda``: its ranks
+    use CUDA).
+
+    Example:
+        >>> how_started("fork", "auto", cuda=True) is None, how_started("spawn", "spawn", cuda=False)
+        (True, "spawned, as distributed={'start_method': 'spawn'} asks")
+    """
+    if method == "fork":
+        return None
+    if chosen == "spawn":
+        return "spawned, as distributed={'start_method': 'spawn'} asks"
+    if torch.cuda.is_initialized():
+        return "spawned: this process had used CUDA before the ranks started, and a forked rank cannot"
+    if cuda and cuda_fork_refused():
+        return ("spawned: a forked rank could not use CUDA, which this process had started before the check "
+                "(torch.cuda.is_available() starts it, unless PYTORCH_NVML_BASED_CUDA_CHECK=1; "
+                "torch.cuda.device_count() does not where NVML answers)")
+    return "spawned"
+
+
 class StepperRecipe:
     """How a rank makes the check's stepper itself, building the model there: ``make()`` returns
     the :class:`~pytest_gradckpt.pipeline.runs.Stepper` (its subject's first model built by the factory).
@@ -200,6 +223,8 @@ class RankGroup:
         self.payload_bytes: list[int] = []
         #: what a building rank's word that it begins to import modules is handed to
         self.on_imports: Callable[[list[str]], object] = overlapped_imports.follow
+        #: why the ranks were spawned (:func:`how_started`), None when forked or not started
+        self.spawned: str | None = None
 
     @property
     def running(self) -> bool:
@@ -208,6 +233,7 @@ class RankGroup:
     def start(self) -> None:
         cuda = self.device.type == "cuda"
         method = start_method(self.settings["start_method"], cuda)
+        self.spawned = how_started(method, self.settings["start_method"], cuda)
         if method == "spawn":
             try:
                 _Picklability(io.BytesIO()).dump((self.stepper, self.catalog))
