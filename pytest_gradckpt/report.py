@@ -27,6 +27,7 @@ OWN_METRICS: dict[str, str] = {
     "baseline_noise": "verdicts: the baseline's run-to-run noise",
     "within_noise": "verdicts: tensors judged against that noise",
     "ranks": "engine: where a distributed scenario's ranks ran",
+    "factory_seconds": "engine: how long the model's factory took in this check (where it built: the ranks, or here)",
     "compiled": "engine: what dynamo compiled for the run",
     "fingerprint": "engine: the golden record's numbers",
     "setting": "trainers: the trainer configuration judged",

@@ -337,3 +337,27 @@ def test_this_process_begins_the_library_the_factory_names_before_the_rank_does(
     assert seen[os.getpid()]["package-start"] < seen[rank]["package-start"] - 0.5  # not on the rank's word
     assert seen[os.getpid()]["layers-start"] < seen[rank]["layers-end"]
     assert "gradckpt-overlapped-imports" not in {thread.name for thread in threading.enumerate()}
+
+
+def built_slowly(path: str) -> torch.nn.Module:
+    """A factory that takes at least 0.4 s (a big model's build)."""
+    import time
+
+    time.sleep(0.4)
+    return built_here(path)
+
+
+@pytest.mark.parametrize("where", ["ranks", "here"])
+def test_every_result_says_how_long_the_factory_took(tmp_path, monkeypatch, where):
+    """``factory_seconds``: the factory's time in this check, where it ran (a rank that built the model,
+    or this process); a check given a built model has none."""
+    if where == "ranks":
+        monkeypatch.setattr(launcher, "BUILD_ON_RANKS", ("cuda", "cpu"))
+        monkeypatch.setattr(process_state._ForkRefusal, "refused", False)
+    report = check(built_slowly, tmp_path / "builds", scenario="fsdp2", world_size=1)
+    seconds = {r.metrics["factory_seconds"] for r in report.results}
+    assert len(seconds) == 1 and 0.4 <= seconds.pop() < 30
+    assert (os.getpid() in builders(tmp_path / "builds")) == (where == "here")
+    given = gc.check(built_here(str(tmp_path / "given")), torch.randn(4, 16), device="cpu",
+                     strategies=["non_reentrant"])
+    assert "factory_seconds" not in given.results[0].metrics

@@ -185,6 +185,8 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
                 built.group.close(wait=False)
             raise
         report = _new_report(name or stepper.subject.name, stepper)
+        if not isinstance(model, torch.nn.Module):  # a factory ran: on the ranks that built, or here
+            report.baseline["factory_seconds"] = built.limit.build_seconds if built else stepper.subject.build_seconds
         # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
         launcher = Launcher(stepper, catalog, built)
         compiled_subject = stepper.subject.compilation is not None
@@ -282,6 +284,8 @@ def _check_scenario(report: Report, step: Callable[..., Run], scenario: Scenario
         result = _judge_one(step, scenario, strategy, reference, scenario_limits, report.model, plan.spec.fingerprint)
         if scenario.distributed:  # read again: a cached baseline started no ranks, a broken group was replaced
             result.metrics["ranks"] = summary["ranks"] = _ranks(plan, subject, launcher)
+        if "factory_seconds" in report.baseline:  # what the check paid before any step: the user's to cut
+            result.metrics["factory_seconds"] = round(report.baseline["factory_seconds"], 3)
         report.results.append(result)
 
 
