@@ -187,7 +187,7 @@ class Launcher:
 
     def spawned(self, distributed: bool) -> str | None:
         """Why the ranks serving ``distributed`` steps (or isolated ones) were spawned, not forked
-        (:func:`~pytest_gradckpt.ranks.rank_group.how_started`); None when forked or none started."""
+        (:func:`~pytest_gradckpt.ranks.rank_group.why_spawned`); None when forked or none started."""
         group = self.groups.get(distributed)
         return None if group is None else group.spawned
 

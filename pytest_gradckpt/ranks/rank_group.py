@@ -135,14 +135,14 @@ def start_method(chosen: str, cuda: bool) -> str:
     return "spawn" if torch.cuda.is_initialized() or (cuda and cuda_fork_refused()) else "fork"
 
 
-def how_started(method: str, chosen: str, cuda: bool) -> str | None:
+def why_spawned(method: str, chosen: str, cuda: bool) -> str | None:
     """Why a group's ranks were spawned, for the report; None when they were forked (the usual,
     cheap way). Spawning re-imports torch and the model's library in every rank: seconds a user can
     often save, hence the reason and the remedy. Read when the group starts (``cuda``: its ranks
     use CUDA).
 
     Example:
-        >>> how_started("fork", "auto", cuda=True) is None, how_started("spawn", "spawn", cuda=False)
+        >>> why_spawned("fork", "auto", cuda=True) is None, why_spawned("spawn", "spawn", cuda=False)
         (True, "spawned, as distributed={'start_method': 'spawn'} asks")
     """
     if method == "fork":
@@ -223,7 +223,7 @@ class RankGroup:
         self.payload_bytes: list[int] = []
         #: what a building rank's word that it begins to import modules is handed to
         self.on_imports: Callable[[list[str]], object] = overlapped_imports.follow
-        #: why the ranks were spawned (:func:`how_started`), None when forked or not started
+        #: why the ranks were spawned (:func:`why_spawned`), None when forked or not started
         self.spawned: str | None = None
 
     @property
@@ -233,7 +233,7 @@ class RankGroup:
     def start(self) -> None:
         cuda = self.device.type == "cuda"
         method = start_method(self.settings["start_method"], cuda)
-        self.spawned = how_started(method, self.settings["start_method"], cuda)
+        self.spawned = why_spawned(method, self.settings["start_method"], cuda)
         if method == "spawn":
             try:
                 _Picklability(io.BytesIO()).dump((self.stepper, self.catalog))
