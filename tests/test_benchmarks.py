@@ -7,6 +7,7 @@ import ast
 import datetime
 import importlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -120,3 +121,29 @@ def test_docstring_examples_run(name: str) -> None:
 
     found = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert found.attempted > 0 and found.failed == 0
+
+
+TIMED_TEST = """import torch
+import pytest_gradckpt as gc
+from pytest_gradckpt.zoo.plain import TanhNet
+
+
+def test_distributed(gradckpt):
+    gradckpt.check(TanhNet, torch.ones(2, 16), device="cpu", scenarios=["fsdp2"], strategies=["non_reentrant"],
+                   distributed={"world_size": 1, "timeout": 60})
+"""
+
+
+def test_pytest_timers_write_where_a_sessions_checks_spent_their_time(pytester: pytest.Pytester,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-p benchmarks.pytest_timers``: the checking process's parts and each forked rank's, at the session's end."""
+    pytester.makepyfile(test_timed=TIMED_TEST)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("GRADCKPT_TIMERS_OUT", str(pytester.path / "parts.json"))
+    monkeypatch.delenv("GRADCKPT_PROFILE_DIR", raising=False)
+    result = pytester.runpytest_subprocess("-p", "benchmarks.pytest_timers", "-p", "no:cacheprovider", "--gradckpt")
+    result.assert_outcomes(passed=1)
+    parts = json.loads((pytester.path / "parts.json").read_text())
+    assert parts["parent"]["parent: waiting for ranks (incl. transfer)"] > 0
+    ranks = [name for name in parts if name.startswith("rank ")]
+    assert len(ranks) == 1 and parts[ranks[0]]["rank: step commands"] > 0
