@@ -7,6 +7,8 @@ import functools
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from pytest_gradckpt.ranks import overlapped_imports
@@ -88,3 +90,16 @@ def test_the_importer_imports_in_order_and_its_thread_ends_with_it(monkeypatch):
         thread = importer._thread
     assert order == importer.imported == ["transformers", "transformers.models.llama", "peft"]
     assert not thread.is_alive() and thread not in threading.enumerate()
+
+
+@settings(max_examples=60, deadline=None)
+@given(wrappers=st.integers(0, 4), bound=st.booleans(), other=st.one_of(
+    st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3), st.sampled_from([len, print, int])))
+def test_any_wrapping_of_a_factory_names_its_library_and_nothing_else_names_one(wrappers, bound, other):
+    """However deep the partials (and a bound method), the library is found; a value that is no
+    Python function names none, and none of them raises."""
+    factory = Builder().make if bound else llama
+    for _ in range(wrappers):
+        factory = functools.partial(factory)
+    assert named_libraries(factory) == ["transformers"]
+    assert named_libraries(other) == []
