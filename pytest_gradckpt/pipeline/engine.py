@@ -185,7 +185,7 @@ def check_spec(model: nn.Module | Callable[[], nn.Module], inputs: Any, spec: Ch
                 built.group.close(wait=False)
             raise
         report = _new_report(name or stepper.subject.name, stepper)
-        if not isinstance(model, torch.nn.Module):  # a factory ran: on the ranks that built, or here
+        if not isinstance(model, nn.Module):  # a factory ran: on the ranks that built, or here
             report.baseline["factory_seconds"] = built.limit.build_seconds if built else stepper.subject.build_seconds
         # Ranks (distributed scenarios, isolated steps) start once and serve the whole check.
         launcher = Launcher(stepper, catalog, built)

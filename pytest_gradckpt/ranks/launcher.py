@@ -131,11 +131,7 @@ def _answers_to_build(group: RankGroup, limit: TimeLimit, libraries: list[str]) 
     so reading the skeleton afterwards imports nothing; the imports end before this returns."""
     with overlapped_imports.Importer() as importer:  # a thread, so only once the ranks are forked
         importer.want(libraries)
-        group.on_imports = importer.want
-        try:
-            return group.run(("build", None, None), limit, "building the model on the ranks")
-        finally:
-            group.on_imports = overlapped_imports.follow
+        return group.run(("build", None, None), limit, "building the model on the ranks", importer.want)
 
 
 class Launcher:

@@ -122,40 +122,36 @@ class _Picklability(pickle.Pickler):
 
 
 def start_method(chosen: str, cuda: bool) -> str:
-    """``fork`` where it is safe (cheap: no re-import, nothing pickled), else ``spawn``: once CUDA
-    was initialised in this process, or a forked GPU rank found it could not use CUDA.
+    """``fork`` where it is safe (cheap: no re-import, nothing pickled), else ``spawn``: as
+    :func:`why_spawned` rules.
 
     Example:
         >>> start_method("auto", cuda=False), start_method("auto", cuda=True), start_method("spawn", cuda=False)
         ('fork', 'fork', 'spawn')
     """
-    if chosen != "auto":
-        return chosen
-    # Autograd's device threads do not survive a fork once CUDA ran in this process.
-    return "spawn" if torch.cuda.is_initialized() or (cuda and cuda_fork_refused()) else "fork"
+    return "spawn" if why_spawned(chosen, cuda) else "fork"
 
 
-def why_spawned(method: str, chosen: str, cuda: bool) -> str | None:
-    """Why a group's ranks were spawned, for the report; None when they were forked (the usual,
-    cheap way). Spawning re-imports torch and the model's library in every rank: seconds a user can
-    often save, hence the reason and the remedy. Read when the group starts (``cuda``: its ranks
-    use CUDA).
+def why_spawned(chosen: str, cuda: bool) -> str | None:
+    """Why a group's ranks are spawned, for the report; None when they are forked (the usual, cheap
+    way): as asked, once CUDA was initialised in this process, or once a forked GPU rank found it
+    could not use CUDA (``cuda``: the group's ranks use it). Spawning re-imports torch and the
+    model's library in every rank: seconds a user can often save, hence the reason and the remedy.
 
     Example:
-        >>> why_spawned("fork", "auto", cuda=True) is None, why_spawned("spawn", "spawn", cuda=False)
+        >>> why_spawned("fork", cuda=True) is None, why_spawned("spawn", cuda=False)
         (True, "spawned, as distributed={'start_method': 'spawn'} asks")
     """
-    if method == "fork":
-        return None
-    if chosen == "spawn":
-        return "spawned, as distributed={'start_method': 'spawn'} asks"
+    if chosen != "auto":
+        return "spawned, as distributed={'start_method': 'spawn'} asks" if chosen == "spawn" else None
+    # Autograd's device threads do not survive a fork once CUDA ran in this process.
     if torch.cuda.is_initialized():
         return "spawned: this process had used CUDA before the ranks started, and a forked rank cannot"
     if cuda and cuda_fork_refused():
         return ("spawned: a forked rank could not use CUDA, which this process had started before the check "
                 "(torch.cuda.is_available() starts it, unless PYTORCH_NVML_BASED_CUDA_CHECK=1; "
                 "torch.cuda.device_count() does not where NVML answers)")
-    return "spawned"
+    return None
 
 
 class StepperRecipe:
@@ -221,8 +217,6 @@ class RankGroup:
         self.released: list[int] = []
         #: the size of every payload received, in bytes (what crossed from the ranks)
         self.payload_bytes: list[int] = []
-        #: what a building rank's word that it begins to import modules is handed to
-        self.on_imports: Callable[[list[str]], object] = overlapped_imports.follow
         #: why the ranks were spawned (:func:`why_spawned`), None when forked or not started
         self.spawned: str | None = None
 
@@ -232,8 +226,8 @@ class RankGroup:
 
     def start(self) -> None:
         cuda = self.device.type == "cuda"
-        method = start_method(self.settings["start_method"], cuda)
-        self.spawned = why_spawned(method, self.settings["start_method"], cuda)
+        self.spawned = why_spawned(self.settings["start_method"], cuda)
+        method = "spawn" if self.spawned else "fork"
         if method == "spawn":
             try:
                 _Picklability(io.BytesIO()).dump((self.stepper, self.catalog))
@@ -256,11 +250,13 @@ class RankGroup:
         for process in self.processes:
             process.start()
 
-    def run(self, command: tuple[Any, ...], limit: TimeLimit, what: str) -> dict[int, dict[str, Any]]:
+    def run(self, command: tuple[Any, ...], limit: TimeLimit, what: str,
+            on_imports: Callable[[list[str]], object] | None = None) -> dict[int, dict[str, Any]]:
         """Every rank's payload for ``command`` (``("step", run_id, body)`` or ``("call", None,
         (function, args))``); raises :class:`RankFailure` (the group is then unusable: close it)
         when a rank dies or outlives ``limit``. Held runs let go of since the last command are
-        freed first."""
+        freed first. A building rank's word that it begins to import modules goes to
+        ``on_imports`` (default :func:`~pytest_gradckpt.ranks.overlapped_imports.follow`)."""
         self.sequence += 1
         released = []
         while self.released:  # popped one by one: a release the garbage collector adds meanwhile is not lost
@@ -288,7 +284,7 @@ class RankGroup:
                     raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size) from None
                 continue
             if "imports" in payload:  # news from a rank that builds: import meanwhile, then wait on
-                self.on_imports(payload["imports"])
+                (on_imports or overlapped_imports.follow)(payload["imports"])
                 continue
             if payload.get("fork_refused"):
                 note_cuda_fork_refused()  # the launcher's retry spawns
