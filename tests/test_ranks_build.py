@@ -96,12 +96,10 @@ def test_the_report_says_why_gpu_ranks_were_spawned_and_what_saves_it(monkeypatc
     assert rank_group.why_spawned("fork", cuda=True) is None  # asked to fork: the user's word
     refused = rank_group.why_spawned("auto", cuda=True)
     assert refused.startswith("spawned: a forked rank could not use CUDA") and "device_count()" in refused
-    assert rank_group.start_method("auto", cuda=True) == "spawn"
     assert rank_group.why_spawned("auto", cuda=False) is None  # a CPU group is never refused
-    assert rank_group.start_method("auto", cuda=False) == "fork"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert "this process had used CUDA" in rank_group.why_spawned("auto", cuda=True)
-    assert rank_group.start_method("auto", cuda=False) == "spawn"
+    assert "this process had used CUDA" in rank_group.why_spawned("auto", cuda=False)  # CPU ranks too
 
 
 def test_on_the_cpu_the_check_builds_once_and_its_ranks_share_it(tmp_path):

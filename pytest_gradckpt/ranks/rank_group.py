@@ -121,26 +121,18 @@ class _Picklability(pickle.Pickler):
         return id(obj) if isinstance(obj, torch.Tensor) else None
 
 
-def start_method(chosen: str, cuda: bool) -> str:
-    """``fork`` where it is safe (cheap: no re-import, nothing pickled), else ``spawn``: as
-    :func:`why_spawned` rules.
-
-    Example:
-        >>> start_method("auto", cuda=False), start_method("auto", cuda=True), start_method("spawn", cuda=False)
-        ('fork', 'fork', 'spawn')
-    """
-    return "spawn" if why_spawned(chosen, cuda) else "fork"
-
-
 def why_spawned(chosen: str, cuda: bool) -> str | None:
-    """Why a group's ranks are spawned, for the report; None when they are forked (the usual, cheap
-    way): as asked, once CUDA was initialised in this process, or once a forked GPU rank found it
-    could not use CUDA (``cuda``: the group's ranks use it). Spawning re-imports torch and the
-    model's library in every rank: seconds a user can often save, hence the reason and the remedy.
+    """Why a group's ranks are spawned, for the report; None when they are forked where that is
+    safe (the usual, cheap way: no re-import, nothing pickled). They are spawned as asked, once CUDA
+    was initialised in this process, or once a forked GPU rank found it could not use CUDA
+    (``cuda``: the group's ranks use it). Spawning re-imports torch and the model's library in
+    every rank: seconds a user can often save, hence the reason and the remedy.
 
     Example:
-        >>> why_spawned("fork", cuda=True) is None, why_spawned("spawn", cuda=False)
-        (True, "spawned, as distributed={'start_method': 'spawn'} asks")
+        >>> why_spawned("auto", cuda=False), why_spawned("auto", cuda=True), why_spawned("fork", cuda=True)
+        (None, None, None)
+        >>> why_spawned("spawn", cuda=False)
+        "spawned, as distributed={'start_method': 'spawn'} asks"
     """
     if chosen != "auto":
         return "spawned, as distributed={'start_method': 'spawn'} asks" if chosen == "spawn" else None
