@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
+import types
 
 import pytest
 import torch
@@ -93,6 +95,20 @@ def test_spawn_needs_a_picklable_model():
     with pytest.raises(gc.GradckptUsageError, match="picklable model"):
         gc.check(Local(), torch.randn(2, 4), scenarios=["ddp"], strategies=["non_reentrant"],
                  distributed={**FAST, "start_method": "spawn"})
+
+
+def test_ranks_that_cannot_start_judge_nothing_and_are_never_skipped(monkeypatch):
+    # A spawned rank imports the model's class by module name: one that only this process has (as pytest's
+    # importlib mode gives test modules) ends the rank before it serves; that is the launch's failure.
+    only_here = types.ModuleType("gradckpt_only_in_this_process")
+    exec("from tests.models import TwoBlocks\nclass Here(TwoBlocks):\n    pass\n", only_here.__dict__)
+    monkeypatch.setitem(sys.modules, only_here.__name__, only_here)
+    (result,) = gc.check(only_here.Here(), torch.randn(2, 4), scenarios=["ddp"], strategies=["non_reentrant"],
+                         distributed={**FAST, "world_size": 1, "start_method": "spawn"}).results
+    assert result.outcome == "error"
+    assert result.message.startswith("not judged: the distributed launch itself failed")
+    assert "rank 0 ended before it could start serving the check (exit code 1)" in result.message
+    assert multiprocessing.active_children() == []
 
 
 def test_strategy_that_does_not_apply_is_skipped_before_any_rank_starts(monkeypatch):

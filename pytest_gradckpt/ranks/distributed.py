@@ -423,8 +423,10 @@ def _is_transport_failure(message: str) -> bool:
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
-def death(rank: int, code: int | None, ranks: int) -> RankFailure:
+def death(rank: int, code: int | None, ranks: int, started: bool = True) -> RankFailure:
     """What a rank's death means: a crash of the step (a verdict) or the launch failing (retried).
+    A rank that ended before it ``started`` serving never ran a step of the model: its launch
+    failed (a spawned rank that could not import the check's code by module name, say).
 
     Example:
         >>> str(death(0, -11, 1))
@@ -433,7 +435,15 @@ def death(rank: int, code: int | None, ranks: int) -> RankFailure:
         'LaunchFailure'
         >>> str(death(0, 0, 1))  # a step that raises is answered, even SystemExit: this is the harness's
         'rank 0 ended without answering (exit code 0)'
+        >>> type(death(0, 1, 1, started=False)).__name__
+        'LaunchFailure'
     """
+    if not started:
+        return LaunchFailure(
+            f"rank {rank} ended before it could start serving the check (exit code {code}); a spawned rank "
+            "imports the check's model factory, inputs and loss by module name, and its traceback on stderr says "
+            "what failed. Define them in an importable module, or let the ranks fork: do not use CUDA in this "
+            "process before the check")
     if code is not None and code < 0:
         sig = signal.Signals(-code)
         if sig in CRASH_SIGNALS:

@@ -211,6 +211,8 @@ class RankGroup:
         self.payload_bytes: list[int] = []
         #: why the ranks were spawned (:func:`why_spawned`), None when forked or not started
         self.spawned: str | None = None
+        #: the ranks that said they started serving: one that ends before saying so never ran the model
+        self.started: set[int] = set()
 
     @property
     def running(self) -> bool:
@@ -273,7 +275,11 @@ class RankGroup:
             except queue_module.Empty:
                 dead = [r for r, p in enumerate(self.processes) if r not in payloads and p.exitcode is not None]
                 if dead:
-                    raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size) from None
+                    raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size,
+                                started=dead[0] in self.started) from None
+                continue
+            if "started" in payload:
+                self.started.add(payload["rank"])
                 continue
             if "imports" in payload:  # news from a rank that builds: import meanwhile, then wait on
                 (on_imports or overlapped_imports.follow)(payload["imports"])
@@ -351,6 +357,7 @@ def serve(rank: int, world_size: int, store_path: str, stepper: Stepper | Steppe
 
     state: dict[str, Any] = {"stepper": stepper}
     try:
+        _send(results, rank, 0, {"started": True})  # from here on, a death is this rank's work, not its launch
         cuda = device.type == "cuda"
         # CPU ranks share the machine's cores; GPU ranks get a share each, for building the model.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size) if cuda else 1)
