@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -216,3 +217,40 @@ def test_loading_the_plugin_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+
+ASKED_AT_IMPORT = """import os
+
+ASKED = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")  # what torch.cuda.is_available() would read now
+"""
+
+
+@pytest.mark.parametrize("args, environment, asked", [
+    (["--gradckpt"], None, "1"),  # CUDA asked through NVML: forked GPU ranks can still use it
+    (["-o", "gradckpt=true"], None, "1"),  # the ini twin
+    ([], None, "None"),  # no checks in the session: nothing changed
+    (["--gradckpt"], "0", "0"),  # the user's word stands
+])
+def test_a_gradckpt_session_asks_cuda_through_nvml_from_its_first_conftest_on(pytester, monkeypatch, args,
+                                                                               environment, asked):
+    """``DEVICE = "cuda" if torch.cuda.is_available() else "cpu"`` in a conftest or test module asks the
+    CUDA runtime unless PYTORCH_NVML_BASED_CUDA_CHECK is set; a forked GPU rank then cannot use CUDA and
+    the check spawns its ranks (22.9-35.4 s for issue 21's gate on an H200 against about 9 s forked)."""
+    if environment is None:
+        monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", environment)
+    pytester.makeconftest(ASKED_AT_IMPORT + "\n\ndef pytest_report_header():\n    return f'conftest at import: {ASKED}'\n")
+    pytester.makepyfile(test_module=ASKED_AT_IMPORT + "\n\ndef test_asked():\n    print('module at import:', ASKED)\n")
+    result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"conftest at import: {asked}", f"*module at import: {asked}*"])
+
+
+def test_the_environment_is_put_back_when_the_session_ends(pytester, monkeypatch):
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    config = pytester.parseconfigure("--gradckpt")
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
+    config._ensure_unconfigure()
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ

@@ -21,9 +21,7 @@ from typing import Any
 import torch
 
 from pytest_gradckpt.errors import StrategyTimeout
-
-#: torch's switch that makes ``torch.cuda.is_available()`` ask NVML instead of the CUDA runtime.
-NVML_BASED_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+from pytest_gradckpt.ranks.forkable import NVML_BASED_CUDA_CHECK
 
 
 def cuda_present() -> bool:

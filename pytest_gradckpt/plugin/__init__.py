@@ -7,6 +7,7 @@ fixtures, generated items and reports. One module per job:
 - :mod:`~pytest_gradckpt.plugin.checks`: one check run for an item, its results recorded;
 - :mod:`~pytest_gradckpt.plugin.reporting`: the summary table, the JSON report, JUnit properties;
 - :mod:`~pytest_gradckpt.plugin.launch`: membership of a torchrun launch;
+- :mod:`~pytest_gradckpt.plugin.forking`: GPU ranks stay forkable whatever the test modules ask torch;
 - :mod:`~pytest_gradckpt.plugin.session`: the session's state, in one object.
 
 pytest registers this module, so the hooks and fixtures are imported here. It speaks pytest only:
@@ -20,7 +21,8 @@ import pytest
 
 from pytest_gradckpt.errors import GradckptUsageError
 from pytest_gradckpt.plugin.marker import marker_help
-from pytest_gradckpt.plugin import launch, reporting, session
+from pytest_gradckpt.plugin import forking, launch, reporting, session
+from pytest_gradckpt.plugin.forking import pytest_load_initial_conftests
 from pytest_gradckpt.plugin.checks import golden_problems, nothing_judged, run_check
 from pytest_gradckpt.plugin.gate import (
     FIXTURES, OPT_IN_REASON, Checker, gradckpt, gradckpt_strategy, pytest_collection_modifyitems,
@@ -38,8 +40,8 @@ __all__ = [
     "GradckptReporter", "GradckptSession", "add_notice", "bisect_exit_code", "check_options", "enabled",
     "golden_problems", "gradckpt", "gradckpt_strategy", "load_factory", "nothing_judged", "option",
     "pytest_addoption", "pytest_cmdline_main", "pytest_collection_modifyitems", "pytest_configure",
-    "pytest_generate_tests", "pytest_report_header", "pytest_runtest_call", "pytest_unconfigure", "record",
-    "run_check", "strategies_help"]
+    "pytest_generate_tests", "pytest_load_initial_conftests", "pytest_report_header", "pytest_runtest_call",
+    "pytest_unconfigure", "record", "run_check", "strategies_help"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before junitxml opens its file: only rank 0 writes it
@@ -69,3 +71,4 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.pluginmanager.get_plugin(session.NAME)
     if isinstance(state, GradckptSession):
         launch.leave(state)
+    forking.put_back(config)
