@@ -226,6 +226,12 @@ class LaunchFailure(RankFailure, HarnessFailure):
     killed from outside): the strategy is not to blame."""
 
 
+class RankNeverStarted(RankFailure, HarnessFailure):
+    """A rank's process ended by itself before it started serving the check: it never ran the model.
+    Not retried: what ends a process there (a spawned rank that cannot import the check's code, or
+    that runs an unguarded main script again) ends the next one too."""
+
+
 class RankTimeout(RankFailure, HarnessFailure):
     """A rank outlived its time limit: nothing was judged (``error: not judged: ...``)."""
 
@@ -425,8 +431,8 @@ CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, si
 
 def death(rank: int, code: int | None, ranks: int, started: bool = True) -> RankFailure:
     """What a rank's death means: a crash of the step (a verdict) or the launch failing (retried).
-    A rank that ended before it ``started`` serving never ran a step of the model: its launch
-    failed (a spawned rank that could not import the check's code by module name, say).
+    A rank that ended before it ``started`` serving never ran a step of the model: killed, its
+    launch failed (retried); ended by itself, it could not start (:class:`RankNeverStarted`).
 
     Example:
         >>> str(death(0, -11, 1))
@@ -435,15 +441,18 @@ def death(rank: int, code: int | None, ranks: int, started: bool = True) -> Rank
         'LaunchFailure'
         >>> str(death(0, 0, 1))  # a step that raises is answered, even SystemExit: this is the harness's
         'rank 0 ended without answering (exit code 0)'
-        >>> type(death(0, 1, 1, started=False)).__name__
-        'LaunchFailure'
+        >>> type(death(0, 1, 1, started=False)).__name__, type(death(0, -9, 1, started=False)).__name__
+        ('RankNeverStarted', 'LaunchFailure')
     """
+    if not started and code is not None and code < 0:  # killed from outside: the launch's failure, retried
+        return LaunchFailure(f"rank {rank} was killed by {signal.Signals(-code).name} before it started")
     if not started:
-        return LaunchFailure(
-            f"rank {rank} ended before it could start serving the check (exit code {code}); a spawned rank "
-            "imports the check's model factory, inputs and loss by module name, and its traceback on stderr says "
-            "what failed. Define them in an importable module, or let the ranks fork: do not use CUDA in this "
-            "process before the check")
+        return RankNeverStarted(
+            f"not judged: rank {rank} ended before it could start serving the check (exit code {code}). A spawned "
+            "rank imports the check's model factory, inputs and loss by module name, and runs the main script "
+            "again unless its code is under `if __name__ == '__main__':`; the rank's traceback on stderr says what "
+            "failed. Guard the script and define those at module level, or let the ranks fork: do not use CUDA in "
+            "this process before the check (torch.cuda.device_count() leaves it unused)")
     if code is not None and code < 0:
         sig = signal.Signals(-code)
         if sig in CRASH_SIGNALS:
