@@ -219,7 +219,6 @@ def test_loading_the_plugin_does_not_import_torch():
     assert out.strip() == "False"
 
 
-
 ASKED_AT_IMPORT = """import os
 
 ASKED = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")  # what torch.cuda.is_available() would read now
