@@ -104,6 +104,33 @@ def test_one_judged(gradckpt):
                                  "checkpointing switch of its own*"])
 
 
+def test_a_gate_whose_ranks_cannot_start_fails_never_skips(downstream):
+    # Spawned ranks import the model's class by module name; a module only the pytest process has ends
+    # them before they serve: the harness failed, nothing was judged, and the gate must say so.
+    downstream.makepyfile(test_spawned='''
+import sys
+import types
+
+import pytest
+import torch
+
+only_here = types.ModuleType("gradckpt_only_in_the_pytest_process")
+exec("import torch\\nclass Net(torch.nn.Module):\\n    def __init__(self):\\n        super().__init__()\\n"
+     "        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())"
+     " for _ in range(2))\\n    def forward(self, x):\\n        for block in self.blocks:\\n"
+     "            x = block(x)\\n        return x\\n", only_here.__dict__)
+sys.modules[only_here.__name__] = only_here
+
+
+@pytest.mark.gradckpt(strategies=["non_reentrant"], scenarios=["ddp"], layers="blocks")
+def test_spawned(gradckpt):
+    gradckpt.check(only_here.Net(), torch.randn(2, 4), distributed={"world_size": 1, "start_method": "spawn", "timeout": 60})
+''')
+    result = downstream.runpytest_subprocess("--gradckpt")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*not judged: rank 0 ended before it could start serving the check (exit code 1)*"])
+
+
 def test_a_test_that_skips_or_fails_keeps_its_own_outcome(downstream):
     downstream.makepyfile(test_own='''
 import pytest
