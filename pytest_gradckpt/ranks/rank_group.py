@@ -270,7 +270,6 @@ class RankGroup:
                                   "limit with distributed={'timeout': seconds} if the model needs longer")
             try:
                 received = self.results.get(timeout=0.2)
-                self.payload_bytes.append(len(received))
                 payload = torch.load(io.BytesIO(received), weights_only=False)
             except queue_module.Empty:
                 dead = [r for r, p in enumerate(self.processes) if r not in payloads and p.exitcode is not None]
@@ -278,9 +277,10 @@ class RankGroup:
                     raise death(dead[0], self.processes[dead[0]].exitcode, self.world_size,
                                 started=dead[0] in self.started) from None
                 continue
-            if "started" in payload:
+            if "started" in payload:  # a word, not what a command sent back
                 self.started.add(payload["rank"])
                 continue
+            self.payload_bytes.append(len(received))
             if "imports" in payload:  # news from a rank that builds: import meanwhile, then wait on
                 (on_imports or overlapped_imports.follow)(payload["imports"])
                 continue
