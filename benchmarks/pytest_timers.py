@@ -1,6 +1,8 @@
 """The benchmarks' part timers in a pytest session, to see where a ``pytest --gradckpt`` run's checks
 spend their time (issue 30: issue 21's gate, three strategies, self-started in pytest took
-22.9-35.4 s on an H200, where a check of six strategies of that model outside pytest took 6-9 s)::
+22.9-35.4 s on an H200, where a check of six strategies of that model outside pytest took 6-9 s;
+these timers showed its rank spawned, after the test module's ``torch.cuda.is_available()``, until
+the plugin asked CUDA through NVML: 7.6-8.8 s forked, docs/multi-gpu.md, session eight)::
 
     GRADCKPT_TIMERS_OUT=parts.json python -m pytest -p benchmarks.pytest_timers --gradckpt tests/gpu/campaigns/dist_gate.py
 
